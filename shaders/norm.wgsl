@@ -1,0 +1,152 @@
+// Row normalisations, each one workgroup per row (or per group), statistics in
+// f32 with a two-pass mean/variance for accuracy.
+//
+// layer_norm:     x [rows, cols] -> (x - mean) / sqrt(var + eps) · weight + bias
+//                 (weight and bias each optional: flags bit 0, bit 1)
+// rms_norm:       x [rows, cols] -> x / sqrt(mean(x²) + eps) · weight (optional)
+// adaln_modulate: x [batch, inner, cols] -> LN(x) · (1 + scale) + shift, where
+//                 shift and scale are the rows `weight[b·mod_stride + shift_off ..]`
+//                 and `weight[b·mod_stride + scale_off ..]` of a modulation vector
+// group_norm:     x [batch, C, spatial] in `groups` groups; one row is one
+//                 (batch, group) of cols = C/groups·spatial contiguous values;
+//                 per-channel weight/bias; SiLU after when flags bit 2 is set.
+
+#include "common.wgsl"
+
+struct Params {
+    rows: u32, cols: u32, flags: u32, inner: u32,
+    eps: f32, mod_stride: u32, shift_off: u32, scale_off: u32,
+    spatial: u32, ch_per_group: u32, groups: u32, _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> weight: array<f32>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+
+var<workgroup> red: array<f32, 256>;
+
+fn workgroup_sum(v: f32, lid: u32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            red[lid] += red[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let total = red[0];
+    workgroupBarrier();
+    return total;
+}
+
+fn row_mean(base: u32, lid: u32) -> f32 {
+    var s = 0.0;
+    for (var i = lid; i < p.cols; i += WG) {
+        s += x[base + i];
+    }
+    return workgroup_sum(s, lid) / f32(p.cols);
+}
+
+fn row_rstd(base: u32, mean: f32, lid: u32) -> f32 {
+    var s = 0.0;
+    for (var i = lid; i < p.cols; i += WG) {
+        let d = x[base + i] - mean;
+        s += d * d;
+    }
+    return inverseSqrt(workgroup_sum(s, lid) / f32(p.cols) + p.eps);
+}
+
+fn row_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.y * nwg.x + wid.x;
+}
+
+@compute @workgroup_size(256)
+fn layer_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let row = row_index(wid, nwg);
+    if (row >= p.rows) {
+        return;
+    }
+    let base = row * p.cols;
+    let mean = row_mean(base, lid);
+    let rstd = row_rstd(base, mean, lid);
+    for (var i = lid; i < p.cols; i += WG) {
+        var v = (x[base + i] - mean) * rstd;
+        if ((p.flags & 1u) != 0u) {
+            v *= weight[i];
+        }
+        if ((p.flags & 2u) != 0u) {
+            v += bias[i];
+        }
+        y[base + i] = v;
+    }
+}
+
+@compute @workgroup_size(256)
+fn rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let row = row_index(wid, nwg);
+    if (row >= p.rows) {
+        return;
+    }
+    let base = row * p.cols;
+    var s = 0.0;
+    for (var i = lid; i < p.cols; i += WG) {
+        let v = x[base + i];
+        s += v * v;
+    }
+    let rms = inverseSqrt(workgroup_sum(s, lid) / f32(p.cols) + p.eps);
+    for (var i = lid; i < p.cols; i += WG) {
+        var v = x[base + i] * rms;
+        if ((p.flags & 1u) != 0u) {
+            v *= weight[i];
+        }
+        y[base + i] = v;
+    }
+}
+
+@compute @workgroup_size(256)
+fn adaln_modulate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let row = row_index(wid, nwg);
+    if (row >= p.rows) {
+        return;
+    }
+    let base = row * p.cols;
+    let mean = row_mean(base, lid);
+    let rstd = row_rstd(base, mean, lid);
+    let m = (row / p.inner) * p.mod_stride;
+    for (var i = lid; i < p.cols; i += WG) {
+        let v = (x[base + i] - mean) * rstd;
+        y[base + i] = v * (1.0 + weight[m + p.scale_off + i]) + weight[m + p.shift_off + i];
+    }
+}
+
+@compute @workgroup_size(256)
+fn group_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let row = row_index(wid, nwg);
+    if (row >= p.rows) {
+        return;
+    }
+    let base = row * p.cols;
+    let mean = row_mean(base, lid);
+    let rstd = row_rstd(base, mean, lid);
+    let c0 = (row % p.groups) * p.ch_per_group;
+    for (var i = lid; i < p.cols; i += WG) {
+        let c = c0 + i / p.spatial;
+        var v = (x[base + i] - mean) * rstd;
+        if ((p.flags & 1u) != 0u) {
+            v *= weight[c];
+        }
+        if ((p.flags & 2u) != 0u) {
+            v += bias[c];
+        }
+        if ((p.flags & 4u) != 0u) {
+            v = v / (1.0 + exp(-v));
+        }
+        y[base + i] = v;
+    }
+}

@@ -1,0 +1,79 @@
+// Row softmax over the last axis with the extras attention needs:
+// y = softmax(x · scale + bias) with an optional causal mask.
+//
+// x, y: [rows, n] where rows = batch · heads · tq (query index = row % tq);
+// bias: [heads, tq, n], shared by the batch (flags bit 1); causal (bit 0)
+// masks key j > query i. Masked entries become exactly 0.
+
+#include "common.wgsl"
+
+struct Params {
+    rows: u32, n: u32, tq: u32, heads: u32,
+    scale: f32, flags: u32, _pad0: u32, _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> bias: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+
+var<workgroup> red: array<f32, 256>;
+
+// A large finite sentinel rather than -inf keeps exp() and max() NaN-free.
+const NEG: f32 = -3.0e38;
+
+fn logit(row: u32, j: u32) -> f32 {
+    let qi = row % p.tq;
+    if ((p.flags & 1u) != 0u && j > qi) {
+        return NEG;
+    }
+    var v = x[row * p.n + j] * p.scale;
+    if ((p.flags & 2u) != 0u) {
+        let h = (row / p.tq) % p.heads;
+        v += bias[(h * p.tq + qi) * p.n + j];
+    }
+    return v;
+}
+
+@compute @workgroup_size(256)
+fn softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let row = wid.y * nwg.x + wid.x;
+    if (row >= p.rows) {
+        return;
+    }
+    var mx = NEG;
+    for (var j = lid; j < p.n; j += WG) {
+        mx = max(mx, logit(row, j));
+    }
+    red[lid] = mx;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            red[lid] = max(red[lid], red[lid + s]);
+        }
+        workgroupBarrier();
+    }
+    mx = red[0];
+    workgroupBarrier();
+    var sum = 0.0;
+    for (var j = lid; j < p.n; j += WG) {
+        let l = logit(row, j);
+        if (l > NEG) {
+            sum += exp(l - mx);
+        }
+    }
+    red[lid] = sum;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            red[lid] += red[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let inv = 1.0 / red[0];
+    for (var j = lid; j < p.n; j += WG) {
+        let l = logit(row, j);
+        y[row * p.n + j] = select(0.0, exp(l - mx) * inv, l > NEG);
+    }
+}

@@ -1,0 +1,359 @@
+//! GPU context: adapter choice, device creation with the adapter's real limits
+//! and optional features, and the pipeline cache.
+
+mod pipeline;
+pub mod profile;
+pub mod shader;
+
+use std::fmt;
+
+pub use pipeline::{bind_group_layout, Access, Binding, Kernel, PipelineCache, PipelineKey};
+
+/// Errors at the GPU boundary: no adapter, a failed device request, a limit too small.
+#[derive(Debug)]
+pub enum GpuError {
+    /// No adapter matched the backend/adapter selection.
+    NoAdapter {
+        /// What was asked for, in words.
+        wanted: String,
+        /// The adapters that were present.
+        available: Vec<String>,
+    },
+    /// The backend name was not one of vulkan, metal, dx12, gl.
+    UnknownBackend(String),
+    /// `request_device` failed.
+    RequestDevice(String),
+    /// A buffer or dispatch exceeds what the adapter allows.
+    Limit {
+        /// What was being created.
+        what: String,
+        /// The size or count needed.
+        needed: u64,
+        /// The adapter's limit.
+        limit: u64,
+    },
+    /// Reading a buffer back from the GPU failed.
+    Readback(String),
+    /// A shader failed to preprocess (missing include, unbalanced `#if`).
+    Shader(String),
+}
+
+impl fmt::Display for GpuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GpuError::NoAdapter { wanted, available } => {
+                write!(f, "no GPU adapter matches {wanted}")?;
+                if available.is_empty() {
+                    write!(f, "; no adapter was found at all (is a Vulkan, Metal, DX12 or GL driver installed?)")
+                } else {
+                    write!(f, "; available: {}", available.join(", "))
+                }
+            }
+            GpuError::UnknownBackend(b) => {
+                write!(
+                    f,
+                    "unknown backend '{b}': expected vulkan, metal, dx12 or gl"
+                )
+            }
+            GpuError::RequestDevice(e) => write!(f, "could not create the GPU device: {e}"),
+            GpuError::Limit {
+                what,
+                needed,
+                limit,
+            } => write!(
+                f,
+                "{what} needs {needed}, but this adapter's limit is {limit}"
+            ),
+            GpuError::Readback(e) => write!(f, "reading a buffer back from the GPU failed: {e}"),
+            GpuError::Shader(e) => write!(f, "shader preprocessing failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for GpuError {}
+
+/// How to choose and configure the GPU.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// `vulkan`, `metal`, `dx12` or `gl`; all backends when `None`.
+    pub backend: Option<String>,
+    /// Adapter index (as listed by `sd3 devices`) or a case-insensitive name substring.
+    pub adapter: Option<String>,
+    /// Keep naga's injected bounds/loop checks and workgroup zero-initialisation.
+    /// Off by default for speed: our own shape checks guard every dispatch.
+    pub runtime_checks: bool,
+    /// Do not use SHADER_F16 / SUBGROUP even when present (exercises the fallbacks).
+    pub portable_only: bool,
+}
+
+impl GpuOptions {
+    /// Options from the environment: `SD3_BACKEND`, `SD3_ADAPTER`, `SD3_RUNTIME_CHECKS=1`.
+    pub fn from_env() -> Self {
+        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        GpuOptions {
+            backend: get("SD3_BACKEND"),
+            adapter: get("SD3_ADAPTER"),
+            runtime_checks: get("SD3_RUNTIME_CHECKS").is_some_and(|v| v != "0"),
+            portable_only: false,
+        }
+    }
+}
+
+/// Optional capabilities that the engine uses when the adapter offers them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// `SHADER_F16`: f16 arithmetic in WGSL.
+    pub f16: bool,
+    /// `SUBGROUP`: subgroup operations.
+    pub subgroup: bool,
+    /// `TIMESTAMP_QUERY`: pass-boundary GPU timestamps.
+    pub timestamps: bool,
+    /// `TIMESTAMP_QUERY_INSIDE_PASSES`: timestamps between dispatches of one pass.
+    pub timestamps_inside_passes: bool,
+}
+
+/// Describes one adapter, for `sd3 devices` and for error messages.
+#[derive(Clone, Debug)]
+pub struct AdapterReport {
+    /// Index in enumeration order (what `--adapter N` refers to).
+    pub index: usize,
+    /// Backend, name, driver and type.
+    pub info: wgpu::AdapterInfo,
+    /// The adapter's best limits.
+    pub limits: wgpu::Limits,
+    /// The adapter's features.
+    pub features: wgpu::Features,
+}
+
+impl AdapterReport {
+    /// One line: index, backend, name, type.
+    pub fn summary(&self) -> String {
+        format!(
+            "[{}] {:?} {} ({:?})",
+            self.index, self.info.backend, self.info.name, self.info.device_type
+        )
+    }
+}
+
+fn parse_backends(backend: Option<&str>) -> Result<wgpu::Backends, GpuError> {
+    Ok(match backend.map(|b| b.to_ascii_lowercase()) {
+        None => wgpu::Backends::all(),
+        Some(b) => match b.as_str() {
+            "vulkan" | "vk" => wgpu::Backends::VULKAN,
+            "metal" | "mtl" => wgpu::Backends::METAL,
+            "dx12" | "d3d12" => wgpu::Backends::DX12,
+            "gl" | "gles" | "opengl" => wgpu::Backends::GL,
+            _ => return Err(GpuError::UnknownBackend(b)),
+        },
+    })
+}
+
+fn instance() -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+}
+
+fn enumerate(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
+    pollster::block_on(instance().enumerate_adapters(backends))
+}
+
+/// Lists every adapter of the given backend (all when `None`).
+pub fn list_adapters(backend: Option<&str>) -> Result<Vec<AdapterReport>, GpuError> {
+    let backends = parse_backends(backend)?;
+    Ok(enumerate(backends)
+        .iter()
+        .enumerate()
+        .map(|(index, a)| AdapterReport {
+            index,
+            info: a.get_info(),
+            limits: a.limits(),
+            features: a.features(),
+        })
+        .collect())
+}
+
+fn type_rank(t: wgpu::DeviceType) -> u32 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+fn backend_rank(b: wgpu::Backend) -> u32 {
+    // GL lacks f16 and subgroups in wgpu: prefer any native API over it.
+    match b {
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
+        _ => 1,
+    }
+}
+
+/// The device the engine runs on.
+pub struct Gpu {
+    /// The wgpu device.
+    pub device: wgpu::Device,
+    /// Its queue.
+    pub queue: wgpu::Queue,
+    /// The adapter's description.
+    pub info: wgpu::AdapterInfo,
+    /// The limits the device was created with (the adapter's best).
+    pub limits: wgpu::Limits,
+    /// Optional features in use.
+    pub caps: Capabilities,
+    /// Whether shader runtime checks and workgroup zero-init are on.
+    pub runtime_checks: bool,
+    pipelines: PipelineCache,
+}
+
+impl Gpu {
+    /// Chooses an adapter as `opts` says and creates the device.
+    ///
+    /// Without an explicit adapter, the first discrete GPU wins, then integrated,
+    /// virtual, other and CPU adapters; native APIs before GL.
+    pub fn new(opts: &GpuOptions) -> Result<Gpu, GpuError> {
+        let backends = parse_backends(opts.backend.as_deref())?;
+        let adapters = enumerate(backends);
+        let describe = |a: &wgpu::Adapter| {
+            let i = a.get_info();
+            format!("{:?} {}", i.backend, i.name)
+        };
+        let wanted = || {
+            format!(
+                "backend {} / adapter {}",
+                opts.backend.as_deref().unwrap_or("any"),
+                opts.adapter.as_deref().unwrap_or("any")
+            )
+        };
+        let chosen = match opts.adapter.as_deref() {
+            Some(sel) => {
+                if let Ok(i) = sel.parse::<usize>() {
+                    adapters.get(i)
+                } else {
+                    let sel = sel.to_lowercase();
+                    adapters
+                        .iter()
+                        .find(|a| a.get_info().name.to_lowercase().contains(&sel))
+                }
+            }
+            None => adapters.iter().min_by_key(|a| {
+                let i = a.get_info();
+                (type_rank(i.device_type), backend_rank(i.backend))
+            }),
+        };
+        let Some(adapter) = chosen else {
+            return Err(GpuError::NoAdapter {
+                wanted: wanted(),
+                available: adapters.iter().map(describe).collect(),
+            });
+        };
+        Self::from_adapter(adapter, opts)
+    }
+
+    fn from_adapter(adapter: &wgpu::Adapter, opts: &GpuOptions) -> Result<Gpu, GpuError> {
+        let offered = adapter.features();
+        let mut want =
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+        if !opts.portable_only {
+            want |= wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+        }
+        let features = offered & want;
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("sd3-wgpu"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| GpuError::RequestDevice(e.to_string()))?;
+        let caps = Capabilities {
+            f16: features.contains(wgpu::Features::SHADER_F16),
+            subgroup: features.contains(wgpu::Features::SUBGROUP),
+            timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            timestamps_inside_passes: features.contains(
+                wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
+            ),
+        };
+        Ok(Gpu {
+            device,
+            queue,
+            info: adapter.get_info(),
+            limits,
+            caps,
+            runtime_checks: opts.runtime_checks,
+            pipelines: PipelineCache::default(),
+        })
+    }
+
+    /// The compiled pipeline for a kernel and specialisation, created on first use.
+    pub fn pipeline(
+        &self,
+        key: &PipelineKey,
+    ) -> Result<std::sync::Arc<wgpu::ComputePipeline>, GpuError> {
+        self.pipelines.get(self, key)
+    }
+
+    /// How many distinct pipelines have been built so far.
+    pub fn pipeline_count(&self) -> usize {
+        self.pipelines.len()
+    }
+
+    /// Bind-group layout of a kernel (cached with its pipeline).
+    pub fn bind_group_layout(&self, key: &PipelineKey) -> Result<wgpu::BindGroupLayout, GpuError> {
+        Ok(self.pipeline(key)?.get_bind_group_layout(0))
+    }
+
+    /// Checks that a buffer of `bytes` bytes can be created and bound as storage.
+    pub fn check_buffer_size(&self, what: &str, bytes: u64) -> Result<(), GpuError> {
+        let limit = self
+            .limits
+            .max_buffer_size
+            .min(self.limits.max_storage_buffer_binding_size as u64);
+        if bytes > limit {
+            return Err(GpuError::Limit {
+                what: format!("buffer for {what} ({bytes} bytes)"),
+                needed: bytes,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Waits until all submitted work has finished.
+    pub fn wait(&self) {
+        // A poll error means the device was lost; the next operation reports it.
+        let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
+    }
+
+    /// Reads a whole buffer (or its first `bytes`) back to the CPU.
+    pub fn read_bytes(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, GpuError> {
+        let size = bytes.div_ceil(4) * 4;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+        self.queue.submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait();
+        rx.recv()
+            .map_err(|e| GpuError::Readback(e.to_string()))?
+            .map_err(|e| GpuError::Readback(e.to_string()))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| GpuError::Readback(e.to_string()))?;
+        let mut out = view.to_vec();
+        drop(view);
+        staging.unmap();
+        out.truncate(bytes as usize);
+        Ok(out)
+    }
+}

@@ -1,0 +1,97 @@
+//! The WGSL sources in `shaders/` and the tiny preprocessor that specialises them.
+//!
+//! Numbers (workgroup sizes, tile sizes, op selectors) are WGSL `override`
+//! constants set at pipeline creation. Types (f16 weight storage, vector width)
+//! cannot be overridden in WGSL, so a file may use exactly these directives,
+//! each on a line of its own:
+//!
+//! - `#include "file.wgsl"`: paste another file from `shaders/` (once per file).
+//! - `#if FLAG` / `#if !FLAG`, `#else`, `#endif`: keep lines when FLAG is (not) set.
+//!
+//! Nothing else: WGSL is never assembled from Rust strings.
+
+use super::GpuError;
+
+/// Every shader file, embedded at build time.
+pub const SOURCES: &[(&str, &str)] = &[
+    ("common.wgsl", include_str!("../../shaders/common.wgsl")),
+    ("linear.wgsl", include_str!("../../shaders/linear.wgsl")),
+    ("norm.wgsl", include_str!("../../shaders/norm.wgsl")),
+    ("softmax.wgsl", include_str!("../../shaders/softmax.wgsl")),
+    (
+        "elementwise.wgsl",
+        include_str!("../../shaders/elementwise.wgsl"),
+    ),
+    (
+        "attention.wgsl",
+        include_str!("../../shaders/attention.wgsl"),
+    ),
+    ("conv.wgsl", include_str!("../../shaders/conv.wgsl")),
+    ("layout.wgsl", include_str!("../../shaders/layout.wgsl")),
+];
+
+/// The raw text of a shader file.
+pub fn source(file: &str) -> Result<&'static str, GpuError> {
+    SOURCES
+        .iter()
+        .find(|(name, _)| *name == file)
+        .map(|(_, src)| *src)
+        .ok_or_else(|| GpuError::Shader(format!("no shader file '{file}' in shaders/")))
+}
+
+/// Expands `#include` and `#if` directives of `file` with the given flags set.
+pub fn preprocess(file: &str, flags: &[&str]) -> Result<String, GpuError> {
+    let mut out = String::new();
+    let mut included = Vec::new();
+    expand(file, flags, &mut out, &mut included)?;
+    Ok(out)
+}
+
+fn expand(
+    file: &str,
+    flags: &[&str],
+    out: &mut String,
+    included: &mut Vec<String>,
+) -> Result<(), GpuError> {
+    if included.iter().any(|f| f == file) {
+        return Ok(());
+    }
+    included.push(file.to_string());
+    let src = source(file)?;
+    // Each entry: (this branch is kept, an enclosing branch is kept).
+    let mut stack: Vec<(bool, bool)> = Vec::new();
+    let active = |stack: &[(bool, bool)]| stack.iter().all(|&(this, _)| this);
+    for (n, line) in src.lines().enumerate() {
+        let t = line.trim();
+        let err = |m: &str| GpuError::Shader(format!("{file}:{}: {m}", n + 1));
+        if let Some(rest) = t.strip_prefix("#if ") {
+            let rest = rest.trim();
+            let (neg, flag) = match rest.strip_prefix('!') {
+                Some(f) => (true, f.trim()),
+                None => (false, rest),
+            };
+            let on = flags.contains(&flag) != neg;
+            let outer = active(&stack);
+            stack.push((on, outer));
+        } else if t == "#else" {
+            let top = stack.last_mut().ok_or_else(|| err("#else without #if"))?;
+            top.0 = !top.0;
+        } else if t == "#endif" {
+            stack.pop().ok_or_else(|| err("#endif without #if"))?;
+        } else if let Some(rest) = t.strip_prefix("#include ") {
+            if active(&stack) {
+                let name = rest.trim().trim_matches('"');
+                expand(name, flags, out, included)?;
+            }
+        } else if t.starts_with('#') {
+            return Err(err(&format!("unknown directive '{t}'")));
+        } else if active(&stack) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if !stack.is_empty() {
+        return Err(GpuError::Shader(format!("{file}: #if without #endif")));
+    }
+    Ok(())
+}

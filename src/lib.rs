@@ -1,0 +1,18 @@
+//! sd3-wgpu: Stable Diffusion 3 / 3.5 on any GPU that wgpu reaches, through
+//! hand-written WGSL compute kernels.
+//!
+//! The engine core: [`gpu`] (adapter, device, pipelines, profiler),
+//! [`tensor`] (GPU tensors), [`ops`] (one module per kernel family) and
+//! [`graph`] (record once, plan once, replay with per-op timings).
+
+pub mod bench;
+pub mod error;
+pub mod gpu;
+pub mod graph;
+pub mod ops;
+pub mod tensor;
+
+pub use error::{Error, Result};
+pub use gpu::{Gpu, GpuOptions};
+pub use graph::{Graph, Plan, Value};
+pub use tensor::{DType, Tensor};

@@ -1,0 +1,151 @@
+//! The `sd3` command line: a thin layer over the library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use sd3_wgpu::gpu::{list_adapters, Gpu, GpuOptions};
+use sd3_wgpu::{bench, DType};
+
+#[derive(Parser)]
+#[command(
+    name = "sd3",
+    version,
+    about = "Stable Diffusion 3 on any GPU wgpu reaches"
+)]
+struct Cli {
+    /// Backend: vulkan, metal, dx12 or gl (default: all).
+    #[arg(long, global = true, env = "SD3_BACKEND")]
+    backend: Option<String>,
+    /// Adapter index (from `sd3 devices`) or a name substring.
+    #[arg(long, global = true, env = "SD3_ADAPTER")]
+    adapter: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List every GPU adapter with backend, driver, type, limits and features.
+    Devices,
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Time linear and attention kernels at SD3 shapes.
+    Kernels {
+        /// Scaled-down shapes, for software adapters such as lavapipe.
+        #[arg(long)]
+        small: bool,
+        /// Storage type of the linear weights.
+        #[arg(long, value_enum, default_value_t = WeightType::F16)]
+        weights: WeightType,
+        /// Timed runs per case (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum WeightType {
+    F16,
+    F32,
+}
+
+fn gpu_options(cli: &Cli) -> GpuOptions {
+    GpuOptions {
+        backend: cli.backend.clone(),
+        adapter: cli.adapter.clone(),
+        ..GpuOptions::from_env()
+    }
+}
+
+fn devices(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
+    let adapters = list_adapters(cli.backend.as_deref())?;
+    if adapters.is_empty() {
+        println!("no GPU adapters found (install a Vulkan, Metal, DX12 or GL driver; on Linux without a GPU: mesa-vulkan-drivers)");
+    }
+    for a in adapters {
+        let l = &a.limits;
+        println!("{}", a.summary());
+        println!("    driver: {} {}", a.info.driver, a.info.driver_info);
+        println!(
+            "    limits: max_buffer_size {} MiB, max_storage_buffer_binding_size {} MiB, workgroup storage {} KiB, invocations/workgroup {}, workgroups/dim {}, storage buffers/stage {}",
+            l.max_buffer_size >> 20,
+            l.max_storage_buffer_binding_size >> 20,
+            l.max_compute_workgroup_storage_size >> 10,
+            l.max_compute_invocations_per_workgroup,
+            l.max_compute_workgroups_per_dimension,
+            l.max_storage_buffers_per_shader_stage
+        );
+        let f = a.features;
+        let has = |x: wgpu::Features| if f.contains(x) { "yes" } else { "no" };
+        println!(
+            "    features: shader-f16 {}, subgroup {}, timestamp-query {}, timestamps-inside-passes {}, cooperative-matrix {}",
+            has(wgpu::Features::SHADER_F16),
+            has(wgpu::Features::SUBGROUP),
+            has(wgpu::Features::TIMESTAMP_QUERY),
+            has(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES),
+            has(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+        );
+    }
+    Ok(())
+}
+
+fn bench_kernels(
+    cli: &Cli,
+    small: bool,
+    weights: WeightType,
+    reps: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let gpu = Gpu::new(&gpu_options(cli))?;
+    println!(
+        "adapter: {:?} {} ({})",
+        gpu.info.backend, gpu.info.name, gpu.info.driver_info
+    );
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        println!("note: a CPU adapter; these numbers say nothing about GPU performance");
+    }
+    let wd = match weights {
+        WeightType::F16 => DType::F16,
+        WeightType::F32 => DType::F32,
+    };
+    println!(
+        "{:<48} {:>10} {:>10} {:>9}",
+        "case", "ms", "GFLOP/s", "GB/s"
+    );
+    for case in bench::cases(!small) {
+        let r = bench::run_case(&gpu, case, wd, reps)?;
+        println!(
+            "{:<48} {:>10.3} {:>10.1} {:>9.1}",
+            r.name, r.ms, r.gflops, r.gbps
+        );
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match &cli.command {
+        Command::Devices => devices(&cli),
+        Command::Bench {
+            what:
+                BenchWhat::Kernels {
+                    small,
+                    weights,
+                    reps,
+                },
+        } => bench_kernels(&cli, *small, *weights, *reps),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! Multi-head attention, head dim 64 (`shaders/attention.wgsl`), and its
+//! composed fallback (matmul + softmax + matmul) that serves as its oracle.
+//!
+//! Shapes: q [batch, tq, width_q], k and v [batch, tk, width]; each holds its
+//! heads at columns `col_offset .. col_offset + heads·64`, so q, k and v may be
+//! views of one fused qkv tensor. Output: [batch, tq, heads·64].
+
+use bytemuck::{Pod, Zeroable};
+
+use super::linear::{gemm, Gemm, LinearParams};
+use super::{bytes_of, expect_dtype, expect_shape, layout, norm, softmax, u32_of};
+use crate::error::Result;
+use crate::gpu::{Binding, Kernel, PipelineKey};
+use crate::graph::{Cost, Graph, OpCall, Value};
+use crate::tensor::{numel, shape_str, DType};
+
+/// Head dimension of every SD3 attention (MMDiT, CLIP-L/G, T5).
+pub const HEAD_DIM: usize = 64;
+const BLOCK_Q: usize = 64;
+
+/// The flash-style attention kernel.
+pub static ATTENTION: Kernel = Kernel {
+    file: "attention.wgsl",
+    entry: "attention",
+    bindings: &[
+        Binding::read("q"),
+        Binding::read("k"),
+        Binding::read("v"),
+        Binding::read("q_norm"),
+        Binding::read("k_norm"),
+        Binding::read("bias"),
+        Binding::write("out"),
+    ],
+    flags: &[],
+    constants: &[],
+};
+
+/// Kernels of this family.
+pub static KERNELS: &[&Kernel] = &[&ATTENTION];
+
+/// Params of `attention.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct AttentionParams {
+    /// Batch.
+    pub batch: u32,
+    /// Heads.
+    pub heads: u32,
+    /// Query tokens.
+    pub tq: u32,
+    /// Key tokens.
+    pub tk: u32,
+    /// Row widths of q, k, v and out.
+    pub q_stride: u32,
+    /// Row width of k.
+    pub k_stride: u32,
+    /// Row width of v.
+    pub v_stride: u32,
+    /// Row width of out.
+    pub out_stride: u32,
+    /// Column offsets of q, k, v and out.
+    pub q_off: u32,
+    /// Column offset of k.
+    pub k_off: u32,
+    /// Column offset of v.
+    pub v_off: u32,
+    /// Column offset of out.
+    pub out_off: u32,
+    /// Score scale (1/√64 for CLIP and MMDiT, 1 for T5).
+    pub scale: f32,
+    /// Bit 0 causal, bit 1 bias, bit 2 qk RMSNorm.
+    pub flags: u32,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+    /// Padding.
+    pub _pad: u32,
+}
+
+/// The heads of a [batch, tokens, width] value, starting at column `col_offset`.
+#[derive(Clone, Copy, Debug)]
+pub struct Heads {
+    /// The value.
+    pub value: Value,
+    /// First column of head 0.
+    pub col_offset: usize,
+}
+
+impl From<Value> for Heads {
+    fn from(value: Value) -> Heads {
+        Heads {
+            value,
+            col_offset: 0,
+        }
+    }
+}
+
+/// What distinguishes the attentions of SD3's models.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionOptions {
+    /// Number of heads (each 64 wide).
+    pub heads: usize,
+    /// Score scale.
+    pub scale: f32,
+    /// Mask key j > query i (CLIP).
+    pub causal: bool,
+    /// Additive position bias [heads, tq, tk] (T5).
+    pub bias: Option<Value>,
+    /// RMSNorm weights [64] for q and k rows of each head (SD3.5).
+    pub qk_norm: Option<(Value, Value)>,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+}
+
+impl AttentionOptions {
+    /// Plain attention over `heads` heads with scale 1/√64.
+    pub fn new(heads: usize) -> AttentionOptions {
+        AttentionOptions {
+            heads,
+            scale: 1.0 / (HEAD_DIM as f32).sqrt(),
+            causal: false,
+            bias: None,
+            qk_norm: None,
+            eps: 1e-6,
+        }
+    }
+}
+
+struct Dims {
+    batch: usize,
+    tq: usize,
+    tk: usize,
+    qw: usize,
+    kw: usize,
+    vw: usize,
+}
+
+fn check(
+    g: &Graph,
+    kind: &str,
+    q: Heads,
+    k: Heads,
+    v: Heads,
+    o: &AttentionOptions,
+) -> Result<Dims> {
+    let width = o.heads * HEAD_DIM;
+    let mut dims = Vec::new();
+    for (name, h) in [("q", q), ("k", k), ("v", v)] {
+        expect_dtype(g, kind, name, h.value, &[DType::F32])?;
+        let s = super::expect_rank(g, kind, name, h.value, 3, "[batch, tokens, width]")?;
+        if h.col_offset + width > s[2] {
+            return Err(g.shape_error(
+                kind,
+                format!(
+                    "{name}: {} heads of 64 from column {} do not fit {}",
+                    o.heads,
+                    h.col_offset,
+                    shape_str(&s)
+                ),
+            ));
+        }
+        dims.push(s);
+    }
+    let (sq, sk, sv) = (&dims[0], &dims[1], &dims[2]);
+    if sq[0] != sk[0] || sk[0] != sv[0] || sk[1] != sv[1] {
+        return Err(g.shape_error(
+            kind,
+            format!(
+                "q {}, k {}, v {}: batch must match and k, v must have equal token counts",
+                shape_str(sq),
+                shape_str(sk),
+                shape_str(sv)
+            ),
+        ));
+    }
+    if o.causal && sq[1] != sk[1] {
+        return Err(g.shape_error(kind, "a causal mask needs as many queries as keys"));
+    }
+    if let Some(b) = o.bias {
+        expect_dtype(g, kind, "bias", b, &[DType::F32])?;
+        expect_shape(g, kind, "bias", b, &[o.heads, sq[1], sk[1]])?;
+    }
+    if let Some((wq, wk)) = o.qk_norm {
+        for (name, w) in [("q_norm", wq), ("k_norm", wk)] {
+            expect_dtype(g, kind, name, w, &[DType::F32])?;
+            expect_shape(g, kind, name, w, &[HEAD_DIM])?;
+        }
+    }
+    for s in [sq, sk, sv] {
+        u32_of(g, kind, "elements", numel(s))?;
+    }
+    Ok(Dims {
+        batch: sq[0],
+        tq: sq[1],
+        tk: sk[1],
+        qw: sq[2],
+        kw: sk[2],
+        vw: sv[2],
+    })
+}
+
+fn cost(d: &Dims, heads: usize) -> Cost {
+    let (b, h, tq, tk) = (d.batch as u64, heads as u64, d.tq as u64, d.tk as u64);
+    let e = HEAD_DIM as u64;
+    Cost {
+        flops: 4 * b * h * tq * tk * e,
+        bytes: 4 * b * h * e * (2 * tq + 2 * tk),
+    }
+}
+
+/// Fused attention: one kernel, scores never materialised.
+pub fn attention(
+    g: &mut Graph,
+    q: Heads,
+    k: Heads,
+    v: Heads,
+    o: &AttentionOptions,
+) -> Result<Value> {
+    let kind = "attention";
+    let d = check(g, kind, q, k, v, o)?;
+    let width = o.heads * HEAD_DIM;
+    let out = g.alloc(&[d.batch, d.tq, width], DType::F32);
+    let p = AttentionParams {
+        batch: d.batch as u32,
+        heads: o.heads as u32,
+        tq: d.tq as u32,
+        tk: d.tk as u32,
+        q_stride: d.qw as u32,
+        k_stride: d.kw as u32,
+        v_stride: d.vw as u32,
+        out_stride: width as u32,
+        q_off: q.col_offset as u32,
+        k_off: k.col_offset as u32,
+        v_off: v.col_offset as u32,
+        out_off: 0,
+        scale: o.scale,
+        flags: o.causal as u32 | (o.bias.is_some() as u32) << 1 | (o.qk_norm.is_some() as u32) << 2,
+        eps: o.eps,
+        _pad: 0,
+    };
+    let call = OpCall {
+        key: PipelineKey::new(&ATTENTION),
+        params: bytes_of(&p),
+        args: vec![
+            Some(q.value),
+            Some(k.value),
+            Some(v.value),
+            o.qk_norm.map(|n| n.0),
+            o.qk_norm.map(|n| n.1),
+            o.bias,
+            Some(out),
+        ],
+        workgroups: [
+            d.tq.div_ceil(BLOCK_Q) as u32,
+            o.heads as u32,
+            d.batch as u32,
+        ],
+        cost: cost(&d, o.heads),
+    };
+    g.record(kind, call)?;
+    Ok(out)
+}
+
+/// Copies the heads of a view into a contiguous [batch, tokens, heads·64] value,
+/// RMS-normalising each 64-wide head row when `norm` is given.
+fn heads_contiguous(
+    g: &mut Graph,
+    h: Heads,
+    heads: usize,
+    norm: Option<Value>,
+    eps: f32,
+) -> Result<(Value, usize, usize)> {
+    let s = g.shape(h.value).to_vec();
+    let Some(w) = norm else {
+        return Ok((h.value, s[2], h.col_offset));
+    };
+    let flat = layout::strided_copy(
+        g,
+        "heads",
+        h.value,
+        h.col_offset,
+        &[s[0] * s[1], heads, HEAD_DIM],
+        &[s[2], HEAD_DIM, 1],
+    )?;
+    let normed = norm::rms_norm(g, flat, Some(w), eps)?;
+    Ok((
+        g.reshape(normed, &[s[0], s[1], heads * HEAD_DIM])?,
+        heads * HEAD_DIM,
+        0,
+    ))
+}
+
+/// The same attention built from primitive ops: scores = q·kᵀ per head, a
+/// masked, biased, scaled softmax, then scores·v. Materialises the
+/// [batch, heads, tq, tk] scores: the fallback and the fused kernel's oracle.
+pub fn attention_composed(
+    g: &mut Graph,
+    q: Heads,
+    k: Heads,
+    v: Heads,
+    o: &AttentionOptions,
+) -> Result<Value> {
+    let kind = "attention_composed";
+    let d = check(g, kind, q, k, v, o)?;
+    let (b, h, tq, tk, e) = (d.batch, o.heads, d.tq, d.tk, HEAD_DIM);
+    let (qv, qw, qoff) = heads_contiguous(g, q, h, o.qk_norm.map(|n| n.0), o.eps)?;
+    let (kv, kw, koff) = heads_contiguous(g, k, h, o.qk_norm.map(|n| n.1), o.eps)?;
+    let scores = g.alloc(&[b, h, tq, tk], DType::F32);
+    let u = |x: usize| x as u32;
+    let qk = Gemm {
+        p: LinearParams {
+            m: u(tq),
+            n: u(tk),
+            k: u(e),
+            batch_inner: u(h),
+            lda: u(qw),
+            ldw: u(kw),
+            ldy: u(tk),
+            x_off: u(qoff),
+            w_off: u(koff),
+            x_sb: u(tq * qw),
+            x_sh: u(e),
+            w_sb: u(tk * kw),
+            w_sh: u(e),
+            y_sb: u(h * tq * tk),
+            y_sh: u(tq * tk),
+            ..Default::default()
+        },
+        batch_outer: b,
+    };
+    gemm(g, "scores", qv, kv, None, scores, qk)?;
+    let probs = softmax::attention_softmax(g, scores, o.scale, o.causal, o.bias)?;
+    // vᵀ per head: [b, h, 64, tk], so that probs · (vᵀ)ᵀ is another x · wᵀ.
+    let vw = d.vw;
+    let vt = layout::strided_copy(
+        g,
+        "v_transpose",
+        v.value,
+        v.col_offset,
+        &[b, h, e, tk],
+        &[tk * vw, e, 1, vw],
+    )?;
+    let out = g.alloc(&[b, tq, h * e], DType::F32);
+    let pv = Gemm {
+        p: LinearParams {
+            m: u(tq),
+            n: u(e),
+            k: u(tk),
+            batch_inner: u(h),
+            lda: u(tk),
+            ldw: u(tk),
+            ldy: u(h * e),
+            x_sb: u(h * tq * tk),
+            x_sh: u(tq * tk),
+            w_sb: u(h * e * tk),
+            w_sh: u(e * tk),
+            y_sb: u(tq * h * e),
+            y_sh: u(e),
+            ..Default::default()
+        },
+        batch_outer: b,
+    };
+    gemm(g, "weighted_sum", probs, vt, None, out, pv)?;
+    Ok(out)
+}

@@ -1,0 +1,326 @@
+//! Linear layers and strided batched matrix products (`shaders/linear.wgsl`).
+//!
+//! Shapes: `linear`: x [.., k] · w [n, k]ᵀ + b [n] → y [.., n];
+//! `batched_matmul`: x [batch, m, k] · w [batch or 1, n, k]ᵀ → y [batch, m, n].
+//! Activations f32; w f32 or f16; f32 accumulation.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::{bytes_of, expect_dtype, u32_of, weight_flags};
+use crate::error::Result;
+use crate::gpu::{Binding, Kernel, PipelineKey};
+use crate::graph::{Cost, Graph, OpCall, Value};
+use crate::tensor::{shape_str, DType};
+
+const BINDINGS: &[Binding] = &[
+    Binding::read("x"),
+    Binding::read("w"),
+    Binding::read("bias"),
+    Binding::write("y"),
+];
+
+/// The tiled GEMM kernel.
+pub static LINEAR: Kernel = Kernel {
+    file: "linear.wgsl",
+    entry: "linear",
+    bindings: BINDINGS,
+    flags: &["W_F16", "VEC4"],
+    constants: &[],
+};
+
+/// Kernels of this family.
+pub static KERNELS: &[&Kernel] = &[&LINEAR];
+
+/// Output tile of one workgroup.
+const TILE_M: usize = 64;
+const TILE_N: usize = 64;
+
+/// Params of `linear.wgsl` (layout checked against the shader in tests).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct LinearParams {
+    /// Rows of x and y.
+    pub m: u32,
+    /// Rows of w, columns of y.
+    pub n: u32,
+    /// Reduction length.
+    pub k: u32,
+    /// Inner batch count (heads); the batch index z is (z / inner, z % inner).
+    pub batch_inner: u32,
+    /// Row strides of x, w, y (elements).
+    pub lda: u32,
+    /// Row stride of w.
+    pub ldw: u32,
+    /// Row stride of y.
+    pub ldy: u32,
+    /// 1 when a bias is bound.
+    pub has_bias: u32,
+    /// Element offsets of x, w, y.
+    pub x_off: u32,
+    /// Offset of w.
+    pub w_off: u32,
+    /// Offset of y.
+    pub y_off: u32,
+    /// Padding.
+    pub _pad0: u32,
+    /// Outer and inner batch strides of x.
+    pub x_sb: u32,
+    /// Inner batch stride of x.
+    pub x_sh: u32,
+    /// Outer batch stride of w.
+    pub w_sb: u32,
+    /// Inner batch stride of w.
+    pub w_sh: u32,
+    /// Outer batch stride of y.
+    pub y_sb: u32,
+    /// Inner batch stride of y.
+    pub y_sh: u32,
+    /// Padding.
+    pub _pad1: [u32; 2],
+}
+
+/// A strided batched product y = x · wᵀ (+ bias) over `batch_outer × batch_inner`
+/// matrices, each operand a view (offset, row stride, two batch strides) of a value.
+#[derive(Clone, Copy, Debug)]
+pub struct Gemm {
+    /// The params (sizes, strides, offsets).
+    pub p: LinearParams,
+    /// Outer batch count.
+    pub batch_outer: usize,
+}
+
+impl Gemm {
+    /// A plain contiguous product: x [batch, m, k], w [n, k] shared (w_batched
+    /// false) or [batch, n, k], y [batch, m, n].
+    pub fn contiguous(batch: usize, m: usize, n: usize, k: usize, w_batched: bool) -> Gemm {
+        let (m32, n32, k32) = (m as u32, n as u32, k as u32);
+        Gemm {
+            p: LinearParams {
+                m: m32,
+                n: n32,
+                k: k32,
+                batch_inner: 1,
+                lda: k32,
+                ldw: k32,
+                ldy: n32,
+                x_sb: m32 * k32,
+                w_sb: if w_batched { n32 * k32 } else { 0 },
+                y_sb: m32 * n32,
+                ..Default::default()
+            },
+            batch_outer: batch,
+        }
+    }
+
+    fn batches(&self) -> usize {
+        self.batch_outer * self.p.batch_inner as usize
+    }
+
+    fn vec4_ok(&self) -> bool {
+        let p = &self.p;
+        [
+            p.k, p.lda, p.ldw, p.x_off, p.w_off, p.x_sb, p.x_sh, p.w_sb, p.w_sh,
+        ]
+        .iter()
+        .all(|v| v % 4 == 0)
+    }
+}
+
+fn max_index(
+    off: u32,
+    sb: u32,
+    sh: u32,
+    outer: usize,
+    inner: u32,
+    rows: u32,
+    ld: u32,
+    cols: u32,
+) -> u64 {
+    if rows == 0 || cols == 0 || outer == 0 || inner == 0 {
+        return 0;
+    }
+    off as u64
+        + (outer as u64 - 1) * sb as u64
+        + (inner as u64 - 1) * sh as u64
+        + (rows as u64 - 1) * ld as u64
+        + cols as u64
+}
+
+/// Records a GEMM described by `gemm`. Checks that every view stays inside its value.
+pub fn gemm(
+    g: &mut Graph,
+    kind: &str,
+    x: Value,
+    w: Value,
+    bias: Option<Value>,
+    y: Value,
+    mut gemm: Gemm,
+) -> Result<()> {
+    expect_dtype(g, kind, "x", x, &[DType::F32])?;
+    expect_dtype(g, kind, "w", w, &[DType::F32, DType::F16])?;
+    let p = &mut gemm.p;
+    p.has_bias = bias.is_some() as u32;
+    let views = [
+        (
+            "x",
+            x,
+            max_index(
+                p.x_off,
+                p.x_sb,
+                p.x_sh,
+                gemm.batch_outer,
+                p.batch_inner,
+                p.m,
+                p.lda,
+                p.k,
+            ),
+        ),
+        (
+            "w",
+            w,
+            max_index(
+                p.w_off,
+                p.w_sb,
+                p.w_sh,
+                gemm.batch_outer,
+                p.batch_inner,
+                p.n,
+                p.ldw,
+                p.k,
+            ),
+        ),
+        (
+            "y",
+            y,
+            max_index(
+                p.y_off,
+                p.y_sb,
+                p.y_sh,
+                gemm.batch_outer,
+                p.batch_inner,
+                p.m,
+                p.ldy,
+                p.n,
+            ),
+        ),
+    ];
+    for (name, v, need) in views {
+        let have = crate::tensor::numel(g.shape(v)) as u64;
+        if need > have {
+            return Err(g.shape_error(
+                kind,
+                format!(
+                    "{name} view needs {need} elements but {} holds {have}",
+                    shape_str(g.shape(v))
+                ),
+            ));
+        }
+    }
+    if let Some(b) = bias {
+        expect_dtype(g, kind, "bias", b, &[DType::F32])?;
+        if g.shape(b) != [gemm.p.n as usize] {
+            return Err(g.shape_error(
+                kind,
+                format!(
+                    "bias must have shape [{}], found {}",
+                    gemm.p.n,
+                    shape_str(g.shape(b))
+                ),
+            ));
+        }
+    }
+    let mut flags = weight_flags(g, w);
+    if gemm.vec4_ok() {
+        flags.push("VEC4");
+    }
+    let batches = u32_of(g, kind, "batch", gemm.batches())?;
+    let (m, n, k) = (gemm.p.m as u64, gemm.p.n as u64, gemm.p.k as u64);
+    let b = batches as u64;
+    let wbytes = if g.dtype(w) == DType::F16 { 2 } else { 4 };
+    let cost = Cost {
+        flops: 2 * b * m * n * k,
+        bytes: b * (4 * m * k + 4 * m * n)
+            + n * k
+                * wbytes
+                * if gemm.p.w_sb == 0 && gemm.p.w_sh == 0 {
+                    1
+                } else {
+                    b
+                },
+    };
+    let call = OpCall {
+        key: PipelineKey {
+            kernel: &LINEAR,
+            flags,
+            constants: Vec::new(),
+        },
+        params: bytes_of(&gemm.p),
+        args: vec![Some(x), Some(w), bias, Some(y)],
+        workgroups: [
+            (gemm.p.n as usize).div_ceil(TILE_N) as u32,
+            (gemm.p.m as usize).div_ceil(TILE_M) as u32,
+            batches,
+        ],
+        cost,
+    };
+    g.record(kind, call)
+}
+
+/// y = x · wᵀ + b: x [.., k] f32, w [n, k] f32/f16, b [n] f32 → y [.., n].
+pub fn linear(g: &mut Graph, x: Value, w: Value, b: Option<Value>) -> Result<Value> {
+    let kind = "linear";
+    let xs = g.shape(x).to_vec();
+    let ws = g.shape(w).to_vec();
+    if xs.is_empty() || ws.len() != 2 || ws[1] != xs[xs.len() - 1] {
+        return Err(g.shape_error(
+            kind,
+            format!(
+                "expected x [.., k] and w [n, k] with equal k, found x {} and w {}",
+                shape_str(&xs),
+                shape_str(&ws)
+            ),
+        ));
+    }
+    let (n, k) = (ws[0], ws[1]);
+    let m: usize = xs[..xs.len() - 1].iter().product();
+    u32_of(g, kind, "rows", m * k.max(n))?;
+    let mut ys = xs.clone();
+    *ys.last_mut().expect("x has rank ≥ 1") = n;
+    let y = g.alloc(&ys, DType::F32);
+    gemm(g, kind, x, w, b, y, Gemm::contiguous(1, m, n, k, false))?;
+    Ok(y)
+}
+
+/// y[i] = x[i] · w[i]ᵀ: x [batch, m, k], w [batch, n, k] or [n, k] → y [batch, m, n].
+pub fn batched_matmul(g: &mut Graph, x: Value, w: Value) -> Result<Value> {
+    let kind = "matmul";
+    let xs = g.shape(x).to_vec();
+    let ws = g.shape(w).to_vec();
+    let ok = xs.len() == 3
+        && ((ws.len() == 3 && ws[0] == xs[0] && ws[2] == xs[2])
+            || (ws.len() == 2 && ws[1] == xs[2]));
+    if !ok {
+        return Err(g.shape_error(
+            kind,
+            format!(
+                "expected x [batch, m, k] and w [batch, n, k] or [n, k], found x {} and w {}",
+                shape_str(&xs),
+                shape_str(&ws)
+            ),
+        ));
+    }
+    let (batch, m, k) = (xs[0], xs[1], xs[2]);
+    let n = ws[ws.len() - 2];
+    u32_of(g, kind, "elements", batch * m * k.max(n))?;
+    let y = g.alloc(&[batch, m, n], DType::F32);
+    gemm(
+        g,
+        kind,
+        x,
+        w,
+        None,
+        y,
+        Gemm::contiguous(batch, m, n, k, ws.len() == 3),
+    )?;
+    Ok(y)
+}

@@ -1,0 +1,142 @@
+//! The Rust side of each kernel family: shapes, bindings, params, dispatch, cost.
+//!
+//! Each op function checks its inputs' shapes and dtypes (returning
+//! [`Error::Shape`] that names the op, what was expected and what was found),
+//! allocates its output in the [`Graph`], and records one or more dispatches.
+//! Nothing here touches the GPU: planning does.
+
+pub mod attention;
+pub mod conv;
+pub mod elementwise;
+pub mod layout;
+pub mod linear;
+pub mod norm;
+pub mod softmax;
+
+use crate::error::{Error, Result};
+use crate::gpu::Kernel;
+use crate::graph::{Graph, Value};
+use crate::tensor::{shape_str, DType};
+
+/// Every kernel the engine can dispatch (for the portability and binding tests).
+pub fn all_kernels() -> Vec<&'static Kernel> {
+    let mut k = Vec::new();
+    k.extend_from_slice(linear::KERNELS);
+    k.extend_from_slice(norm::KERNELS);
+    k.extend_from_slice(softmax::KERNELS);
+    k.extend_from_slice(elementwise::KERNELS);
+    k.extend_from_slice(attention::KERNELS);
+    k.extend_from_slice(conv::KERNELS);
+    k.extend_from_slice(layout::KERNELS);
+    k
+}
+
+/// Workgroup size of the elementwise and row kernels.
+pub(crate) const WG: u64 = 256;
+/// Workgroups per grid row: stays under every adapter's 65535 per dimension.
+const GRID_X: u64 = 32768;
+
+/// A 2-D grid of at least `workgroups` workgroups (kernels flatten it back).
+pub(crate) fn grid(workgroups: u64) -> [u32; 3] {
+    let x = workgroups.clamp(1, GRID_X);
+    [x as u32, workgroups.div_ceil(x).max(1) as u32, 1]
+}
+
+/// Grid for one invocation per element of `n`.
+pub(crate) fn grid_for(n: usize) -> [u32; 3] {
+    grid((n as u64).div_ceil(WG))
+}
+
+/// Bytes of a `#[repr(C)]` params struct.
+pub(crate) fn bytes_of<P: bytemuck::Pod>(p: &P) -> Vec<u8> {
+    bytemuck::bytes_of(p).to_vec()
+}
+
+/// u32 conversion that fails with the op's label instead of truncating.
+pub(crate) fn u32_of(g: &Graph, kind: &str, what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| {
+        g.shape_error(
+            kind,
+            format!("{what} = {v} does not fit the kernel's 32-bit indices"),
+        )
+    })
+}
+
+/// Checks a value's element type.
+pub(crate) fn expect_dtype(
+    g: &Graph,
+    kind: &str,
+    name: &str,
+    v: Value,
+    allowed: &[DType],
+) -> Result<()> {
+    let d = g.dtype(v);
+    if allowed.contains(&d) {
+        return Ok(());
+    }
+    let names: Vec<&str> = allowed.iter().map(|d| d.name()).collect();
+    Err(g.shape_error(
+        kind,
+        format!("{name} must be {}, found {}", names.join(" or "), d.name()),
+    ))
+}
+
+/// Checks a value's exact shape.
+pub(crate) fn expect_shape(
+    g: &Graph,
+    kind: &str,
+    name: &str,
+    v: Value,
+    want: &[usize],
+) -> Result<()> {
+    if g.shape(v) == want {
+        return Ok(());
+    }
+    Err(g.shape_error(
+        kind,
+        format!(
+            "{name} must have shape {}, found {}",
+            shape_str(want),
+            shape_str(g.shape(v))
+        ),
+    ))
+}
+
+/// Checks a value's rank and returns its shape.
+pub(crate) fn expect_rank(
+    g: &Graph,
+    kind: &str,
+    name: &str,
+    v: Value,
+    rank: usize,
+    layout: &str,
+) -> Result<Vec<usize>> {
+    let s = g.shape(v).to_vec();
+    if s.len() != rank {
+        return Err(g.shape_error(
+            kind,
+            format!("{name} must be {layout}, found shape {}", shape_str(&s)),
+        ));
+    }
+    Ok(s)
+}
+
+/// The `W_F16` flag when a weight-like value is stored as f16.
+pub(crate) fn weight_flags(g: &Graph, v: Value) -> Vec<&'static str> {
+    if g.dtype(v) == DType::F16 {
+        vec!["W_F16"]
+    } else {
+        Vec::new()
+    }
+}
+
+/// Errors for a mis-sized value of `n` elements in 32-bit index space.
+pub(crate) fn check_index_space(g: &Graph, kind: &str, n: usize) -> Result<()> {
+    if n > u32::MAX as usize / 2 {
+        return Err(Error::Shape {
+            op: g.label(kind),
+            msg: format!("{n} elements exceed the kernels' 32-bit index space"),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,268 @@
+//! Normalisations (`shaders/norm.wgsl`): LayerNorm, RMSNorm, GroupNorm (+SiLU)
+//! and the adaLN modulation fused with LayerNorm.
+//!
+//! Shapes: `layer_norm`, `rms_norm`: x [.., c] with weight/bias [c];
+//! `adaln_modulate`: x [batch, tokens, c], modulation [batch, chunks·c];
+//! `group_norm`: x [batch, channels, h, w] with weight/bias [channels].
+//! All f32, statistics in f32.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::{bytes_of, check_index_space, expect_dtype, expect_shape, grid, u32_of};
+use crate::error::Result;
+use crate::gpu::{Binding, Kernel, PipelineKey};
+use crate::graph::{Cost, Graph, OpCall, Value};
+use crate::tensor::{numel, shape_str, DType};
+
+const BINDINGS: &[Binding] = &[
+    Binding::read("x"),
+    Binding::read("weight"),
+    Binding::read("bias"),
+    Binding::write("y"),
+];
+
+macro_rules! norm_kernel {
+    ($name:ident, $entry:literal) => {
+        #[doc = concat!("`", $entry, "` in norm.wgsl.")]
+        pub static $name: Kernel = Kernel {
+            file: "norm.wgsl",
+            entry: $entry,
+            bindings: BINDINGS,
+            flags: &[],
+            constants: &[],
+        };
+    };
+}
+norm_kernel!(LAYER_NORM, "layer_norm");
+norm_kernel!(RMS_NORM, "rms_norm");
+norm_kernel!(ADALN_MODULATE, "adaln_modulate");
+norm_kernel!(GROUP_NORM, "group_norm");
+
+/// Kernels of this family.
+pub static KERNELS: &[&Kernel] = &[&LAYER_NORM, &RMS_NORM, &ADALN_MODULATE, &GROUP_NORM];
+
+/// Params of `norm.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct NormParams {
+    /// Rows (workgroups).
+    pub rows: u32,
+    /// Values per row.
+    pub cols: u32,
+    /// Bit 0 weight, bit 1 bias, bit 2 SiLU.
+    pub flags: u32,
+    /// adaLN: tokens per batch entry.
+    pub inner: u32,
+    /// Epsilon inside the square root.
+    pub eps: f32,
+    /// adaLN: elements between batch rows of the modulation vector.
+    pub mod_stride: u32,
+    /// adaLN: offset of the shift chunk.
+    pub shift_off: u32,
+    /// adaLN: offset of the scale chunk.
+    pub scale_off: u32,
+    /// GroupNorm: h·w.
+    pub spatial: u32,
+    /// GroupNorm: channels per group.
+    pub ch_per_group: u32,
+    /// GroupNorm: groups.
+    pub groups: u32,
+    /// Padding.
+    pub _pad: u32,
+}
+
+const HAS_WEIGHT: u32 = 1;
+const HAS_BIAS: u32 = 2;
+const SILU: u32 = 4;
+
+fn check_vec(g: &Graph, kind: &str, name: &str, v: Option<Value>, len: usize) -> Result<u32> {
+    let Some(v) = v else { return Ok(0) };
+    expect_dtype(g, kind, name, v, &[DType::F32])?;
+    expect_shape(g, kind, name, v, &[len])?;
+    Ok(1)
+}
+
+fn rows_cols(g: &Graph, kind: &str, x: Value) -> Result<(usize, usize)> {
+    expect_dtype(g, kind, "x", x, &[DType::F32])?;
+    let s = g.shape(x);
+    let Some(&cols) = s.last() else {
+        return Err(g.shape_error(kind, "x must have at least one dimension"));
+    };
+    check_index_space(g, kind, numel(s))?;
+    Ok((numel(s) / cols.max(1), cols))
+}
+
+fn record(
+    g: &mut Graph,
+    kind: &str,
+    kernel: &'static Kernel,
+    x: Value,
+    w: Option<Value>,
+    b: Option<Value>,
+    p: NormParams,
+) -> Result<Value> {
+    let shape = g.shape(x).to_vec();
+    let y = g.alloc(&shape, DType::F32);
+    let n = numel(&shape) as u64;
+    let call = OpCall {
+        key: PipelineKey::new(kernel),
+        params: bytes_of(&p),
+        args: vec![Some(x), w, b, Some(y)],
+        workgroups: grid(p.rows as u64),
+        // Two statistics passes and one normalising pass over x, one write.
+        cost: Cost {
+            flops: 7 * n,
+            bytes: 16 * n,
+        },
+    };
+    g.record(kind, call)?;
+    Ok(y)
+}
+
+/// LayerNorm over the last axis, weight and bias optional (SD3 uses neither).
+pub fn layer_norm(
+    g: &mut Graph,
+    x: Value,
+    weight: Option<Value>,
+    bias: Option<Value>,
+    eps: f32,
+) -> Result<Value> {
+    let kind = "layer_norm";
+    let (rows, cols) = rows_cols(g, kind, x)?;
+    let flags = check_vec(g, kind, "weight", weight, cols)? * HAS_WEIGHT
+        + check_vec(g, kind, "bias", bias, cols)? * HAS_BIAS;
+    let p = NormParams {
+        rows: u32_of(g, kind, "rows", rows)?,
+        cols: cols as u32,
+        flags,
+        eps,
+        ..Default::default()
+    };
+    record(g, kind, &LAYER_NORM, x, weight, bias, p)
+}
+
+/// RMSNorm over the last axis: x / sqrt(mean(x²) + eps) · weight.
+pub fn rms_norm(g: &mut Graph, x: Value, weight: Option<Value>, eps: f32) -> Result<Value> {
+    let kind = "rms_norm";
+    let (rows, cols) = rows_cols(g, kind, x)?;
+    let flags = check_vec(g, kind, "weight", weight, cols)? * HAS_WEIGHT;
+    let p = NormParams {
+        rows: u32_of(g, kind, "rows", rows)?,
+        cols: cols as u32,
+        flags,
+        eps,
+        ..Default::default()
+    };
+    record(g, kind, &RMS_NORM, x, weight, None, p)
+}
+
+/// One chunk of an adaLN modulation vector m [batch, chunks·c]: the row
+/// `m[b, index·c .. (index+1)·c]` for each batch entry b.
+#[derive(Clone, Copy, Debug)]
+pub struct ModChunk {
+    /// The modulation vector.
+    pub m: Value,
+    /// Which chunk (SD3 order: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp).
+    pub index: usize,
+}
+
+/// Checks that `chunk` fits a stream x [batch, tokens, c]; returns (mod_stride, chunk offset).
+pub(crate) fn chunk_offset(
+    g: &Graph,
+    kind: &str,
+    name: &str,
+    chunk: ModChunk,
+    batch: usize,
+    c: usize,
+) -> Result<(u32, u32)> {
+    expect_dtype(g, kind, name, chunk.m, &[DType::F32])?;
+    let ms = g.shape(chunk.m);
+    if ms.len() != 2 || ms[0] != batch || ms[1] % c.max(1) != 0 || (chunk.index + 1) * c > ms[1] {
+        return Err(g.shape_error(
+            kind,
+            format!(
+                "{name}: modulation must be [{batch}, chunks·{c}] with chunk {} present, found {}",
+                chunk.index,
+                shape_str(ms)
+            ),
+        ));
+    }
+    Ok((ms[1] as u32, (chunk.index * c) as u32))
+}
+
+/// adaLN: LN(x)·(1 + scale) + shift with x [batch, tokens, c] and shift, scale
+/// chunks of one modulation vector [batch, chunks·c]; LayerNorm without affine.
+pub fn adaln_modulate(
+    g: &mut Graph,
+    x: Value,
+    shift: ModChunk,
+    scale: ModChunk,
+    eps: f32,
+) -> Result<Value> {
+    let kind = "adaln_modulate";
+    expect_dtype(g, kind, "x", x, &[DType::F32])?;
+    let xs = super::expect_rank(g, kind, "x", x, 3, "[batch, tokens, c]")?;
+    if shift.m != scale.m {
+        return Err(g.shape_error(
+            kind,
+            "shift and scale must be chunks of the same modulation vector",
+        ));
+    }
+    check_index_space(g, kind, numel(&xs))?;
+    let (stride, shift_off) = chunk_offset(g, kind, "shift", shift, xs[0], xs[2])?;
+    let (_, scale_off) = chunk_offset(g, kind, "scale", scale, xs[0], xs[2])?;
+    let p = NormParams {
+        rows: (xs[0] * xs[1]) as u32,
+        cols: xs[2] as u32,
+        inner: xs[1].max(1) as u32,
+        eps,
+        mod_stride: stride,
+        shift_off,
+        scale_off,
+        ..Default::default()
+    };
+    record(g, kind, &ADALN_MODULATE, x, Some(shift.m), None, p)
+}
+
+/// GroupNorm over x [batch, channels, h, w] in `groups` groups with
+/// per-channel weight/bias, optionally followed by SiLU (the VAE's pairing).
+pub fn group_norm(
+    g: &mut Graph,
+    x: Value,
+    groups: usize,
+    weight: Option<Value>,
+    bias: Option<Value>,
+    eps: f32,
+    silu: bool,
+) -> Result<Value> {
+    let kind = if silu {
+        "group_norm_silu"
+    } else {
+        "group_norm"
+    };
+    expect_dtype(g, kind, "x", x, &[DType::F32])?;
+    let xs = super::expect_rank(g, kind, "x", x, 4, "[batch, channels, h, w]")?;
+    let c = xs[1];
+    if groups == 0 || c % groups != 0 {
+        return Err(g.shape_error(
+            kind,
+            format!("{c} channels do not split into {groups} groups"),
+        ));
+    }
+    check_index_space(g, kind, numel(&xs))?;
+    let flags = check_vec(g, kind, "weight", weight, c)? * HAS_WEIGHT
+        + check_vec(g, kind, "bias", bias, c)? * HAS_BIAS
+        + if silu { SILU } else { 0 };
+    let spatial = xs[2] * xs[3];
+    let p = NormParams {
+        rows: (xs[0] * groups) as u32,
+        cols: (c / groups * spatial) as u32,
+        flags,
+        eps,
+        spatial: spatial.max(1) as u32,
+        ch_per_group: (c / groups) as u32,
+        groups: groups as u32,
+        ..Default::default()
+    };
+    record(g, kind, &GROUP_NORM, x, weight, bias, p)
+}
