@@ -528,6 +528,18 @@ impl Plan {
         self.ops.is_empty()
     }
 
+    /// Fills every intermediate buffer with `value` (a debug and test hook:
+    /// poisoning with NaN proves that every output element is written by a run).
+    pub fn fill_intermediates(&self, gpu: &Gpu, value: f32) {
+        for (s, buf) in self.storages.iter().zip(&self.buffers) {
+            if let (Source::Op(Some(_)), Some(buf)) = (&s.source, buf) {
+                let words = (buf.size() / 4) as usize;
+                gpu.queue
+                    .write_buffer(buf, 0, bytemuck::cast_slice(&vec![value; words]));
+            }
+        }
+    }
+
     /// Bytes of the pooled intermediate buffers (after reuse).
     pub fn pooled_bytes(&self) -> u64 {
         self.pooled_bytes

@@ -52,6 +52,8 @@ pub struct Kernel {
     pub file: &'static str,
     /// Entry point.
     pub entry: &'static str,
+    /// Size of the `#[repr(C)]` params struct bound at 0 (checked against the WGSL in tests).
+    pub params_size: usize,
     /// Storage bindings, bound at 1, 2, … (binding 0 is the params uniform).
     pub bindings: &'static [Binding],
     /// Preprocessor flags this kernel understands (each may be on or off).

@@ -15,6 +15,7 @@ use super::GpuError;
 /// Every shader file, embedded at build time.
 pub const SOURCES: &[(&str, &str)] = &[
     ("common.wgsl", include_str!("../../shaders/common.wgsl")),
+    ("weights.wgsl", include_str!("../../shaders/weights.wgsl")),
     ("linear.wgsl", include_str!("../../shaders/linear.wgsl")),
     ("norm.wgsl", include_str!("../../shaders/norm.wgsl")),
     ("softmax.wgsl", include_str!("../../shaders/softmax.wgsl")),

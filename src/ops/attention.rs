@@ -22,6 +22,7 @@ const BLOCK_Q: usize = 64;
 pub static ATTENTION: Kernel = Kernel {
     file: "attention.wgsl",
     entry: "attention",
+    params_size: std::mem::size_of::<AttentionParams>(),
     bindings: &[
         Binding::read("q"),
         Binding::read("k"),

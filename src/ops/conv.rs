@@ -25,6 +25,7 @@ const BINDINGS: &[Binding] = &[
 pub static CONV2D: Kernel = Kernel {
     file: "conv.wgsl",
     entry: "conv2d",
+    params_size: std::mem::size_of::<ConvParams>(),
     bindings: BINDINGS,
     flags: &["W_F16"],
     constants: &[],
@@ -33,6 +34,7 @@ pub static CONV2D: Kernel = Kernel {
 pub static UPSAMPLE2X: Kernel = Kernel {
     file: "conv.wgsl",
     entry: "upsample2x",
+    params_size: std::mem::size_of::<ConvParams>(),
     bindings: BINDINGS,
     flags: &["W_F16"],
     constants: &[],

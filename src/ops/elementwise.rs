@@ -25,6 +25,7 @@ const BINDINGS: &[Binding] = &[
 pub static UNARY: Kernel = Kernel {
     file: "elementwise.wgsl",
     entry: "unary",
+    params_size: std::mem::size_of::<ElementwiseParams>(),
     bindings: BINDINGS,
     flags: &[],
     constants: &[("ACT", &[0.0, 1.0, 2.0, 3.0, 4.0])],
@@ -33,6 +34,7 @@ pub static UNARY: Kernel = Kernel {
 pub static BINARY: Kernel = Kernel {
     file: "elementwise.wgsl",
     entry: "binary",
+    params_size: std::mem::size_of::<ElementwiseParams>(),
     bindings: BINDINGS,
     flags: &[],
     constants: &[("BINOP", &[0.0, 1.0])],
@@ -41,6 +43,7 @@ pub static BINARY: Kernel = Kernel {
 pub static GATED_RESIDUAL: Kernel = Kernel {
     file: "elementwise.wgsl",
     entry: "gated_residual",
+    params_size: std::mem::size_of::<ElementwiseParams>(),
     bindings: BINDINGS,
     flags: &[],
     constants: &[],

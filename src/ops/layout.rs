@@ -25,6 +25,7 @@ macro_rules! layout_kernel {
         pub static $name: Kernel = Kernel {
             file: "layout.wgsl",
             entry: $entry,
+            params_size: std::mem::size_of::<LayoutParams>(),
             bindings: BINDINGS,
             flags: &["W_F16"],
             constants: &[],

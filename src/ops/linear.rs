@@ -23,6 +23,7 @@ const BINDINGS: &[Binding] = &[
 pub static LINEAR: Kernel = Kernel {
     file: "linear.wgsl",
     entry: "linear",
+    params_size: std::mem::size_of::<LinearParams>(),
     bindings: BINDINGS,
     flags: &["W_F16", "VEC4"],
     constants: &[],

@@ -27,6 +27,7 @@ macro_rules! norm_kernel {
         pub static $name: Kernel = Kernel {
             file: "norm.wgsl",
             entry: $entry,
+            params_size: std::mem::size_of::<NormParams>(),
             bindings: BINDINGS,
             flags: &[],
             constants: &[],

@@ -16,6 +16,7 @@ use crate::tensor::{numel, DType};
 pub static SOFTMAX: Kernel = Kernel {
     file: "softmax.wgsl",
     entry: "softmax",
+    params_size: std::mem::size_of::<SoftmaxParams>(),
     bindings: &[
         Binding::read("x"),
         Binding::read("bias"),

@@ -1,0 +1,105 @@
+//! Shared test helpers: the test GPU, seeded inputs, running a graph with
+//! poisoned intermediates, and relative-error checks against f64 references.
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use sd3_wgpu::graph::{Graph, Value};
+use sd3_wgpu::{DType, Gpu, GpuOptions, Tensor};
+
+/// Tolerance for f32 results against an f64 reference (‖out − ref‖ / ‖ref‖).
+pub const TOL_F32: f64 = 1e-5;
+
+/// The GPU the tests run on (lavapipe in CI), runtime checks off as in production.
+pub fn gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| make_gpu(false))
+}
+
+/// A second device with naga's runtime checks and workgroup zero-init back on.
+pub fn checked_gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| make_gpu(true))
+}
+
+fn make_gpu(runtime_checks: bool) -> Gpu {
+    let opts = GpuOptions {
+        runtime_checks,
+        ..GpuOptions::from_env()
+    };
+    match Gpu::new(&opts) {
+        Ok(g) => g,
+        Err(e) => panic!("tests need a GPU adapter (CI installs Mesa's lavapipe): {e}"),
+    }
+}
+
+/// Seeded values in [-1, 1).
+pub fn rand(seed: u64, n: usize) -> Vec<f32> {
+    sd3_wgpu::bench::random_values(seed, n)
+}
+
+/// Values as the GPU sees them after storage in `dtype` (f16 rounding).
+pub fn stored(data: &[f32], dtype: DType) -> Vec<f64> {
+    match dtype {
+        DType::F16 => data
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_f64())
+            .collect(),
+        _ => data.iter().map(|&v| v as f64).collect(),
+    }
+}
+
+/// Uploads `data` as a weight value of the graph.
+pub fn weight(
+    gpu: &Gpu,
+    g: &mut Graph,
+    name: &str,
+    shape: &[usize],
+    dtype: DType,
+    data: &[f32],
+) -> Value {
+    let t = Tensor::from_f32(gpu, shape, dtype, data).expect("upload");
+    g.weight(name, &t)
+}
+
+/// Plans `g` (outputs must be kept), fills every intermediate with NaN, runs,
+/// and reads the outputs back.
+pub fn run(gpu: &Gpu, g: Graph, outputs: &[Value]) -> Vec<Vec<f32>> {
+    let plan = g.plan(gpu).expect("plan");
+    plan.fill_intermediates(gpu, f32::NAN);
+    plan.run(gpu).expect("run");
+    outputs
+        .iter()
+        .map(|&v| plan.read(gpu, v).expect("read"))
+        .collect()
+}
+
+/// ‖out − ref‖ / ‖ref‖; infinite when lengths differ or anything is not finite.
+pub fn rel_err(out: &[f32], reference: &[f64]) -> f64 {
+    if out.len() != reference.len() || out.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let mut num = 0.0;
+    let mut den = 0.0;
+    for (&o, &r) in out.iter().zip(reference) {
+        num += (o as f64 - r).powi(2);
+        den += r * r;
+    }
+    if den == 0.0 {
+        return num.sqrt();
+    }
+    (num / den).sqrt()
+}
+
+/// Fails with the case name, error and tolerance unless out ≈ reference.
+pub fn assert_close(what: &str, out: &[f32], reference: &[f64], tol: f64) {
+    let e = rel_err(out, reference);
+    assert!(
+        e <= tol,
+        "{what}: relative error {e:.3e} > {tol:.1e} (len {} vs {}, first values {:?} vs {:?})",
+        out.len(),
+        reference.len(),
+        &out[..out.len().min(4)],
+        &reference[..reference.len().min(4)]
+    );
+}

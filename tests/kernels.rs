@@ -1,0 +1,994 @@
+//! Every kernel against a CPU f64 reference: seeded random inputs, sizes that
+//! are not multiples of the tiles, intermediates poisoned with NaN before the
+//! run. Each case runs once on the production device (runtime checks off) and
+//! once more, in `every_case_with_runtime_checks`, with naga's checks on.
+
+mod common;
+
+use common::*;
+use sd3_wgpu::graph::Graph;
+use sd3_wgpu::ops::attention::{self, AttentionOptions, Heads};
+use sd3_wgpu::ops::elementwise::{self, Act};
+use sd3_wgpu::ops::norm::{self, ModChunk};
+use sd3_wgpu::ops::{conv, layout, linear, softmax};
+use sd3_wgpu::{DType, Gpu};
+
+macro_rules! cases {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                cases::$name(gpu());
+            }
+        )*
+        const ALL: &[(&str, fn(&Gpu))] = &[$((stringify!($name), cases::$name)),*];
+    };
+}
+
+cases!(
+    linear_f32_and_f16_weights,
+    batched_matmul_shared_and_batched,
+    layer_norm_with_and_without_affine,
+    rms_norm_rows,
+    adaln_modulate_from_chunks,
+    group_norm_and_silu,
+    activations,
+    affine_add_mul_broadcast,
+    gated_residual_from_chunk,
+    softmax_rows_and_attention_softmax,
+    attention_fused_and_composed,
+    conv2d_shapes_and_strides,
+    upsample_nearest,
+    permute_slice_concat,
+    gather_f32_f16_and_bad_ids,
+    patchify_layouts,
+);
+
+#[test]
+fn every_case_with_runtime_checks() {
+    let gpu = checked_gpu();
+    assert!(gpu.runtime_checks);
+    for (name, case) in ALL {
+        eprintln!("runtime checks on: {name}");
+        case(gpu);
+    }
+}
+
+/// CPU references in f64.
+mod reference {
+    pub fn linear(
+        x: &[f64],
+        w: &[f64],
+        b: Option<&[f64]>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Vec<f64> {
+        let mut y = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = b.map_or(0.0, |b| b[j]);
+                for l in 0..k {
+                    s += x[i * k + l] * w[j * k + l];
+                }
+                y[i * n + j] = s;
+            }
+        }
+        y
+    }
+
+    /// (mean, 1/sqrt(var + eps)) of a row.
+    pub fn stats(row: &[f64], eps: f64) -> (f64, f64) {
+        let n = row.len() as f64;
+        let mean = row.iter().sum::<f64>() / n;
+        let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+        (mean, 1.0 / (var + eps).sqrt())
+    }
+
+    pub fn erf(x: f64) -> f64 {
+        let a = x.abs();
+        let r = if a < 2.5 {
+            // Maclaurin series: converges fast with little cancellation here.
+            let mut term = a;
+            let mut sum = a;
+            let mut n = 0.0;
+            while term.abs() > 1e-17 * sum.abs() {
+                n += 1.0;
+                term *= -a * a / n;
+                sum += term / (2.0 * n + 1.0);
+            }
+            2.0 / std::f64::consts::PI.sqrt() * sum
+        } else {
+            // Continued fraction for erfc, evaluated bottom-up.
+            let mut t = a;
+            for n in (1..=120).rev() {
+                t = a + (n as f64 / 2.0) / t;
+            }
+            1.0 - (-a * a).exp() / std::f64::consts::PI.sqrt() / t
+        };
+        r.copysign(x)
+    }
+
+    pub fn sigmoid(v: f64) -> f64 {
+        1.0 / (1.0 + (-v).exp())
+    }
+
+    pub fn act(a: u32, v: f64) -> f64 {
+        match a {
+            1 => v * sigmoid(v),
+            2 => {
+                0.5 * v
+                    * (1.0
+                        + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh())
+            }
+            3 => 0.5 * v * (1.0 + erf(v / 2f64.sqrt())),
+            4 => v * sigmoid(1.702 * v),
+            _ => v,
+        }
+    }
+
+    pub fn rms(row: &[f64], eps: f64) -> f64 {
+        1.0 / (row.iter().map(|v| v * v).sum::<f64>() / row.len() as f64 + eps).sqrt()
+    }
+
+    /// A [batch, tokens, width] view with heads at `off`.
+    pub struct View<'a> {
+        pub data: &'a [f64],
+        pub tokens: usize,
+        pub width: usize,
+        pub off: usize,
+    }
+
+    impl View<'_> {
+        pub fn row(&self, b: usize, t: usize, h: usize) -> Vec<f64> {
+            let s = (b * self.tokens + t) * self.width + self.off + h * 64;
+            self.data[s..s + 64].to_vec()
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        q: &View,
+        k: &View,
+        v: &View,
+        batch: usize,
+        heads: usize,
+        scale: f64,
+        causal: bool,
+        bias: Option<&[f64]>,
+        norm: Option<(&[f64], &[f64])>,
+    ) -> Vec<f64> {
+        let (tq, tk) = (q.tokens, k.tokens);
+        let mut out = vec![0.0; batch * tq * heads * 64];
+        let normed = |r: Vec<f64>, w: Option<&[f64]>| match w {
+            Some(w) => {
+                let s = rms(&r, 1e-6);
+                r.iter().zip(w).map(|(a, b)| a * s * b).collect()
+            }
+            None => r,
+        };
+        for b in 0..batch {
+            for h in 0..heads {
+                let keys: Vec<Vec<f64>> = (0..tk)
+                    .map(|j| normed(k.row(b, j, h), norm.map(|n| n.1)))
+                    .collect();
+                for i in 0..tq {
+                    let qr = normed(q.row(b, i, h), norm.map(|n| n.0));
+                    let mut s: Vec<f64> = (0..tk)
+                        .map(|j| {
+                            let d: f64 = qr.iter().zip(&keys[j]).map(|(a, c)| a * c).sum();
+                            d * scale + bias.map_or(0.0, |bb| bb[(h * tq + i) * tk + j])
+                        })
+                        .collect();
+                    if causal {
+                        for (j, sj) in s.iter_mut().enumerate() {
+                            if j > i {
+                                *sj = f64::NEG_INFINITY;
+                            }
+                        }
+                    }
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for (j, ej) in e.iter().enumerate() {
+                        let vr = v.row(b, j, h);
+                        for d in 0..64 {
+                            out[((b * tq + i) * heads + h) * 64 + d] += ej / z * vr[d];
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv2d(
+        x: &[f64],
+        w: &[f64],
+        b: Option<&[f64]>,
+        n: usize,
+        cin: usize,
+        h: usize,
+        wd: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> (Vec<f64>, usize, usize) {
+        let oh = (h + 2 * pad - k) / stride + 1;
+        let ow = (wd + 2 * pad - k) / stride + 1;
+        let mut y = vec![0.0; n * cout * oh * ow];
+        for bi in 0..n {
+            for co in 0..cout {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut s = b.map_or(0.0, |b| b[co]);
+                        for ci in 0..cin {
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let iy = (oy * stride + ky) as isize - pad as isize;
+                                    let ix = (ox * stride + kx) as isize - pad as isize;
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                        continue;
+                                    }
+                                    s += x[((bi * cin + ci) * h + iy as usize) * wd + ix as usize]
+                                        * w[((co * cin + ci) * k + ky) * k + kx];
+                                }
+                            }
+                        }
+                        y[((bi * cout + co) * oh + oy) * ow + ox] = s;
+                    }
+                }
+            }
+        }
+        (y, oh, ow)
+    }
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+mod cases {
+    use super::*;
+
+    pub fn linear_f32_and_f16_weights(gpu: &Gpu) {
+        let sizes = [
+            (1, 1, 1),
+            (7, 13, 5),
+            (77, 64, 33),
+            (65, 130, 67),
+            (130, 36, 64),
+            (3, 4, 129),
+        ];
+        let mut g = Graph::new();
+        let mut expect = Vec::new();
+        let mut outs = Vec::new();
+        for (i, &(m, k, n)) in sizes.iter().enumerate() {
+            for (j, dtype) in [DType::F32, DType::F16].into_iter().enumerate() {
+                let seed = (i * 10 + j) as u64;
+                let xd = rand(seed, m * k);
+                let wd = rand(seed + 100, n * k);
+                let bd = rand(seed + 200, n);
+                let with_bias = (i + j) % 2 == 0;
+                let x = weight(gpu, &mut g, "x", &[m, k], DType::F32, &xd);
+                let w = weight(gpu, &mut g, "w", &[n, k], dtype, &wd);
+                let b = with_bias.then(|| weight(gpu, &mut g, "b", &[n], DType::F32, &bd));
+                let y = linear::linear(&mut g, x, w, b).unwrap();
+                g.keep(y);
+                outs.push(y);
+                let bref = f64s(&bd);
+                expect.push((
+                    format!("linear {m}x{k}x{n} {dtype:?} bias={with_bias}"),
+                    reference::linear(
+                        &f64s(&xd),
+                        &stored(&wd, dtype),
+                        with_bias.then_some(&bref[..]),
+                        m,
+                        k,
+                        n,
+                    ),
+                ));
+            }
+        }
+        let got = run(gpu, g, &outs);
+        for ((name, r), o) in expect.iter().zip(&got) {
+            assert_close(name, o, r, TOL_F32);
+        }
+    }
+
+    pub fn batched_matmul_shared_and_batched(gpu: &Gpu) {
+        let (b, m, k, n) = (3, 17, 21, 9);
+        let xd = rand(1, b * m * k);
+        let wb = rand(2, b * n * k);
+        let ws = rand(3, n * k);
+        let mut g = Graph::new();
+        let x = weight(gpu, &mut g, "x", &[b, m, k], DType::F32, &xd);
+        let w1 = weight(gpu, &mut g, "wb", &[b, n, k], DType::F32, &wb);
+        let w2 = weight(gpu, &mut g, "ws", &[n, k], DType::F16, &ws);
+        let y1 = linear::batched_matmul(&mut g, x, w1).unwrap();
+        let y2 = linear::batched_matmul(&mut g, x, w2).unwrap();
+        g.keep(y1);
+        g.keep(y2);
+        let got = run(gpu, g, &[y1, y2]);
+        let (x64, wb64, ws64) = (f64s(&xd), f64s(&wb), stored(&ws, DType::F16));
+        let mut r1 = Vec::new();
+        let mut r2 = Vec::new();
+        for i in 0..b {
+            r1.extend(reference::linear(
+                &x64[i * m * k..][..m * k],
+                &wb64[i * n * k..][..n * k],
+                None,
+                m,
+                k,
+                n,
+            ));
+            r2.extend(reference::linear(
+                &x64[i * m * k..][..m * k],
+                &ws64,
+                None,
+                m,
+                k,
+                n,
+            ));
+        }
+        assert_close("batched w", &got[0], &r1, TOL_F32);
+        assert_close("shared f16 w", &got[1], &r2, TOL_F32);
+    }
+
+    pub fn layer_norm_with_and_without_affine(gpu: &Gpu) {
+        let eps = 1e-6;
+        let mut g = Graph::new();
+        let mut outs = Vec::new();
+        let mut expect = Vec::new();
+        for (i, &(rows, cols)) in [(5, 77), (3, 1536), (2, 1), (300, 7)].iter().enumerate() {
+            // An offset and a spread show that the mean is really removed.
+            let xd: Vec<f32> = rand(i as u64, rows * cols)
+                .iter()
+                .map(|v| 3.0 * v + 2.0)
+                .collect();
+            let wd: Vec<f32> = rand(50 + i as u64, cols)
+                .iter()
+                .map(|v| 1.0 + 0.1 * v)
+                .collect();
+            let bd = rand(90 + i as u64, cols);
+            let x = weight(gpu, &mut g, "x", &[rows, cols], DType::F32, &xd);
+            let w = weight(gpu, &mut g, "w", &[cols], DType::F32, &wd);
+            let b = weight(gpu, &mut g, "b", &[cols], DType::F32, &bd);
+            for affine in [false, true] {
+                let y = if affine {
+                    norm::layer_norm(&mut g, x, Some(w), Some(b), eps).unwrap()
+                } else {
+                    norm::layer_norm(&mut g, x, None, None, eps).unwrap()
+                };
+                g.keep(y);
+                outs.push(y);
+                let x64 = f64s(&xd);
+                let mut r = Vec::new();
+                for row in x64.chunks(cols) {
+                    let (mean, rstd) = reference::stats(row, eps as f64);
+                    for (c, v) in row.iter().enumerate() {
+                        let n = (v - mean) * rstd;
+                        r.push(if affine {
+                            n * wd[c] as f64 + bd[c] as f64
+                        } else {
+                            n
+                        });
+                    }
+                }
+                expect.push((format!("layer_norm {rows}x{cols} affine={affine}"), r));
+            }
+        }
+        let got = run(gpu, g, &outs);
+        for ((name, r), o) in expect.iter().zip(&got) {
+            // A row of one value normalises to exactly 0 (‖ref‖ = 0): compare absolutely.
+            assert_close(name, o, r, TOL_F32);
+        }
+    }
+
+    pub fn rms_norm_rows(gpu: &Gpu) {
+        let eps = 1e-6;
+        let (rows, cols) = (33, 64);
+        let xd = rand(7, rows * cols);
+        let wd: Vec<f32> = rand(8, cols).iter().map(|v| 1.0 + 0.1 * v).collect();
+        let xd2 = rand(9, 3 * 300);
+        let mut g = Graph::new();
+        let x = weight(gpu, &mut g, "x", &[rows, cols], DType::F32, &xd);
+        let w = weight(gpu, &mut g, "w", &[cols], DType::F32, &wd);
+        let x2 = weight(gpu, &mut g, "x2", &[3, 300], DType::F32, &xd2);
+        let y = norm::rms_norm(&mut g, x, Some(w), eps).unwrap();
+        let y2 = norm::rms_norm(&mut g, x2, None, eps).unwrap();
+        g.keep(y);
+        g.keep(y2);
+        let got = run(gpu, g, &[y, y2]);
+        let r: Vec<f64> = f64s(&xd)
+            .chunks(cols)
+            .flat_map(|row| {
+                let s = reference::rms(row, eps as f64);
+                row.iter()
+                    .zip(&wd)
+                    .map(move |(v, w)| v * s * *w as f64)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let r2: Vec<f64> = f64s(&xd2)
+            .chunks(300)
+            .flat_map(|row| {
+                let s = reference::rms(row, eps as f64);
+                row.iter().map(move |v| v * s).collect::<Vec<_>>()
+            })
+            .collect();
+        assert_close("rms_norm weighted", &got[0], &r, TOL_F32);
+        assert_close("rms_norm plain", &got[1], &r2, TOL_F32);
+    }
+
+    pub fn adaln_modulate_from_chunks(gpu: &Gpu) {
+        let (b, t, c, chunks) = (2, 9, 40, 6);
+        let xd: Vec<f32> = rand(11, b * t * c).iter().map(|v| 2.0 * v - 0.5).collect();
+        let md = rand(12, b * chunks * c);
+        let mut g = Graph::new();
+        let x = weight(gpu, &mut g, "x", &[b, t, c], DType::F32, &xd);
+        let m = weight(gpu, &mut g, "mod", &[b, chunks * c], DType::F32, &md);
+        let (shift, scale) = (ModChunk { m, index: 3 }, ModChunk { m, index: 4 });
+        let y = norm::adaln_modulate(&mut g, x, shift, scale, 1e-6).unwrap();
+        g.keep(y);
+        let got = run(gpu, g, &[y]);
+        let mut r = Vec::new();
+        for (row_i, row) in f64s(&xd).chunks(c).enumerate() {
+            let bi = row_i / t;
+            let (mean, rstd) = reference::stats(row, 1e-6);
+            for (ci, v) in row.iter().enumerate() {
+                let sh = md[bi * chunks * c + 3 * c + ci] as f64;
+                let sc = md[bi * chunks * c + 4 * c + ci] as f64;
+                r.push((v - mean) * rstd * (1.0 + sc) + sh);
+            }
+        }
+        assert_close("adaln_modulate", &got[0], &r, TOL_F32);
+    }
+
+    pub fn group_norm_and_silu(gpu: &Gpu) {
+        // Small shapes plus the VAE's real channel counts (512 and 128 in 32 groups).
+        let shapes = [
+            (2, 64, 5, 3, 32),
+            (1, 512, 4, 5, 32),
+            (1, 128, 9, 7, 32),
+            (3, 6, 1, 1, 3),
+        ];
+        let mut g = Graph::new();
+        let mut outs = Vec::new();
+        let mut expect = Vec::new();
+        for (i, &(n, c, h, w, groups)) in shapes.iter().enumerate() {
+            let xd: Vec<f32> = rand(20 + i as u64, n * c * h * w)
+                .iter()
+                .map(|v| 2.0 * v + 0.3)
+                .collect();
+            let wd: Vec<f32> = rand(30 + i as u64, c)
+                .iter()
+                .map(|v| 1.0 + 0.2 * v)
+                .collect();
+            let bd = rand(40 + i as u64, c);
+            let x = weight(gpu, &mut g, "x", &[n, c, h, w], DType::F32, &xd);
+            let wv = weight(gpu, &mut g, "w", &[c], DType::F32, &wd);
+            let bv = weight(gpu, &mut g, "b", &[c], DType::F32, &bd);
+            let silu = i % 2 == 0;
+            let y = norm::group_norm(&mut g, x, groups, Some(wv), Some(bv), 1e-6, silu).unwrap();
+            g.keep(y);
+            outs.push(y);
+            let per = c / groups * h * w;
+            let mut r = Vec::new();
+            for (gi, grp) in f64s(&xd).chunks(per).enumerate() {
+                let (mean, rstd) = reference::stats(grp, 1e-6);
+                for (j, v) in grp.iter().enumerate() {
+                    let ch = (gi % groups) * (c / groups) + j / (h * w);
+                    let y = (v - mean) * rstd * wd[ch] as f64 + bd[ch] as f64;
+                    r.push(if silu { y * reference::sigmoid(y) } else { y });
+                }
+            }
+            expect.push((
+                format!("group_norm {n}x{c}x{h}x{w}/{groups} silu={silu}"),
+                r,
+            ));
+        }
+        let got = run(gpu, g, &outs);
+        for ((name, r), o) in expect.iter().zip(&got) {
+            assert_close(name, o, r, TOL_F32);
+        }
+    }
+
+    pub fn activations(gpu: &Gpu) {
+        let mut xd: Vec<f32> = rand(5, 1001).iter().map(|v| 6.0 * v).collect();
+        // Far tails: tanh and exp must saturate, never overflow into NaN.
+        xd.extend_from_slice(&[-100.0, -30.0, -12.0, 12.0, 30.0, 100.0, 0.0]);
+        let mut g = Graph::new();
+        let x = weight(gpu, &mut g, "x", &[xd.len()], DType::F32, &xd);
+        let acts = [Act::Silu, Act::GeluTanh, Act::GeluErf, Act::QuickGelu];
+        let outs: Vec<_> = acts
+            .iter()
+            .map(|&a| {
+                let y = elementwise::activation(&mut g, x, a).unwrap();
+                g.keep(y);
+                y
+            })
+            .collect();
+        let got = run(gpu, g, &outs);
+        for ((a, o), id) in acts.iter().zip(&got).zip([1, 2, 3, 4]) {
+            let r: Vec<f64> = xd.iter().map(|&v| reference::act(id, v as f64)).collect();
+            assert_close(&format!("{a:?}"), o, &r, TOL_F32);
+        }
+    }
+
+    pub fn affine_add_mul_broadcast(gpu: &Gpu) {
+        let (b, t, c) = (2, 5, 7);
+        let ad = rand(60, b * t * c);
+        let bd = rand(61, t * c);
+        let mut g = Graph::new();
+        let a = weight(gpu, &mut g, "a", &[b, t, c], DType::F32, &ad);
+        let bb = weight(gpu, &mut g, "b", &[t, c], DType::F32, &bd);
+        let s = elementwise::add(&mut g, a, bb).unwrap();
+        let p = elementwise::mul(&mut g, a, bb).unwrap();
+        let f = elementwise::affine(&mut g, a, 1.5305, -0.0609).unwrap();
+        for v in [s, p, f] {
+            g.keep(v);
+        }
+        let got = run(gpu, g, &[s, p, f]);
+        let n = t * c;
+        let rs: Vec<f64> = (0..b * n)
+            .map(|i| ad[i] as f64 + bd[i % n] as f64)
+            .collect();
+        let rp: Vec<f64> = (0..b * n)
+            .map(|i| ad[i] as f64 * bd[i % n] as f64)
+            .collect();
+        let rf: Vec<f64> = ad
+            .iter()
+            .map(|&v| v as f64 * 1.5305f32 as f64 + (-0.0609f32) as f64)
+            .collect();
+        assert_close("add", &got[0], &rs, TOL_F32);
+        assert_close("mul", &got[1], &rp, TOL_F32);
+        assert_close("affine", &got[2], &rf, TOL_F32);
+    }
+
+    pub fn gated_residual_from_chunk(gpu: &Gpu) {
+        let (b, t, c) = (2, 11, 24);
+        let xd = rand(70, b * t * c);
+        let yd = rand(71, b * t * c);
+        let md = rand(72, b * 6 * c);
+        let mut g = Graph::new();
+        let x = weight(gpu, &mut g, "x", &[b, t, c], DType::F32, &xd);
+        let y = weight(gpu, &mut g, "y", &[b, t, c], DType::F32, &yd);
+        let m = weight(gpu, &mut g, "m", &[b, 6 * c], DType::F32, &md);
+        let out = elementwise::gated_residual(&mut g, x, ModChunk { m, index: 5 }, y).unwrap();
+        g.keep(out);
+        let got = run(gpu, g, &[out]);
+        let r: Vec<f64> = (0..b * t * c)
+            .map(|i| {
+                let (bi, ci) = (i / (t * c), i % c);
+                xd[i] as f64 + md[bi * 6 * c + 5 * c + ci] as f64 * yd[i] as f64
+            })
+            .collect();
+        assert_close("gated_residual", &got[0], &r, TOL_F32);
+    }
+
+    pub fn softmax_rows_and_attention_softmax(gpu: &Gpu) {
+        let (rows, n) = (7, 333);
+        let xd: Vec<f32> = rand(80, rows * n).iter().map(|v| 8.0 * v).collect();
+        let (b, h, t) = (2, 3, 6);
+        let sd = rand(81, b * h * t * t);
+        let bias = rand(82, h * t * t);
+        let mut g = Graph::new();
+        let x = weight(gpu, &mut g, "x", &[rows, n], DType::F32, &xd);
+        let s = weight(gpu, &mut g, "s", &[b, h, t, t], DType::F32, &sd);
+        let bv = weight(gpu, &mut g, "bias", &[h, t, t], DType::F32, &bias);
+        let y = softmax::softmax(&mut g, x).unwrap();
+        let y2 = softmax::attention_softmax(&mut g, s, 0.3, true, Some(bv)).unwrap();
+        g.keep(y);
+        g.keep(y2);
+        let got = run(gpu, g, &[y, y2]);
+        let sm = |row: &[f64]| {
+            let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = row.iter().map(|v| (v - m).exp()).sum();
+            row.iter().map(|v| (v - m).exp() / z).collect::<Vec<_>>()
+        };
+        let r: Vec<f64> = f64s(&xd).chunks(n).flat_map(sm).collect();
+        let mut r2 = Vec::new();
+        for (row_i, row) in sd.chunks(t).enumerate() {
+            let (qi, hi) = (row_i % t, (row_i / t) % h);
+            let logits: Vec<f64> = row
+                .iter()
+                .enumerate()
+                .map(|(j, &v)| {
+                    if j > qi {
+                        f64::NEG_INFINITY
+                    } else {
+                        v as f64 * 0.3f32 as f64 + bias[(hi * t + qi) * t + j] as f64
+                    }
+                })
+                .collect();
+            r2.extend(sm(&logits));
+        }
+        assert_close("softmax", &got[0], &r, TOL_F32);
+        assert_close("attention_softmax causal+bias", &got[1], &r2, TOL_F32);
+    }
+
+    struct AttnCase {
+        name: &'static str,
+        batch: usize,
+        heads: usize,
+        tq: usize,
+        tk: usize,
+        fused_qkv: bool,
+        scale: f32,
+        causal: bool,
+        bias: bool,
+        qk_norm: bool,
+    }
+
+    pub fn attention_fused_and_composed(gpu: &Gpu) {
+        let cases = [
+            AttnCase {
+                name: "joint qkv view + qk norm",
+                batch: 2,
+                heads: 2,
+                tq: 103,
+                tk: 103,
+                fused_qkv: true,
+                scale: 0.125,
+                causal: false,
+                bias: false,
+                qk_norm: true,
+            },
+            AttnCase {
+                name: "causal (CLIP)",
+                batch: 1,
+                heads: 3,
+                tq: 77,
+                tk: 77,
+                fused_qkv: false,
+                scale: 0.125,
+                causal: true,
+                bias: false,
+                qk_norm: false,
+            },
+            AttnCase {
+                name: "bias, scale 1 (T5)",
+                batch: 2,
+                heads: 2,
+                tq: 40,
+                tk: 40,
+                fused_qkv: false,
+                scale: 1.0,
+                causal: false,
+                bias: true,
+                qk_norm: false,
+            },
+            AttnCase {
+                name: "cross lengths",
+                batch: 1,
+                heads: 1,
+                tq: 5,
+                tk: 70,
+                fused_qkv: false,
+                scale: 0.125,
+                causal: false,
+                bias: false,
+                qk_norm: false,
+            },
+            AttnCase {
+                name: "one token",
+                batch: 1,
+                heads: 1,
+                tq: 1,
+                tk: 1,
+                fused_qkv: false,
+                scale: 0.125,
+                causal: true,
+                bias: false,
+                qk_norm: false,
+            },
+        ];
+        for (ci, c) in cases.iter().enumerate() {
+            let w = c.heads * 64;
+            let seed = 100 + 10 * ci as u64;
+            let mut g = Graph::new();
+            let (qd, kd, vd, q, k, v);
+            if c.fused_qkv {
+                let d = rand(seed, c.batch * c.tq * 3 * w);
+                let qkv = weight(gpu, &mut g, "qkv", &[c.batch, c.tq, 3 * w], DType::F32, &d);
+                q = Heads {
+                    value: qkv,
+                    col_offset: 0,
+                };
+                k = Heads {
+                    value: qkv,
+                    col_offset: w,
+                };
+                v = Heads {
+                    value: qkv,
+                    col_offset: 2 * w,
+                };
+                (qd, kd, vd) = (d.clone(), d.clone(), d);
+            } else {
+                qd = rand(seed, c.batch * c.tq * w);
+                kd = rand(seed + 1, c.batch * c.tk * w);
+                vd = rand(seed + 2, c.batch * c.tk * w);
+                q = weight(gpu, &mut g, "q", &[c.batch, c.tq, w], DType::F32, &qd).into();
+                k = weight(gpu, &mut g, "k", &[c.batch, c.tk, w], DType::F32, &kd).into();
+                v = weight(gpu, &mut g, "v", &[c.batch, c.tk, w], DType::F32, &vd).into();
+            }
+            let bias_d: Vec<f32> = rand(seed + 3, c.heads * c.tq * c.tk)
+                .iter()
+                .map(|x| 2.0 * x)
+                .collect();
+            let nq: Vec<f32> = rand(seed + 4, 64).iter().map(|x| 1.0 + 0.2 * x).collect();
+            let nk: Vec<f32> = rand(seed + 5, 64).iter().map(|x| 1.0 + 0.2 * x).collect();
+            let mut o = AttentionOptions::new(c.heads);
+            o.scale = c.scale;
+            o.causal = c.causal;
+            if c.bias {
+                o.bias = Some(weight(
+                    gpu,
+                    &mut g,
+                    "bias",
+                    &[c.heads, c.tq, c.tk],
+                    DType::F32,
+                    &bias_d,
+                ));
+            }
+            if c.qk_norm {
+                let a = weight(gpu, &mut g, "nq", &[64], DType::F32, &nq);
+                let b = weight(gpu, &mut g, "nk", &[64], DType::F32, &nk);
+                o.qk_norm = Some((a, b));
+            }
+            let fused = attention::attention(&mut g, q, k, v, &o).unwrap();
+            let composed = attention::attention_composed(&mut g, q, k, v, &o).unwrap();
+            g.keep(fused);
+            g.keep(composed);
+            let got = run(gpu, g, &[fused, composed]);
+            let (q64, k64, v64) = (f64s(&qd), f64s(&kd), f64s(&vd));
+            let width = |fused| if fused { 3 * w } else { w };
+            let view = |data, tokens, off| reference::View {
+                data,
+                tokens,
+                width: width(c.fused_qkv),
+                off,
+            };
+            let (bias64, nq64, nk64) = (f64s(&bias_d), f64s(&nq), f64s(&nk));
+            let r = reference::attention(
+                &view(&q64, c.tq, q.col_offset),
+                &view(&k64, c.tk, k.col_offset),
+                &view(&v64, c.tk, v.col_offset),
+                c.batch,
+                c.heads,
+                c.scale as f64,
+                c.causal,
+                c.bias.then_some(&bias64[..]),
+                c.qk_norm.then_some((&nq64[..], &nk64[..])),
+            );
+            assert_close(
+                &format!("attention fused, {}", c.name),
+                &got[0],
+                &r,
+                TOL_F32,
+            );
+            assert_close(
+                &format!("attention composed, {}", c.name),
+                &got[1],
+                &r,
+                TOL_F32,
+            );
+        }
+    }
+
+    pub fn conv2d_shapes_and_strides(gpu: &Gpu) {
+        // (batch, cin, h, w, cout, k, stride, pad, f16 weights, bias)
+        let cases = [
+            (1, 3, 7, 6, 5, 3, 1, 1, false, true),
+            (2, 4, 9, 8, 6, 3, 2, 1, true, true),
+            (1, 5, 6, 5, 7, 1, 1, 0, false, false),
+            (2, 16, 8, 6, 12, 2, 2, 0, true, true),
+            (1, 512, 5, 4, 512, 3, 1, 1, true, true),
+            (1, 128, 6, 5, 3, 3, 1, 1, false, true),
+        ];
+        let mut g = Graph::new();
+        let mut outs = Vec::new();
+        let mut expect = Vec::new();
+        for (i, &(n, cin, h, w, cout, k, stride, pad, f16w, with_bias)) in cases.iter().enumerate()
+        {
+            let xd = rand(300 + i as u64, n * cin * h * w);
+            // Weights scaled by 1/sqrt(fan-in), as trained convs are.
+            let scale = 1.0 / ((cin * k * k) as f32).sqrt();
+            let wd: Vec<f32> = rand(310 + i as u64, cout * cin * k * k)
+                .iter()
+                .map(|v| v * scale)
+                .collect();
+            let bd = rand(320 + i as u64, cout);
+            let dt = if f16w { DType::F16 } else { DType::F32 };
+            let x = weight(gpu, &mut g, "x", &[n, cin, h, w], DType::F32, &xd);
+            let wv = weight(gpu, &mut g, "w", &[cout, cin, k, k], dt, &wd);
+            let bv = with_bias.then(|| weight(gpu, &mut g, "b", &[cout], DType::F32, &bd));
+            let y = conv::conv2d(&mut g, x, wv, bv, stride, pad).unwrap();
+            g.keep(y);
+            outs.push(y);
+            let b64 = f64s(&bd);
+            let (r, oh, ow) = reference::conv2d(
+                &f64s(&xd),
+                &stored(&wd, dt),
+                with_bias.then_some(&b64[..]),
+                n,
+                cin,
+                h,
+                w,
+                cout,
+                k,
+                stride,
+                pad,
+            );
+            assert_eq!(g.shape(y), &[n, cout, oh, ow]);
+            expect.push((
+                format!("conv {cin}->{cout} {k}x{k} s{stride} p{pad} on {h}x{w}"),
+                r,
+            ));
+        }
+        let got = run(gpu, g, &outs);
+        for ((name, r), o) in expect.iter().zip(&got) {
+            assert_close(name, o, r, TOL_F32);
+        }
+    }
+
+    pub fn upsample_nearest(gpu: &Gpu) {
+        let (n, c, h, w) = (2, 3, 4, 5);
+        let xd = rand(400, n * c * h * w);
+        let mut g = Graph::new();
+        let x = weight(gpu, &mut g, "x", &[n, c, h, w], DType::F32, &xd);
+        let y = conv::upsample_nearest2x(&mut g, x).unwrap();
+        g.keep(y);
+        let got = run(gpu, g, &[y]);
+        let mut r = Vec::new();
+        for p in 0..n * c {
+            for oy in 0..2 * h {
+                for ox in 0..2 * w {
+                    r.push(xd[(p * h + oy / 2) * w + ox / 2] as f64);
+                }
+            }
+        }
+        assert_close("upsample", &got[0], &r, 0.0);
+    }
+
+    pub fn permute_slice_concat(gpu: &Gpu) {
+        let s = [2, 3, 4, 5];
+        let xd = rand(500, 120);
+        let yd = rand(501, 2 * 3 * 2 * 5);
+        let mut g = Graph::new();
+        let x = weight(gpu, &mut g, "x", &s, DType::F32, &xd);
+        let y = weight(gpu, &mut g, "y", &[2, 3, 2, 5], DType::F32, &yd);
+        let p = layout::permute(&mut g, x, &[0, 2, 3, 1]).unwrap();
+        let sl = layout::slice(&mut g, x, 2, 1, 2).unwrap();
+        let cat = layout::concat(&mut g, x, y, 2).unwrap();
+        let cat0 = layout::concat(&mut g, x, x, 0).unwrap();
+        let h = weight(gpu, &mut g, "h", &[2, 3, 4, 5], DType::F16, &xd);
+        let conv = layout::to_f32(&mut g, h).unwrap();
+        let outs = [p, sl, cat, cat0, conv];
+        for v in outs {
+            g.keep(v);
+        }
+        let got = run(gpu, g, &outs);
+        let at = |a: usize, b: usize, c: usize, d: usize| xd[((a * 3 + b) * 4 + c) * 5 + d] as f64;
+        let mut rp = Vec::new();
+        let mut rs = Vec::new();
+        let mut rc = Vec::new();
+        for a in 0..2 {
+            for c in 0..4 {
+                for d in 0..5 {
+                    for b in 0..3 {
+                        rp.push(at(a, b, c, d));
+                    }
+                }
+            }
+            for b in 0..3 {
+                for c in 1..3 {
+                    for d in 0..5 {
+                        rs.push(at(a, b, c, d));
+                    }
+                }
+                for c in 0..6 {
+                    for d in 0..5 {
+                        rc.push(if c < 4 {
+                            at(a, b, c, d)
+                        } else {
+                            yd[((a * 3 + b) * 2 + c - 4) * 5 + d] as f64
+                        });
+                    }
+                }
+            }
+        }
+        let r0: Vec<f64> = f64s(&xd).iter().chain(f64s(&xd).iter()).cloned().collect();
+        assert_close("permute", &got[0], &rp, 0.0);
+        assert_close("slice", &got[1], &rs, 0.0);
+        assert_close("concat axis 2", &got[2], &rc, 0.0);
+        assert_close("concat axis 0", &got[3], &r0, 0.0);
+        assert_close("f16 to f32", &got[4], &stored(&xd, DType::F16), 0.0);
+    }
+
+    pub fn gather_f32_f16_and_bad_ids(gpu: &Gpu) {
+        let (rows, cols) = (50, 13);
+        let td = rand(600, rows * cols);
+        let ids_d = [3u32, 0, 49, 3, 17];
+        let mut g = Graph::new();
+        let t32 = weight(gpu, &mut g, "t32", &[rows, cols], DType::F32, &td);
+        let t16 = weight(gpu, &mut g, "t16", &[rows, cols], DType::F16, &td);
+        let ids_t = sd3_wgpu::Tensor::from_u32(gpu, &[ids_d.len()], &ids_d).unwrap();
+        let ids = g.weight("ids", &ids_t);
+        let bad_t = sd3_wgpu::Tensor::from_u32(gpu, &[2], &[1, 50]).unwrap();
+        let bad = g.weight("bad", &bad_t);
+        let a = layout::gather(&mut g, t32, ids).unwrap();
+        let b = layout::gather(&mut g, t16, ids).unwrap();
+        let c = layout::gather(&mut g, t32, bad).unwrap();
+        for v in [a, b, c] {
+            g.keep(v);
+        }
+        let got = run(gpu, g, &[a, b, c]);
+        let pick = |t: &[f64]| {
+            ids_d
+                .iter()
+                .flat_map(|&i| t[i as usize * cols..][..cols].to_vec())
+                .collect::<Vec<_>>()
+        };
+        assert_close("gather f32", &got[0], &pick(&f64s(&td)), 0.0);
+        assert_close("gather f16", &got[1], &pick(&stored(&td, DType::F16)), 0.0);
+        assert_close(
+            "gather good id",
+            &got[2][..cols],
+            &f64s(&td[cols..2 * cols]),
+            0.0,
+        );
+        assert!(
+            got[2][cols..].iter().all(|v| v.is_nan()),
+            "an id past the table must give NaN"
+        );
+    }
+
+    pub fn patchify_layouts(gpu: &Gpu) {
+        // tokens [b, h·w, p·p·c] → image [b, c, h·p, w·p], and NCHW → tokens.
+        let (b, h, w, p, c) = (2, 3, 4, 2, 5);
+        let td = rand(700, b * h * w * p * p * c);
+        let mut g = Graph::new();
+        let t = weight(gpu, &mut g, "t", &[b, h * w, p * p * c], DType::F32, &td);
+        let img = layout::unpatchify(&mut g, t, h, w, p).unwrap();
+        let back = layout::nchw_to_tokens(&mut g, img).unwrap();
+        g.keep(img);
+        g.keep(back);
+        assert_eq!(g.shape(img), &[b, c, h * p, w * p]);
+        assert_eq!(g.shape(back), &[b, h * p * w * p, c]);
+        let got = run(gpu, g, &[img, back]);
+        let mut r = vec![0.0; td.len()];
+        for bi in 0..b {
+            for hi in 0..h {
+                for wi in 0..w {
+                    for pi in 0..p {
+                        for qi in 0..p {
+                            for ci in 0..c {
+                                let src = (((bi * h + hi) * w + wi) * p * p + pi * p + qi) * c + ci;
+                                let dst =
+                                    ((bi * c + ci) * h * p + hi * p + pi) * w * p + wi * p + qi;
+                                r[dst] = td[src] as f64;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_close("unpatchify", &got[0], &r, 0.0);
+        let (hh, ww) = (h * p, w * p);
+        let mut r2 = Vec::new();
+        for bi in 0..b {
+            for y in 0..hh {
+                for x in 0..ww {
+                    for ci in 0..c {
+                        r2.push(r[((bi * c + ci) * hh + y) * ww + x]);
+                    }
+                }
+            }
+        }
+        assert_close("nchw_to_tokens", &got[1], &r2, 0.0);
+    }
+}
