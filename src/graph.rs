@@ -369,6 +369,12 @@ impl Graph {
 
         let mut ops = Vec::with_capacity(self.nodes.len());
         for (n, &off) in self.nodes.iter().zip(&offsets) {
+            if n.call.key.flags.contains(&"W_F16") && !gpu.caps.f16_weights {
+                return Err(Error::Graph(format!(
+                    "{}: this adapter cannot unpack f16 weights in shaders (no SHADER_F16_IN_F32); use f32 weights",
+                    n.label
+                )));
+            }
             let pipeline = gpu.pipeline(&n.call.key)?;
             let layout = pipeline.get_bind_group_layout(0);
             let mut entries = vec![wgpu::BindGroupEntry {

@@ -110,6 +110,8 @@ pub struct Capabilities {
     pub timestamps: bool,
     /// `TIMESTAMP_QUERY_INSIDE_PASSES`: timestamps between dispatches of one pass.
     pub timestamps_inside_passes: bool,
+    /// Downlevel `SHADER_F16_IN_F32`: `unpack2x16float`, which f16 weights need.
+    pub f16_weights: bool,
 }
 
 /// Describes one adapter, for `sd3 devices` and for error messages.
@@ -275,6 +277,10 @@ impl Gpu {
             timestamps_inside_passes: features.contains(
                 wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
             ),
+            f16_weights: adapter
+                .get_downlevel_capabilities()
+                .flags
+                .contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32),
         };
         Ok(Gpu {
             device,
@@ -310,7 +316,7 @@ impl Gpu {
         let limit = self
             .limits
             .max_buffer_size
-            .min(self.limits.max_storage_buffer_binding_size as u64);
+            .min(self.limits.max_storage_buffer_binding_size);
         if bytes > limit {
             return Err(GpuError::Limit {
                 what: format!("buffer for {what} ({bytes} bytes)"),

@@ -96,3 +96,21 @@ fn expand(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_select_branches_and_includes_expand_once() {
+        let f16 = preprocess("linear.wgsl", &["W_F16"]).expect("preprocess");
+        assert!(f16.contains("alias WElem = u32;"));
+        assert!(!f16.contains("alias WElem = f32;"));
+        assert!(!f16.contains("#if"));
+        let f32 = preprocess("linear.wgsl", &[]).expect("preprocess");
+        assert!(f32.contains("alias WElem = f32;"));
+        let vec4 = preprocess("linear.wgsl", &["VEC4", "W_F16"]).expect("preprocess");
+        assert!(vec4.contains("alias WElem = vec2<u32>;"));
+        assert_eq!(f16.matches("fn flat_index").count(), 1, "common.wgsl pasted once");
+    }
+}

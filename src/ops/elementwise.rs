@@ -101,6 +101,8 @@ impl Act {
     }
 }
 
+/// Records one elementwise dispatch over `shape`; `per_element` is (FLOPs,
+/// f32 values read) for the cost.
 fn record(
     g: &mut Graph,
     kind: &str,
@@ -108,20 +110,20 @@ fn record(
     p: ElementwiseParams,
     args: [Option<Value>; 3],
     shape: &[usize],
-    flops_per: u64,
-    reads: u64,
+    per_element: (u64, u64),
 ) -> Result<Value> {
     check_index_space(g, kind, numel(shape))?;
     let y = g.alloc(shape, DType::F32);
-    let n = numel(shape);
+    let n = numel(shape) as u64;
+    let (flops, reads) = per_element;
     let call = OpCall {
         key,
         params: bytes_of(&p),
         args: vec![args[0], args[1], args[2], Some(y)],
-        workgroups: grid_for(n),
+        workgroups: grid_for(n as usize),
         cost: Cost {
-            flops: flops_per * n as u64,
-            bytes: 4 * (reads + 1) * n as u64,
+            flops: flops * n,
+            bytes: 4 * (reads + 1) * n,
         },
     };
     g.record(kind, call)?;
@@ -152,7 +154,7 @@ pub fn activation_affine(
         constants: vec![("ACT", act as u32 as f64)],
     };
     let flops = if act == Act::Identity { 2 } else { 10 };
-    record(g, kind, key, p, [Some(x), None, None], &shape, flops, 1)
+    record(g, kind, key, p, [Some(x), None, None], &shape, (flops, 1))
 }
 
 /// An activation applied elementwise.
@@ -190,7 +192,7 @@ fn binary(g: &mut Graph, kind: &str, op: u32, a: Value, b: Value) -> Result<Valu
         flags: Vec::new(),
         constants: vec![("BINOP", op as f64)],
     };
-    record(g, kind, key, p, [Some(a), Some(b), None], &sa, 1, 2)
+    record(g, kind, key, p, [Some(a), Some(b), None], &sa, (1, 2))
 }
 
 /// a + b, with b broadcast over a's leading axes.
@@ -228,7 +230,6 @@ pub fn gated_residual(g: &mut Graph, x: Value, gate: ModChunk, y: Value) -> Resu
         p,
         [Some(x), Some(gate.m), Some(y)],
         &xs,
-        2,
-        2,
+        (2, 2),
     )
 }

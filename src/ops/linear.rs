@@ -123,26 +123,25 @@ impl Gemm {
             p.k, p.lda, p.ldw, p.x_off, p.w_off, p.x_sb, p.x_sh, p.w_sb, p.w_sh,
         ]
         .iter()
-        .all(|v| v % 4 == 0)
+        .all(|v| v.is_multiple_of(4))
     }
 }
 
-fn max_index(
+/// One past the largest element index a strided view touches (0 when empty).
+fn view_extent(
     off: u32,
-    sb: u32,
-    sh: u32,
-    outer: usize,
-    inner: u32,
+    strides: [u32; 2],
+    counts: [usize; 2],
     rows: u32,
     ld: u32,
     cols: u32,
 ) -> u64 {
-    if rows == 0 || cols == 0 || outer == 0 || inner == 0 {
+    if rows == 0 || cols == 0 || counts.contains(&0) {
         return 0;
     }
     off as u64
-        + (outer as u64 - 1) * sb as u64
-        + (inner as u64 - 1) * sh as u64
+        + (counts[0] as u64 - 1) * strides[0] as u64
+        + (counts[1] as u64 - 1) * strides[1] as u64
         + (rows as u64 - 1) * ld as u64
         + cols as u64
 }
@@ -165,12 +164,10 @@ pub fn gemm(
         (
             "x",
             x,
-            max_index(
+            view_extent(
                 p.x_off,
-                p.x_sb,
-                p.x_sh,
-                gemm.batch_outer,
-                p.batch_inner,
+                [p.x_sb, p.x_sh],
+                [gemm.batch_outer, p.batch_inner as usize],
                 p.m,
                 p.lda,
                 p.k,
@@ -179,12 +176,10 @@ pub fn gemm(
         (
             "w",
             w,
-            max_index(
+            view_extent(
                 p.w_off,
-                p.w_sb,
-                p.w_sh,
-                gemm.batch_outer,
-                p.batch_inner,
+                [p.w_sb, p.w_sh],
+                [gemm.batch_outer, p.batch_inner as usize],
                 p.n,
                 p.ldw,
                 p.k,
@@ -193,12 +188,10 @@ pub fn gemm(
         (
             "y",
             y,
-            max_index(
+            view_extent(
                 p.y_off,
-                p.y_sb,
-                p.y_sh,
-                gemm.batch_outer,
-                p.batch_inner,
+                [p.y_sb, p.y_sh],
+                [gemm.batch_outer, p.batch_inner as usize],
                 p.m,
                 p.ldy,
                 p.n,

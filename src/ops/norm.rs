@@ -178,7 +178,11 @@ pub(crate) fn chunk_offset(
 ) -> Result<(u32, u32)> {
     expect_dtype(g, kind, name, chunk.m, &[DType::F32])?;
     let ms = g.shape(chunk.m);
-    if ms.len() != 2 || ms[0] != batch || ms[1] % c.max(1) != 0 || (chunk.index + 1) * c > ms[1] {
+    if ms.len() != 2
+        || ms[0] != batch
+        || !ms[1].is_multiple_of(c.max(1))
+        || (chunk.index + 1) * c > ms[1]
+    {
         return Err(g.shape_error(
             kind,
             format!(

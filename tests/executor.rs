@@ -1,0 +1,179 @@
+//! The graph executor: buffer reuse by liveness keeps results intact, plans
+//! replay with new inputs, profiles carry every label, and misuse is an error.
+
+mod common;
+
+use common::*;
+use sd3_wgpu::graph::Graph;
+use sd3_wgpu::ops::elementwise::{self, Act};
+use sd3_wgpu::ops::{linear, norm};
+use sd3_wgpu::{DType, Error};
+
+/// x → 12 alternating ops, each result dead after the next op; the chain's
+/// end must match the CPU while intermediates share few buffers.
+#[test]
+fn buffer_reuse_keeps_results_and_saves_memory() {
+    let gpu = gpu();
+    let (m, k) = (9, 20);
+    let xd = rand(1, m * k);
+    let wd: Vec<f32> = rand(2, k * k).iter().map(|v| v * 0.3).collect();
+    let mut g = Graph::new();
+    let x = g.input("x", &[m, k], DType::F32);
+    let w = weight(gpu, &mut g, "w", &[k, k], DType::F32, &wd);
+    let mut h = x;
+    for i in 0..6 {
+        h = g
+            .scoped(&format!("layer{i}"), |g| {
+                let a = linear::linear(g, h, w, None)?;
+                let b = elementwise::activation(g, a, Act::Silu)?;
+                elementwise::add(g, b, h)
+            })
+            .unwrap();
+    }
+    g.keep(h);
+    let plan = g.plan(gpu).unwrap();
+    assert!(
+        plan.pooled_bytes() * 3 <= plan.unpooled_bytes(),
+        "reuse: {} pooled bytes for {} bytes of intermediates",
+        plan.pooled_bytes(),
+        plan.unpooled_bytes()
+    );
+    let reference = |xd: &[f32]| {
+        let mut hv: Vec<f64> = xd.iter().map(|&v| v as f64).collect();
+        for _ in 0..6 {
+            let mut next = vec![0.0; m * k];
+            for r in 0..m {
+                for c in 0..k {
+                    let a: f64 = (0..k).map(|j| hv[r * k + j] * wd[c * k + j] as f64).sum();
+                    next[r * k + c] = a / (1.0 + (-a).exp()) + hv[r * k + c];
+                }
+            }
+            hv = next;
+        }
+        hv
+    };
+    // Replays: the same plan with new input data each time.
+    for seed in [1, 7] {
+        let xd = rand(seed, m * k);
+        plan.fill_intermediates(gpu, f32::NAN);
+        plan.write(gpu, x, &xd).unwrap();
+        plan.run(gpu).unwrap();
+        let out = plan.read(gpu, h).unwrap();
+        assert_close(
+            &format!("chain, input seed {seed}"),
+            &out,
+            &reference(&xd),
+            TOL_F32,
+        );
+    }
+    let _ = xd;
+}
+
+#[test]
+fn profile_has_every_label_and_valid_chrome_trace() {
+    let gpu = gpu();
+    let mut g = Graph::new();
+    let x = g.input("x", &[4, 64], DType::F32);
+    let w = weight(gpu, &mut g, "w", &[32, 64], DType::F16, &rand(3, 32 * 64));
+    let y = g
+        .scoped("mmdit", |g| {
+            g.scoped("block0", |g| {
+                let n = g.scoped("norm1", |g| norm::layer_norm(g, x, None, None, 1e-6))?;
+                g.scoped("qkv", |g| linear::linear(g, n, w, None))
+            })
+        })
+        .unwrap();
+    g.keep(y);
+    let labels: Vec<String> = g.labels().iter().map(|s| s.to_string()).collect();
+    assert_eq!(
+        labels,
+        ["mmdit.block0.norm1.layer_norm", "mmdit.block0.qkv.linear"]
+    );
+    let cost = g.cost();
+    assert_eq!(cost.flops, 7 * 4 * 64 + 2 * 4 * 32 * 64, "counted FLOPs");
+    let plan = g.plan(gpu).unwrap();
+    plan.write(gpu, x, &rand(4, 256)).unwrap();
+    let prof = plan.run_profiled(gpu).unwrap();
+    let got: Vec<&str> = prof.entries.iter().map(|e| e.label.as_str()).collect();
+    assert_eq!(got, labels);
+    if gpu.caps.timestamps {
+        assert!(
+            prof.entries.iter().all(|e| e.gpu_ns.is_some()),
+            "timestamps present but an op has no time"
+        );
+    }
+    let table = prof.table(10);
+    for l in &labels {
+        assert!(
+            table.contains(l.as_str()) || !gpu.caps.timestamps,
+            "table lacks {l}:\n{table}"
+        );
+    }
+    let trace: serde_json::Value =
+        serde_json::from_str(&prof.chrome_trace()).expect("trace is JSON");
+    let events = trace["traceEvents"].as_array().expect("traceEvents");
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[1]["name"], "mmdit.block0.qkv.linear");
+    assert_eq!(events[1]["ph"], "X");
+    assert_eq!(events[1]["args"]["flops"], 2 * 4 * 32 * 64);
+    // Profiling must not change results.
+    let profiled = plan.read(gpu, y).unwrap();
+    plan.run(gpu).unwrap();
+    assert_eq!(profiled, plan.read(gpu, y).unwrap());
+}
+
+#[test]
+fn reading_a_reused_intermediate_is_an_error() {
+    let gpu = gpu();
+    let mut g = Graph::new();
+    let x = g.input("x", &[8], DType::F32);
+    let a = elementwise::affine(&mut g, x, 2.0, 0.0).unwrap();
+    let b = elementwise::affine(&mut g, a, 2.0, 0.0).unwrap();
+    g.keep(b);
+    let plan = g.plan(gpu).unwrap();
+    let e = plan.read(gpu, a).unwrap_err().to_string();
+    assert!(e.contains("not kept"), "{e}");
+    let e = plan.write(gpu, x, &[1.0; 3]).unwrap_err().to_string();
+    assert!(e.contains("needs 8 values, got 3"), "{e}");
+}
+
+#[test]
+fn shape_errors_name_the_op_and_shapes() {
+    let gpu = gpu();
+    let mut g = Graph::new();
+    let x = g.input("x", &[2, 7, 10], DType::F32);
+    let w = weight(gpu, &mut g, "w", &[4, 12], DType::F32, &rand(1, 48));
+    let e = g
+        .scoped("mmdit", |g| {
+            g.scoped("block2", |g| linear::linear(g, x, w, None))
+        })
+        .unwrap_err();
+    let Error::Shape { op, msg } = &e else {
+        panic!("expected a shape error, got {e}")
+    };
+    assert_eq!(op, "mmdit.block2.linear");
+    assert!(
+        msg.contains("[2, 7, 10]") && msg.contains("[4, 12]"),
+        "{msg}"
+    );
+    let ids = g.input("ids", &[3], DType::U32);
+    let e = elementwise::activation(&mut g, ids, Act::Silu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("must be f32, found u32"), "{e}");
+    let e = g.reshape(x, &[5, 5]).unwrap_err().to_string();
+    assert!(e.contains("cannot reshape"), "{e}");
+}
+
+#[test]
+fn too_big_a_dispatch_is_refused_before_running() {
+    let gpu = gpu();
+    let mut g = Graph::new();
+    // 65536 batches of a 1×1 product: one workgroup per batch in z, past the
+    // 65535 every adapter allows.
+    let x = g.input("x", &[65_536, 1, 4], DType::F32);
+    let w = g.input("w", &[65_536, 1, 4], DType::F32);
+    linear::batched_matmul(&mut g, x, w).unwrap();
+    let e = g.validate(gpu).unwrap_err().to_string();
+    assert!(e.contains("workgroups"), "{e}");
+}
