@@ -111,6 +111,10 @@ mod tests {
         assert!(f32.contains("alias WElem = f32;"));
         let vec4 = preprocess("linear.wgsl", &["VEC4", "W_F16"]).expect("preprocess");
         assert!(vec4.contains("alias WElem = vec2<u32>;"));
-        assert_eq!(f16.matches("fn flat_index").count(), 1, "common.wgsl pasted once");
+        assert_eq!(
+            f16.matches("fn flat_index").count(),
+            1,
+            "common.wgsl pasted once"
+        );
     }
 }
