@@ -3,6 +3,7 @@
 use std::fmt;
 
 use crate::gpu::GpuError;
+use crate::weights::WeightsError;
 
 /// Everything that can go wrong in the engine, each with a message that names
 /// the op, tensor or file and what was expected.
@@ -19,6 +20,8 @@ pub enum Error {
     },
     /// Misuse of a graph or plan (unknown value, value not kept, wrong data length).
     Graph(String),
+    /// A checkpoint could not be read or does not fit the model.
+    Weights(WeightsError),
 }
 
 impl fmt::Display for Error {
@@ -27,6 +30,7 @@ impl fmt::Display for Error {
             Error::Gpu(e) => e.fmt(f),
             Error::Shape { op, msg } => write!(f, "{op}: {msg}"),
             Error::Graph(m) => f.write_str(m),
+            Error::Weights(e) => e.fmt(f),
         }
     }
 }
@@ -35,6 +39,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Gpu(e) => Some(e),
+            Error::Weights(e) => Some(e),
             _ => None,
         }
     }
@@ -48,3 +53,9 @@ impl From<GpuError> for Error {
 
 /// Result with the crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<WeightsError> for Error {
+    fn from(e: WeightsError) -> Self {
+        Error::Weights(e)
+    }
+}

@@ -9,8 +9,10 @@ pub mod bench;
 pub mod error;
 pub mod gpu;
 pub mod graph;
+pub mod models;
 pub mod ops;
 pub mod tensor;
+pub mod weights;
 
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuOptions};

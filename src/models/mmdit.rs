@@ -1,0 +1,469 @@
+//! The SD3 / SD3.5 diffusion transformer (MMDiT).
+//!
+//! Fields are named as in Stability's checkpoints (`x_embedder`, `joint_blocks`,
+//! `x_block`, `context_block`, `attn`, `mlp`, `final_layer`); the forward pass
+//! records one line per layer. Activations are f32; matrices are f32 or f16.
+
+use crate::error::Result;
+use crate::gpu::Gpu;
+use crate::graph::{Graph, Value};
+use crate::ops::attention::{self, AttentionOptions, Heads, HEAD_DIM};
+use crate::ops::elementwise::{self, Act};
+use crate::ops::norm::{self, ModChunk};
+use crate::ops::{conv, layout, linear};
+use crate::tensor::{DType, Tensor};
+use crate::weights::mmdit::{MmditConfig, MmditSource};
+
+const EPS: f32 = 1e-6;
+/// Width of the sinusoidal timestep embedding.
+pub const TIMESTEP_DIM: usize = 256;
+
+/// A linear layer's weights on the GPU.
+pub struct Linear {
+    /// [out, in], f32 or f16.
+    pub weight: Tensor,
+    /// [out].
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, g: &mut Graph, x: Value) -> Result<Value> {
+        let w = g.weight("weight", &self.weight);
+        let b = self.bias.as_ref().map(|b| g.weight("bias", b));
+        linear::linear(g, x, w, b)
+    }
+}
+
+/// Linear → activation → Linear.
+pub struct Mlp {
+    /// First layer (`mlp.0` / `fc1`).
+    pub fc1: Linear,
+    /// Second layer (`mlp.2` / `fc2`).
+    pub fc2: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, g: &mut Graph, x: Value, act: Act) -> Result<Value> {
+        let h = g.scoped("fc1", |g| self.fc1.forward(g, x))?;
+        let h = elementwise::activation(g, h, act)?;
+        g.scoped("fc2", |g| self.fc2.forward(g, h))
+    }
+}
+
+/// Self-attention weights of one stream: fused qkv, optional per-head RMSNorm
+/// of q and k, output projection (absent in the last block's context stream).
+pub struct Attention {
+    /// [3·hidden, hidden].
+    pub qkv: Linear,
+    /// Output projection.
+    pub proj: Option<Linear>,
+    /// RMSNorm weights [64] of q and k.
+    pub ln_qk: Option<(Tensor, Tensor)>,
+}
+
+/// The adaLN modulation vector of one stream, [batch, chunks·hidden], with the
+/// chunks in Stability's order.
+#[derive(Clone, Copy)]
+struct Modulation(Value);
+
+impl Modulation {
+    fn chunk(self, index: usize) -> ModChunk {
+        ModChunk { m: self.0, index }
+    }
+    fn shift_msa(self) -> ModChunk {
+        self.chunk(0)
+    }
+    fn scale_msa(self) -> ModChunk {
+        self.chunk(1)
+    }
+    fn gate_msa(self) -> ModChunk {
+        self.chunk(2)
+    }
+    fn shift_mlp(self) -> ModChunk {
+        self.chunk(3)
+    }
+    fn scale_mlp(self) -> ModChunk {
+        self.chunk(4)
+    }
+    fn gate_mlp(self) -> ModChunk {
+        self.chunk(5)
+    }
+    fn shift_msa2(self) -> ModChunk {
+        self.chunk(6)
+    }
+    fn scale_msa2(self) -> ModChunk {
+        self.chunk(7)
+    }
+    fn gate_msa2(self) -> ModChunk {
+        self.chunk(8)
+    }
+}
+
+/// One stream of a joint block. The last block's context stream is
+/// "pre-only": 2-chunk modulation, no output projection, no MLP.
+pub struct DitBlock {
+    /// `adaLN_modulation.1`: [chunks·hidden, hidden].
+    pub adaln_modulation: Linear,
+    /// Joint attention weights.
+    pub attn: Attention,
+    /// SD3.5-medium image-only attention.
+    pub attn2: Option<Attention>,
+    /// The MLP (None when pre-only).
+    pub mlp: Option<Mlp>,
+}
+
+/// A joint block: the image and context streams.
+pub struct JointBlock {
+    /// Image tokens.
+    pub x_block: DitBlock,
+    /// Text tokens.
+    pub context_block: DitBlock,
+}
+
+/// Final adaLN (shift, scale) and projection to patches.
+pub struct FinalLayer {
+    /// [2·hidden, hidden], (shift, scale).
+    pub adaln_modulation: Linear,
+    /// [patch²·out_channels, hidden].
+    pub linear: Linear,
+}
+
+/// The diffusion transformer.
+pub struct Mmdit {
+    /// Architecture.
+    pub config: MmditConfig,
+    /// Patchify conv [hidden, in, p, p] (`x_embedder.proj`).
+    pub x_embedder: Linear,
+    /// Stored 2-D sin-cos position embedding [1, max², hidden].
+    pub pos_embed: Tensor,
+    /// Timestep MLP.
+    pub t_embedder: Mlp,
+    /// Pooled-text MLP.
+    pub y_embedder: Mlp,
+    /// Context projection [hidden, context_dim].
+    pub context_embedder: Linear,
+    /// The blocks.
+    pub joint_blocks: Vec<JointBlock>,
+    /// Output layer.
+    pub final_layer: FinalLayer,
+}
+
+struct Loader<'a> {
+    gpu: &'a Gpu,
+    src: &'a MmditSource,
+    matrix: DType,
+}
+
+impl Loader<'_> {
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let data = self.src.read(name, shape)?;
+        Tensor::from_f32(self.gpu, shape, dtype, &data)
+    }
+    fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
+        Ok(Linear {
+            weight: self.tensor(&format!("{prefix}.weight"), &[out, inp], self.matrix)?,
+            bias: Some(self.tensor(&format!("{prefix}.bias"), &[out], DType::F32)?),
+        })
+    }
+    fn mlp(&self, prefix: &str, inp: usize, hidden: usize, out: usize, names: (&str, &str)) -> Result<Mlp> {
+        Ok(Mlp {
+            fc1: self.linear(&format!("{prefix}.{}", names.0), hidden, inp)?,
+            fc2: self.linear(&format!("{prefix}.{}", names.1), out, hidden)?,
+        })
+    }
+    fn attention(&self, prefix: &str, h: usize, qk_norm: bool, proj: bool) -> Result<Attention> {
+        Ok(Attention {
+            qkv: self.linear(&format!("{prefix}.qkv"), 3 * h, h)?,
+            proj: if proj { Some(self.linear(&format!("{prefix}.proj"), h, h)?) } else { None },
+            ln_qk: if qk_norm {
+                Some((
+                    self.tensor(&format!("{prefix}.ln_q.weight"), &[HEAD_DIM], DType::F32)?,
+                    self.tensor(&format!("{prefix}.ln_k.weight"), &[HEAD_DIM], DType::F32)?,
+                ))
+            } else {
+                None
+            },
+        })
+    }
+}
+
+impl Mmdit {
+    /// Uploads every weight of `src`, matrices stored as `matrix` (f32 or f16).
+    pub fn load(gpu: &Gpu, src: &MmditSource, matrix: DType) -> Result<Mmdit> {
+        let c = src.config.clone();
+        let l = Loader { gpu, src, matrix };
+        let h = c.hidden;
+        let p = c.patch;
+        let mut joint_blocks = Vec::with_capacity(c.depth);
+        for i in 0..c.depth {
+            let b = format!("joint_blocks.{i}");
+            let last = i + 1 == c.depth;
+            let dual = c.dual_attention_layers.contains(&i);
+            let x_chunks = if dual { 9 } else { 6 };
+            let x_block = DitBlock {
+                adaln_modulation: l.linear(&format!("{b}.x_block.adaLN_modulation.1"), x_chunks * h, h)?,
+                attn: l.attention(&format!("{b}.x_block.attn"), h, c.qk_norm, true)?,
+                attn2: if dual { Some(l.attention(&format!("{b}.x_block.attn2"), h, c.qk_norm, true)?) } else { None },
+                mlp: Some(l.mlp(&format!("{b}.x_block.mlp"), h, 4 * h, h, ("fc1", "fc2"))?),
+            };
+            let context_block = DitBlock {
+                adaln_modulation: l.linear(
+                    &format!("{b}.context_block.adaLN_modulation.1"),
+                    if last { 2 } else { 6 } * h,
+                    h,
+                )?,
+                attn: l.attention(&format!("{b}.context_block.attn"), h, c.qk_norm, !last)?,
+                attn2: None,
+                mlp: if last { None } else { Some(l.mlp(&format!("{b}.context_block.mlp"), h, 4 * h, h, ("fc1", "fc2"))?) },
+            };
+            joint_blocks.push(JointBlock { x_block, context_block });
+        }
+        Ok(Mmdit {
+            x_embedder: Linear {
+                weight: l.tensor("x_embedder.proj.weight", &[h, c.in_channels, p, p], matrix)?,
+                bias: Some(l.tensor("x_embedder.proj.bias", &[h], DType::F32)?),
+            },
+            pos_embed: l.tensor("pos_embed", &[1, c.pos_embed_max * c.pos_embed_max, h], DType::F32)?,
+            t_embedder: l.mlp("t_embedder", TIMESTEP_DIM, h, h, ("mlp.0", "mlp.2"))?,
+            y_embedder: l.mlp("y_embedder", c.pooled_dim, h, h, ("mlp.0", "mlp.2"))?,
+            context_embedder: l.linear("context_embedder", h, c.context_dim)?,
+            joint_blocks,
+            final_layer: FinalLayer {
+                adaln_modulation: l.linear("final_layer.adaLN_modulation.1", 2 * h, h)?,
+                linear: l.linear("final_layer.linear", p * p * c.out_channels, h)?,
+            },
+            config: c,
+        })
+    }
+
+    /// Records the forward pass: latents x [batch, in, H, W], context
+    /// [batch, tokens, context_dim], pooled [batch, pooled_dim] and the
+    /// timestep embedding [batch, 256] (see [`timestep_embedding`]) → the
+    /// velocity [batch, out, H, W].
+    pub fn forward(&self, g: &mut Graph, x: Value, context: Value, pooled: Value, t_emb: Value) -> Result<Value> {
+        g.scoped("mmdit", |g| self.forward_inner(g, x, context, pooled, t_emb))
+    }
+
+    fn forward_inner(&self, g: &mut Graph, x: Value, context: Value, pooled: Value, t_emb: Value) -> Result<Value> {
+        let c = &self.config;
+        let xs = g.shape(x).to_vec();
+        if xs.len() != 4 || xs[1] != c.in_channels || xs[2] % c.patch != 0 || xs[3] % c.patch != 0 {
+            return Err(g.shape_error(
+                "input",
+                format!("latents must be [batch, {}, H, W] with H, W multiples of {}, found {xs:?}", c.in_channels, c.patch),
+            ));
+        }
+        let (h, w) = (xs[2] / c.patch, xs[3] / c.patch);
+        if h > c.pos_embed_max || w > c.pos_embed_max {
+            return Err(g.shape_error(
+                "input",
+                format!(
+                    "a {}×{} latent needs a {h}×{w} patch grid, but the position embedding covers {}×{}",
+                    xs[2], xs[3], c.pos_embed_max, c.pos_embed_max
+                ),
+            ));
+        }
+        let tokens = g.scoped("x_embedder", |g| {
+            let patches = conv_forward(g, &self.x_embedder, x, c.patch)?;
+            layout::nchw_to_tokens(g, patches)
+        })?;
+        let mut x_tokens = g.scoped("pos_embed", |g| {
+            let pos = self.cropped_pos_embed(g, h, w)?;
+            elementwise::add(g, tokens, pos)
+        })?;
+        let cond = g.scoped("t_embedder", |g| self.t_embedder.forward(g, t_emb, Act::Silu))?;
+        let y = g.scoped("y_embedder", |g| self.y_embedder.forward(g, pooled, Act::Silu))?;
+        let cond = elementwise::add(g, cond, y)?;
+        // Every adaLN modulation is Linear(SiLU(c)): take SiLU once.
+        let cond_act = elementwise::activation(g, cond, Act::Silu)?;
+        let mut ctx = g.scoped("context_embedder", |g| self.context_embedder.forward(g, context))?;
+        for (i, block) in self.joint_blocks.iter().enumerate() {
+            let (nx, nc) = g.scoped(&format!("block{i}"), |g| block.forward(g, x_tokens, ctx, cond_act, c))?;
+            x_tokens = nx;
+            if let Some(nc) = nc {
+                ctx = nc;
+            }
+        }
+        g.scoped("final_layer", |g| {
+            let m = Modulation(g.scoped("adaLN", |g| self.final_layer.adaln_modulation.forward(g, cond_act))?);
+            let hx = norm::adaln_modulate(g, x_tokens, m.shift_msa(), m.scale_msa(), EPS)?;
+            let patches = g.scoped("linear", |g| self.final_layer.linear.forward(g, hx))?;
+            layout::unpatchify(g, patches, h, w, c.patch)
+        })
+    }
+
+    fn cropped_pos_embed(&self, g: &mut Graph, h: usize, w: usize) -> Result<Value> {
+        let max = self.config.pos_embed_max;
+        let hid = self.config.hidden;
+        let (top, left) = ((max - h) / 2, (max - w) / 2);
+        let table = g.weight("pos_embed", &self.pos_embed);
+        let crop = layout::strided_copy(g, "crop", table, (top * max + left) * hid, &[h, w, hid], &[max * hid, hid, 1])?;
+        g.reshape(crop, &[h * w, hid])
+    }
+}
+
+fn conv_forward(g: &mut Graph, l: &Linear, x: Value, patch: usize) -> Result<Value> {
+    let w = g.weight("weight", &l.weight);
+    let b = l.bias.as_ref().map(|b| g.weight("bias", b));
+    conv::conv2d(g, x, w, b, patch, 0)
+}
+
+impl JointBlock {
+    /// Returns the new image stream and, unless this is the last block, the new context stream.
+    fn forward(&self, g: &mut Graph, x: Value, ctx: Value, cond_act: Value, c: &MmditConfig) -> Result<(Value, Option<Value>)> {
+        let hidden = c.hidden;
+        let mx = Modulation(g.scoped("x.adaLN", |g| self.x_block.adaln_modulation.forward(g, cond_act))?);
+        let mc = Modulation(g.scoped("context.adaLN", |g| self.context_block.adaln_modulation.forward(g, cond_act))?);
+        let hx = g.scoped("x.norm1", |g| norm::adaln_modulate(g, x, mx.shift_msa(), mx.scale_msa(), EPS))?;
+        let hc = g.scoped("context.norm1", |g| norm::adaln_modulate(g, ctx, mc.shift_msa(), mc.scale_msa(), EPS))?;
+        // The dual-attention input is taken from x before the joint residual.
+        let hx2 = match self.x_block.attn2 {
+            Some(_) => Some(g.scoped("x.norm1_2", |g| norm::adaln_modulate(g, x, mx.shift_msa2(), mx.scale_msa2(), EPS))?),
+            None => None,
+        };
+        let qkv_x = g.scoped("x.attn.qkv", |g| self.x_block.attn.qkv.forward(g, hx))?;
+        let qkv_c = g.scoped("context.attn.qkv", |g| self.context_block.attn.qkv.forward(g, hc))?;
+        let joint = g.scoped("joint_attn", |g| {
+            joint_attention(g, qkv_x, &self.x_block.attn, qkv_c, &self.context_block.attn, c.heads)
+        })?;
+        let nx = g.shape(x)[1];
+        let nc = g.shape(ctx)[1];
+        let attn_x = layout::slice(g, joint, 1, 0, nx)?;
+        let proj = self.x_block.attn.proj.as_ref().expect("image stream has a projection");
+        let out_x = g.scoped("x.attn.proj", |g| proj.forward(g, attn_x))?;
+        let mut x = elementwise::gated_residual(g, x, mx.gate_msa(), out_x)?;
+        if let (Some(attn2), Some(hx2)) = (&self.x_block.attn2, hx2) {
+            x = g.scoped("x.attn2", |g| {
+                let qkv = g.scoped("qkv", |g| attn2.qkv.forward(g, hx2))?;
+                let mut o = AttentionOptions::new(c.heads);
+                if let Some((q, k)) = &attn2.ln_qk {
+                    o.qk_norm = Some((g.weight("ln_q", q), g.weight("ln_k", k)));
+                }
+                let view = |col_offset| Heads { value: qkv, col_offset };
+                let a = attention::attention(g, view(0), view(hidden), view(2 * hidden), &o)?;
+                let p = attn2.proj.as_ref().expect("attn2 has a projection");
+                let out = g.scoped("proj", |g| p.forward(g, a))?;
+                elementwise::gated_residual(g, x, mx.gate_msa2(), out)
+            })?;
+        }
+        let x = g.scoped("x.mlp", |g| mlp_residual(g, x, mx, self.x_block.mlp.as_ref()))?;
+        let Some(cproj) = &self.context_block.attn.proj else {
+            return Ok((x, None));
+        };
+        let attn_c = layout::slice(g, joint, 1, nx, nc)?;
+        let out_c = g.scoped("context.attn.proj", |g| cproj.forward(g, attn_c))?;
+        let ctx = elementwise::gated_residual(g, ctx, mc.gate_msa(), out_c)?;
+        let ctx = g.scoped("context.mlp", |g| mlp_residual(g, ctx, mc, self.context_block.mlp.as_ref()))?;
+        Ok((x, Some(ctx)))
+    }
+}
+
+/// s + gate_mlp · MLP(LN(s)·(1 + scale_mlp) + shift_mlp).
+fn mlp_residual(g: &mut Graph, s: Value, m: Modulation, mlp: Option<&Mlp>) -> Result<Value> {
+    let Some(mlp) = mlp else { return Ok(s) };
+    let h = norm::adaln_modulate(g, s, m.shift_mlp(), m.scale_mlp(), EPS)?;
+    let y = mlp.forward(g, h, Act::GeluTanh)?;
+    elementwise::gated_residual(g, s, m.gate_mlp(), y)
+}
+
+/// The heads of one stream's q or k, RMS-normalised with that stream's weights.
+fn normed(g: &mut Graph, qkv: Value, col: usize, heads: usize, w: &Tensor) -> Result<Value> {
+    let s = g.shape(qkv).to_vec();
+    let rows = layout::strided_copy(g, "heads", qkv, col, &[s[0] * s[1], heads, HEAD_DIM], &[s[2], HEAD_DIM, 1])?;
+    let wv = g.weight("ln", w);
+    let n = norm::rms_norm(g, rows, Some(wv), EPS)?;
+    g.reshape(n, &[s[0], s[1], heads * HEAD_DIM])
+}
+
+/// Attention over the image and context tokens together ([x ‖ context] on the
+/// token axis, as diffusers orders them); returns [batch, nx + nc, hidden].
+fn joint_attention(g: &mut Graph, qkv_x: Value, ax: &Attention, qkv_c: Value, ac: &Attention, heads: usize) -> Result<Value> {
+    let w = heads * HEAD_DIM;
+    let o = AttentionOptions::new(heads);
+    match (&ax.ln_qk, &ac.ln_qk) {
+        (None, None) => {
+            let qkv = layout::concat(g, qkv_x, qkv_c, 1)?;
+            let view = |col_offset| Heads { value: qkv, col_offset };
+            attention::attention(g, view(0), view(w), view(2 * w), &o)
+        }
+        (Some((qx, kx)), Some((qc, kc))) => {
+            // Each stream has its own q/k norm weights: normalise before joining.
+            let q = {
+                let a = normed(g, qkv_x, 0, heads, qx)?;
+                let b = normed(g, qkv_c, 0, heads, qc)?;
+                layout::concat(g, a, b, 1)?
+            };
+            let k = {
+                let a = normed(g, qkv_x, w, heads, kx)?;
+                let b = normed(g, qkv_c, w, heads, kc)?;
+                layout::concat(g, a, b, 1)?
+            };
+            let v = {
+                let a = layout::slice(g, qkv_x, 2, 2 * w, w)?;
+                let b = layout::slice(g, qkv_c, 2, 2 * w, w)?;
+                layout::concat(g, a, b, 1)?
+            };
+            attention::attention(g, q.into(), k.into(), v.into(), &o)
+        }
+        _ => Err(g.shape_error("joint_attn", "q/k norm present in one stream only")),
+    }
+}
+
+/// The sinusoidal timestep embedding [batch, 256] of t = sigma·1000, computed as
+/// diffusers does (f32 arithmetic, cos half first).
+pub fn timestep_embedding(t: &[f32]) -> Vec<f32> {
+    let half = TIMESTEP_DIM / 2;
+    let mut out = Vec::with_capacity(t.len() * TIMESTEP_DIM);
+    let ln = -(10000f64.ln() as f32);
+    let freqs: Vec<f32> = (0..half).map(|i| (ln * i as f32 / half as f32).exp()).collect();
+    for &ti in t {
+        let args: Vec<f32> = freqs.iter().map(|f| ti * f).collect();
+        out.extend(args.iter().map(|a| (*a as f64).cos() as f32));
+        out.extend(args.iter().map(|a| (*a as f64).sin() as f32));
+    }
+    out
+}
+
+/// A planned MMDiT forward pass for one set of shapes, replayable per step.
+pub struct MmditRun {
+    plan: crate::graph::Plan,
+    x: Value,
+    context: Value,
+    pooled: Value,
+    t_emb: Value,
+    out: Value,
+    batch: usize,
+}
+
+impl MmditRun {
+    /// Plans the forward pass for latents [batch, in, height, width] and `tokens` context tokens.
+    pub fn new(gpu: &Gpu, model: &Mmdit, batch: usize, height: usize, width: usize, tokens: usize) -> Result<MmditRun> {
+        let c = &model.config;
+        let mut g = Graph::new();
+        let x = g.input("latents", &[batch, c.in_channels, height, width], DType::F32);
+        let context = g.input("context", &[batch, tokens, c.context_dim], DType::F32);
+        let pooled = g.input("pooled", &[batch, c.pooled_dim], DType::F32);
+        let t_emb = g.input("t_emb", &[batch, TIMESTEP_DIM], DType::F32);
+        let out = model.forward(&mut g, x, context, pooled, t_emb)?;
+        g.keep(out);
+        Ok(MmditRun { plan: g.plan(gpu)?, x, context, pooled, t_emb, out, batch })
+    }
+
+    /// Runs once with these inputs (timesteps t = sigma·1000, one per batch entry).
+    pub fn run(&self, gpu: &Gpu, latents: &[f32], context: &[f32], pooled: &[f32], t: &[f32]) -> Result<Vec<f32>> {
+        if t.len() != self.batch {
+            return Err(crate::Error::Graph(format!("{} timesteps for a batch of {}", t.len(), self.batch)));
+        }
+        self.plan.write(gpu, self.x, latents)?;
+        self.plan.write(gpu, self.context, context)?;
+        self.plan.write(gpu, self.pooled, pooled)?;
+        self.plan.write(gpu, self.t_emb, &timestep_embedding(t))?;
+        self.plan.run(gpu)?;
+        self.plan.read(gpu, self.out)
+    }
+
+    /// The plan (for profiling).
+    pub fn plan(&self) -> &crate::graph::Plan {
+        &self.plan
+    }
+}

@@ -1,0 +1,3 @@
+//! Forward passes of the SD3 components, built from [`crate::ops`] on a [`crate::graph::Graph`].
+
+pub mod mmdit;

@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""Builds the tiny random-weight reference fixtures in tests/fixtures/.
+
+Regenerate (CPU is enough, a few seconds):
+
+    python3 -m venv .venv
+    .venv/bin/pip install torch diffusers transformers safetensors
+    .venv/bin/python tools/make_fixtures.py
+
+For each MMDiT variant it builds a tiny diffusers SD3Transformer2DModel with
+EVERY parameter randomised (diffusers' own init zeroes the adaLN and final
+layers, which would hide bugs), rounds each tensor to the dtype it will be
+stored in, and writes:
+
+- tests/fixtures/mmdit/<variant>/transformer/  diffusers folder (config.json +
+  safetensors, sharded with an index json for one variant)
+- tests/fixtures/mmdit/<variant>.safetensors   Stability single-file layout
+  (model.diffusion_model.*, fused qkv, (shift, scale) 2-chunk modulations),
+  checked here by converting it back with diffusers' own converter
+- tests/fixtures/mmdit/<variant>_io.safetensors inputs and the f32 reference
+  output of two forward passes (square and non-square latents, batch 2,
+  different timesteps per batch entry)
+"""
+
+import json
+import os
+import shutil
+
+import torch
+from diffusers import SD3Transformer2DModel
+from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+from safetensors.torch import save_file
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
+
+# (name, config, matrix dtype, vector dtype, number of shards or None)
+VARIANTS = [
+    ("sd3", dict(num_layers=2, num_attention_heads=1), torch.float16, torch.float32, None),
+    (
+        "sd35m",
+        dict(num_layers=2, num_attention_heads=2, qk_norm="rms_norm", dual_attention_layers=(0,)),
+        torch.bfloat16,
+        torch.float16,
+        3,
+    ),
+    ("sd35l", dict(num_layers=2, num_attention_heads=1, qk_norm="rms_norm"), torch.float8_e4m3fn, torch.bfloat16, None),
+]
+
+COMMON = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    attention_head_dim=64,
+    joint_attention_dim=96,
+    pooled_projection_dim=64,
+    pos_embed_max_size=16,
+)
+
+
+def randomise(model, gen):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+            elif "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def round_to_storage(model, mat_dtype, vec_dtype):
+    """Rounds every tensor to its storage dtype (in place, kept in f32)."""
+    with torch.no_grad():
+        for _, t in list(model.named_parameters()) + list(model.named_buffers()):
+            dt = mat_dtype if t.ndim >= 2 else vec_dtype
+            t.copy_(t.to(dt).to(torch.float32))
+
+
+def storage_dtype(t, mat_dtype, vec_dtype):
+    return mat_dtype if t.ndim >= 2 else vec_dtype
+
+
+def write_diffusers_weights(folder, tensors, shards):
+    stem = "diffusion_pytorch_model"
+    if not shards:
+        save_file(tensors, os.path.join(folder, f"{stem}.safetensors"))
+        return
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        part = names[i::shards]
+        fname = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: tensors[k] for k in part}, os.path.join(folder, fname))
+        weight_map.update({k: fname for k in part})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(folder, f"{stem}.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+
+
+def to_single_file(sd, num_layers, dim):
+    """Inverse of diffusers' convert_sd3_transformer_checkpoint_to_diffusers."""
+    def swap(w):
+        a, b = w.chunk(2, dim=0)
+        return torch.cat([b, a], dim=0)
+
+    out = {
+        "pos_embed": sd["pos_embed.pos_embed"],
+        "x_embedder.proj.weight": sd["pos_embed.proj.weight"],
+        "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
+        "context_embedder.weight": sd["context_embedder.weight"],
+        "context_embedder.bias": sd["context_embedder.bias"],
+        "final_layer.linear.weight": sd["proj_out.weight"],
+        "final_layer.linear.bias": sd["proj_out.bias"],
+        "final_layer.adaLN_modulation.1.weight": swap(sd["norm_out.linear.weight"]),
+        "final_layer.adaLN_modulation.1.bias": swap(sd["norm_out.linear.bias"]),
+    }
+    for ours, theirs in [("t_embedder", "timestep_embedder"), ("y_embedder", "text_embedder")]:
+        for i, j in [(0, 1), (2, 2)]:
+            for p in ["weight", "bias"]:
+                out[f"{ours}.mlp.{i}.{p}"] = sd[f"time_text_embed.{theirs}.linear_{j}.{p}"]
+    for i in range(num_layers):
+        d, s = f"transformer_blocks.{i}", f"joint_blocks.{i}"
+        last = i == num_layers - 1
+        for p in ["weight", "bias"]:
+            out[f"{s}.x_block.attn.qkv.{p}"] = torch.cat([sd[f"{d}.attn.to_{c}.{p}"] for c in "qkv"])
+            out[f"{s}.context_block.attn.qkv.{p}"] = torch.cat([sd[f"{d}.attn.add_{c}_proj.{p}"] for c in "qkv"])
+            out[f"{s}.x_block.attn.proj.{p}"] = sd[f"{d}.attn.to_out.0.{p}"]
+            out[f"{s}.x_block.adaLN_modulation.1.{p}"] = sd[f"{d}.norm1.linear.{p}"]
+            out[f"{s}.x_block.mlp.fc1.{p}"] = sd[f"{d}.ff.net.0.proj.{p}"]
+            out[f"{s}.x_block.mlp.fc2.{p}"] = sd[f"{d}.ff.net.2.{p}"]
+            ctx_mod = sd[f"{d}.norm1_context.linear.{p}"]
+            out[f"{s}.context_block.adaLN_modulation.1.{p}"] = swap(ctx_mod) if last else ctx_mod
+            if not last:
+                out[f"{s}.context_block.attn.proj.{p}"] = sd[f"{d}.attn.to_add_out.{p}"]
+                out[f"{s}.context_block.mlp.fc1.{p}"] = sd[f"{d}.ff_context.net.0.proj.{p}"]
+                out[f"{s}.context_block.mlp.fc2.{p}"] = sd[f"{d}.ff_context.net.2.{p}"]
+            if f"{d}.attn2.to_q.{p}" in sd:
+                out[f"{s}.x_block.attn2.qkv.{p}"] = torch.cat([sd[f"{d}.attn2.to_{c}.{p}"] for c in "qkv"])
+                out[f"{s}.x_block.attn2.proj.{p}"] = sd[f"{d}.attn2.to_out.0.{p}"]
+        if f"{d}.attn.norm_q.weight" in sd:
+            out[f"{s}.x_block.attn.ln_q.weight"] = sd[f"{d}.attn.norm_q.weight"]
+            out[f"{s}.x_block.attn.ln_k.weight"] = sd[f"{d}.attn.norm_k.weight"]
+            out[f"{s}.context_block.attn.ln_q.weight"] = sd[f"{d}.attn.norm_added_q.weight"]
+            out[f"{s}.context_block.attn.ln_k.weight"] = sd[f"{d}.attn.norm_added_k.weight"]
+        if f"{d}.attn2.norm_q.weight" in sd:
+            out[f"{s}.x_block.attn2.ln_q.weight"] = sd[f"{d}.attn2.norm_q.weight"]
+            out[f"{s}.x_block.attn2.ln_k.weight"] = sd[f"{d}.attn2.norm_k.weight"]
+    return out
+
+
+def main():
+    base = os.path.join(ROOT, "mmdit")
+    shutil.rmtree(base, ignore_errors=True)
+    os.makedirs(base)
+    for vi, (name, cfg, mat_dt, vec_dt, shard) in enumerate(VARIANTS):
+        gen = torch.Generator().manual_seed(1000 + vi)
+        # As in the real configs, the context embedder maps to the inner width.
+        inner = cfg["num_attention_heads"] * COMMON["attention_head_dim"]
+        model = SD3Transformer2DModel(**COMMON, **cfg, caption_projection_dim=inner).eval()
+        randomise(model, gen)
+        round_to_storage(model, mat_dt, vec_dt)
+        sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+        # Diffusers folder: config.json plus safetensors in the storage dtypes,
+        # sharded with an index json like large real checkpoints.
+        folder = os.path.join(base, name, "transformer")
+        os.makedirs(folder)
+        model.save_config(folder)
+        stored = {k: v.to(storage_dtype(v, mat_dt, vec_dt)).contiguous() for k, v in sd.items()}
+        write_diffusers_weights(folder, stored, shard)
+        loaded = SD3Transformer2DModel.from_pretrained(folder, torch_dtype=torch.float32)
+        for k, v in loaded.state_dict().items():
+            assert torch.equal(v, sd[k]), k
+
+        # Single file, verified with diffusers' own converter.
+        single = to_single_file(sd, cfg["num_layers"], model.inner_dim)
+        back = convert_sd3_transformer_checkpoint_to_diffusers(dict(single))
+        assert set(back) == set(sd), sorted(set(back) ^ set(sd))
+        for k in sd:
+            assert torch.equal(back[k], sd[k]), k
+        single = {
+            "model.diffusion_model." + k: v.to(storage_dtype(v, mat_dt, vec_dt)).contiguous() for k, v in single.items()
+        }
+        save_file(single, os.path.join(base, f"{name}.safetensors"))
+
+        # Reference forward passes in f32.
+        io = {}
+        for ci, (h, w, t) in enumerate([(8, 8, [937.5, 3.25]), (6, 10, [500.0, 126.0625])]):
+            x = torch.randn(2, 16, h, w, generator=gen)
+            ctx = torch.randn(2, 7, COMMON["joint_attention_dim"], generator=gen)
+            pooled = torch.randn(2, COMMON["pooled_projection_dim"], generator=gen)
+            ts = torch.tensor(t, dtype=torch.float32)
+            with torch.no_grad():
+                out = model(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=ts).sample
+            assert torch.isfinite(out).all() and out.std() > 0.1
+            io.update({f"case{ci}.x": x, f"case{ci}.context": ctx, f"case{ci}.pooled": pooled, f"case{ci}.t": ts, f"case{ci}.out": out})
+        save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(base, f"{name}_io.safetensors"))
+        print(name, "params", sum(p.numel() for p in model.parameters()))
+
+
+if __name__ == "__main__":
+    main()
