@@ -27,6 +27,11 @@ struct Cli {
 enum Command {
     /// List every GPU adapter with backend, driver, type, limits and features.
     Devices,
+    /// Show what a checkpoint holds: detected variant, parameters, dtypes, components.
+    Inspect {
+        /// A single .safetensors file or a diffusers folder.
+        path: std::path::PathBuf,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -132,6 +137,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match &cli.command {
         Command::Devices => devices(&cli),
+        Command::Inspect { path } => sd3_wgpu::weights::inspect::inspect(path)
+            .map(|r| print!("{r}"))
+            .map_err(Into::into),
         Command::Bench {
             what:
                 BenchWhat::Kernels {

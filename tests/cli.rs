@@ -42,3 +42,15 @@ fn bad_backend_and_adapter_are_clear_errors() {
     assert!(err.contains("no GPU adapter matches"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn inspect_prints_the_detected_variant() {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let (ok, out, err) = sd3(&["inspect", &format!("{dir}/tests/fixtures/mmdit/sd35l.safetensors")]);
+    assert!(ok, "{err}");
+    assert!(out.contains("variant: custom MMDiT (depth 2, hidden 64, heads 1"), "{out}");
+    assert!(out.contains("qk RMSNorm"), "{out}");
+    let (ok, _, err) = sd3(&["inspect", &format!("{dir}/README.md")]);
+    assert!(!ok);
+    assert!(err.contains("README.md: not a readable safetensors file"), "{err}");
+}

@@ -33,17 +33,29 @@ from safetensors.torch import save_file
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
 
-# (name, config, matrix dtype, vector dtype, number of shards or None)
+# (name, config, matrix precision, single-file matrix dtype, diffusers matrix
+#  dtype, vector dtype, number of shards or None). Matrices are rounded to
+# their precision first, so both layouts hold exactly the same values.
 VARIANTS = [
-    ("sd3", dict(num_layers=2, num_attention_heads=1), torch.float16, torch.float32, None),
+    ("sd3", dict(num_layers=2, num_attention_heads=1), torch.float32, torch.float32, torch.float32, torch.float16, None),
     (
         "sd35m",
         dict(num_layers=2, num_attention_heads=2, qk_norm="rms_norm", dual_attention_layers=(0,)),
+        torch.float8_e4m3fn,
+        torch.float8_e4m3fn,
         torch.bfloat16,
-        torch.float16,
+        torch.bfloat16,
         3,
     ),
-    ("sd35l", dict(num_layers=2, num_attention_heads=1, qk_norm="rms_norm"), torch.float8_e4m3fn, torch.bfloat16, None),
+    (
+        "sd35l",
+        dict(num_layers=2, num_attention_heads=1, qk_norm="rms_norm"),
+        torch.float16,
+        torch.float16,
+        torch.float16,
+        torch.float32,
+        None,
+    ),
 ]
 
 COMMON = dict(
@@ -154,7 +166,7 @@ def main():
     base = os.path.join(ROOT, "mmdit")
     shutil.rmtree(base, ignore_errors=True)
     os.makedirs(base)
-    for vi, (name, cfg, mat_dt, vec_dt, shard) in enumerate(VARIANTS):
+    for vi, (name, cfg, mat_dt, single_dt, folder_dt, vec_dt, shard) in enumerate(VARIANTS):
         gen = torch.Generator().manual_seed(1000 + vi)
         # As in the real configs, the context embedder maps to the inner width.
         inner = cfg["num_attention_heads"] * COMMON["attention_head_dim"]
@@ -168,7 +180,7 @@ def main():
         folder = os.path.join(base, name, "transformer")
         os.makedirs(folder)
         model.save_config(folder)
-        stored = {k: v.to(storage_dtype(v, mat_dt, vec_dt)).contiguous() for k, v in sd.items()}
+        stored = {k: v.to(storage_dtype(v, folder_dt, vec_dt)).contiguous() for k, v in sd.items()}
         write_diffusers_weights(folder, stored, shard)
         loaded = SD3Transformer2DModel.from_pretrained(folder, torch_dtype=torch.float32)
         for k, v in loaded.state_dict().items():
@@ -181,7 +193,7 @@ def main():
         for k in sd:
             assert torch.equal(back[k], sd[k]), k
         single = {
-            "model.diffusion_model." + k: v.to(storage_dtype(v, mat_dt, vec_dt)).contiguous() for k, v in single.items()
+            "model.diffusion_model." + k: v.to(storage_dtype(v, single_dt, vec_dt)).contiguous() for k, v in single.items()
         }
         save_file(single, os.path.join(base, f"{name}.safetensors"))
 

@@ -165,7 +165,14 @@ impl Loader<'_> {
             bias: Some(self.tensor(&format!("{prefix}.bias"), &[out], DType::F32)?),
         })
     }
-    fn mlp(&self, prefix: &str, inp: usize, hidden: usize, out: usize, names: (&str, &str)) -> Result<Mlp> {
+    fn mlp(
+        &self,
+        prefix: &str,
+        inp: usize,
+        hidden: usize,
+        out: usize,
+        names: (&str, &str),
+    ) -> Result<Mlp> {
         Ok(Mlp {
             fc1: self.linear(&format!("{prefix}.{}", names.0), hidden, inp)?,
             fc2: self.linear(&format!("{prefix}.{}", names.1), out, hidden)?,
@@ -174,7 +181,11 @@ impl Loader<'_> {
     fn attention(&self, prefix: &str, h: usize, qk_norm: bool, proj: bool) -> Result<Attention> {
         Ok(Attention {
             qkv: self.linear(&format!("{prefix}.qkv"), 3 * h, h)?,
-            proj: if proj { Some(self.linear(&format!("{prefix}.proj"), h, h)?) } else { None },
+            proj: if proj {
+                Some(self.linear(&format!("{prefix}.proj"), h, h)?)
+            } else {
+                None
+            },
             ln_qk: if qk_norm {
                 Some((
                     self.tensor(&format!("{prefix}.ln_q.weight"), &[HEAD_DIM], DType::F32)?,
@@ -201,9 +212,17 @@ impl Mmdit {
             let dual = c.dual_attention_layers.contains(&i);
             let x_chunks = if dual { 9 } else { 6 };
             let x_block = DitBlock {
-                adaln_modulation: l.linear(&format!("{b}.x_block.adaLN_modulation.1"), x_chunks * h, h)?,
+                adaln_modulation: l.linear(
+                    &format!("{b}.x_block.adaLN_modulation.1"),
+                    x_chunks * h,
+                    h,
+                )?,
                 attn: l.attention(&format!("{b}.x_block.attn"), h, c.qk_norm, true)?,
-                attn2: if dual { Some(l.attention(&format!("{b}.x_block.attn2"), h, c.qk_norm, true)?) } else { None },
+                attn2: if dual {
+                    Some(l.attention(&format!("{b}.x_block.attn2"), h, c.qk_norm, true)?)
+                } else {
+                    None
+                },
                 mlp: Some(l.mlp(&format!("{b}.x_block.mlp"), h, 4 * h, h, ("fc1", "fc2"))?),
             };
             let context_block = DitBlock {
@@ -214,16 +233,33 @@ impl Mmdit {
                 )?,
                 attn: l.attention(&format!("{b}.context_block.attn"), h, c.qk_norm, !last)?,
                 attn2: None,
-                mlp: if last { None } else { Some(l.mlp(&format!("{b}.context_block.mlp"), h, 4 * h, h, ("fc1", "fc2"))?) },
+                mlp: if last {
+                    None
+                } else {
+                    Some(l.mlp(
+                        &format!("{b}.context_block.mlp"),
+                        h,
+                        4 * h,
+                        h,
+                        ("fc1", "fc2"),
+                    )?)
+                },
             };
-            joint_blocks.push(JointBlock { x_block, context_block });
+            joint_blocks.push(JointBlock {
+                x_block,
+                context_block,
+            });
         }
         Ok(Mmdit {
             x_embedder: Linear {
                 weight: l.tensor("x_embedder.proj.weight", &[h, c.in_channels, p, p], matrix)?,
                 bias: Some(l.tensor("x_embedder.proj.bias", &[h], DType::F32)?),
             },
-            pos_embed: l.tensor("pos_embed", &[1, c.pos_embed_max * c.pos_embed_max, h], DType::F32)?,
+            pos_embed: l.tensor(
+                "pos_embed",
+                &[1, c.pos_embed_max * c.pos_embed_max, h],
+                DType::F32,
+            )?,
             t_embedder: l.mlp("t_embedder", TIMESTEP_DIM, h, h, ("mlp.0", "mlp.2"))?,
             y_embedder: l.mlp("y_embedder", c.pooled_dim, h, h, ("mlp.0", "mlp.2"))?,
             context_embedder: l.linear("context_embedder", h, c.context_dim)?,
@@ -240,17 +276,40 @@ impl Mmdit {
     /// [batch, tokens, context_dim], pooled [batch, pooled_dim] and the
     /// timestep embedding [batch, 256] (see [`timestep_embedding`]) → the
     /// velocity [batch, out, H, W].
-    pub fn forward(&self, g: &mut Graph, x: Value, context: Value, pooled: Value, t_emb: Value) -> Result<Value> {
-        g.scoped("mmdit", |g| self.forward_inner(g, x, context, pooled, t_emb))
+    pub fn forward(
+        &self,
+        g: &mut Graph,
+        x: Value,
+        context: Value,
+        pooled: Value,
+        t_emb: Value,
+    ) -> Result<Value> {
+        g.scoped("mmdit", |g| {
+            self.forward_inner(g, x, context, pooled, t_emb)
+        })
     }
 
-    fn forward_inner(&self, g: &mut Graph, x: Value, context: Value, pooled: Value, t_emb: Value) -> Result<Value> {
+    fn forward_inner(
+        &self,
+        g: &mut Graph,
+        x: Value,
+        context: Value,
+        pooled: Value,
+        t_emb: Value,
+    ) -> Result<Value> {
         let c = &self.config;
         let xs = g.shape(x).to_vec();
-        if xs.len() != 4 || xs[1] != c.in_channels || xs[2] % c.patch != 0 || xs[3] % c.patch != 0 {
+        if xs.len() != 4
+            || xs[1] != c.in_channels
+            || !xs[2].is_multiple_of(c.patch)
+            || !xs[3].is_multiple_of(c.patch)
+        {
             return Err(g.shape_error(
                 "input",
-                format!("latents must be [batch, {}, H, W] with H, W multiples of {}, found {xs:?}", c.in_channels, c.patch),
+                format!(
+                    "latents must be [batch, {}, H, W] with H, W multiples of {}, found {xs:?}",
+                    c.in_channels, c.patch
+                ),
             ));
         }
         let (h, w) = (xs[2] / c.patch, xs[3] / c.patch);
@@ -271,21 +330,31 @@ impl Mmdit {
             let pos = self.cropped_pos_embed(g, h, w)?;
             elementwise::add(g, tokens, pos)
         })?;
-        let cond = g.scoped("t_embedder", |g| self.t_embedder.forward(g, t_emb, Act::Silu))?;
-        let y = g.scoped("y_embedder", |g| self.y_embedder.forward(g, pooled, Act::Silu))?;
+        let cond = g.scoped("t_embedder", |g| {
+            self.t_embedder.forward(g, t_emb, Act::Silu)
+        })?;
+        let y = g.scoped("y_embedder", |g| {
+            self.y_embedder.forward(g, pooled, Act::Silu)
+        })?;
         let cond = elementwise::add(g, cond, y)?;
         // Every adaLN modulation is Linear(SiLU(c)): take SiLU once.
         let cond_act = elementwise::activation(g, cond, Act::Silu)?;
-        let mut ctx = g.scoped("context_embedder", |g| self.context_embedder.forward(g, context))?;
+        let mut ctx = g.scoped("context_embedder", |g| {
+            self.context_embedder.forward(g, context)
+        })?;
         for (i, block) in self.joint_blocks.iter().enumerate() {
-            let (nx, nc) = g.scoped(&format!("block{i}"), |g| block.forward(g, x_tokens, ctx, cond_act, c))?;
+            let (nx, nc) = g.scoped(&format!("block{i}"), |g| {
+                block.forward(g, x_tokens, ctx, cond_act, c)
+            })?;
             x_tokens = nx;
             if let Some(nc) = nc {
                 ctx = nc;
             }
         }
         g.scoped("final_layer", |g| {
-            let m = Modulation(g.scoped("adaLN", |g| self.final_layer.adaln_modulation.forward(g, cond_act))?);
+            let m = Modulation(g.scoped("adaLN", |g| {
+                self.final_layer.adaln_modulation.forward(g, cond_act)
+            })?);
             let hx = norm::adaln_modulate(g, x_tokens, m.shift_msa(), m.scale_msa(), EPS)?;
             let patches = g.scoped("linear", |g| self.final_layer.linear.forward(g, hx))?;
             layout::unpatchify(g, patches, h, w, c.patch)
@@ -297,7 +366,14 @@ impl Mmdit {
         let hid = self.config.hidden;
         let (top, left) = ((max - h) / 2, (max - w) / 2);
         let table = g.weight("pos_embed", &self.pos_embed);
-        let crop = layout::strided_copy(g, "crop", table, (top * max + left) * hid, &[h, w, hid], &[max * hid, hid, 1])?;
+        let crop = layout::strided_copy(
+            g,
+            "crop",
+            table,
+            (top * max + left) * hid,
+            &[h, w, hid],
+            &[max * hid, hid, 1],
+        )?;
         g.reshape(crop, &[h * w, hid])
     }
 }
@@ -310,26 +386,57 @@ fn conv_forward(g: &mut Graph, l: &Linear, x: Value, patch: usize) -> Result<Val
 
 impl JointBlock {
     /// Returns the new image stream and, unless this is the last block, the new context stream.
-    fn forward(&self, g: &mut Graph, x: Value, ctx: Value, cond_act: Value, c: &MmditConfig) -> Result<(Value, Option<Value>)> {
+    fn forward(
+        &self,
+        g: &mut Graph,
+        x: Value,
+        ctx: Value,
+        cond_act: Value,
+        c: &MmditConfig,
+    ) -> Result<(Value, Option<Value>)> {
         let hidden = c.hidden;
-        let mx = Modulation(g.scoped("x.adaLN", |g| self.x_block.adaln_modulation.forward(g, cond_act))?);
-        let mc = Modulation(g.scoped("context.adaLN", |g| self.context_block.adaln_modulation.forward(g, cond_act))?);
-        let hx = g.scoped("x.norm1", |g| norm::adaln_modulate(g, x, mx.shift_msa(), mx.scale_msa(), EPS))?;
-        let hc = g.scoped("context.norm1", |g| norm::adaln_modulate(g, ctx, mc.shift_msa(), mc.scale_msa(), EPS))?;
+        let mx = Modulation(g.scoped("x.adaLN", |g| {
+            self.x_block.adaln_modulation.forward(g, cond_act)
+        })?);
+        let mc = Modulation(g.scoped("context.adaLN", |g| {
+            self.context_block.adaln_modulation.forward(g, cond_act)
+        })?);
+        let hx = g.scoped("x.norm1", |g| {
+            norm::adaln_modulate(g, x, mx.shift_msa(), mx.scale_msa(), EPS)
+        })?;
+        let hc = g.scoped("context.norm1", |g| {
+            norm::adaln_modulate(g, ctx, mc.shift_msa(), mc.scale_msa(), EPS)
+        })?;
         // The dual-attention input is taken from x before the joint residual.
         let hx2 = match self.x_block.attn2 {
-            Some(_) => Some(g.scoped("x.norm1_2", |g| norm::adaln_modulate(g, x, mx.shift_msa2(), mx.scale_msa2(), EPS))?),
+            Some(_) => Some(g.scoped("x.norm1_2", |g| {
+                norm::adaln_modulate(g, x, mx.shift_msa2(), mx.scale_msa2(), EPS)
+            })?),
             None => None,
         };
         let qkv_x = g.scoped("x.attn.qkv", |g| self.x_block.attn.qkv.forward(g, hx))?;
-        let qkv_c = g.scoped("context.attn.qkv", |g| self.context_block.attn.qkv.forward(g, hc))?;
+        let qkv_c = g.scoped("context.attn.qkv", |g| {
+            self.context_block.attn.qkv.forward(g, hc)
+        })?;
         let joint = g.scoped("joint_attn", |g| {
-            joint_attention(g, qkv_x, &self.x_block.attn, qkv_c, &self.context_block.attn, c.heads)
+            joint_attention(
+                g,
+                qkv_x,
+                &self.x_block.attn,
+                qkv_c,
+                &self.context_block.attn,
+                c.heads,
+            )
         })?;
         let nx = g.shape(x)[1];
         let nc = g.shape(ctx)[1];
         let attn_x = layout::slice(g, joint, 1, 0, nx)?;
-        let proj = self.x_block.attn.proj.as_ref().expect("image stream has a projection");
+        let proj = self
+            .x_block
+            .attn
+            .proj
+            .as_ref()
+            .expect("image stream has a projection");
         let out_x = g.scoped("x.attn.proj", |g| proj.forward(g, attn_x))?;
         let mut x = elementwise::gated_residual(g, x, mx.gate_msa(), out_x)?;
         if let (Some(attn2), Some(hx2)) = (&self.x_block.attn2, hx2) {
@@ -339,21 +446,28 @@ impl JointBlock {
                 if let Some((q, k)) = &attn2.ln_qk {
                     o.qk_norm = Some((g.weight("ln_q", q), g.weight("ln_k", k)));
                 }
-                let view = |col_offset| Heads { value: qkv, col_offset };
+                let view = |col_offset| Heads {
+                    value: qkv,
+                    col_offset,
+                };
                 let a = attention::attention(g, view(0), view(hidden), view(2 * hidden), &o)?;
                 let p = attn2.proj.as_ref().expect("attn2 has a projection");
                 let out = g.scoped("proj", |g| p.forward(g, a))?;
                 elementwise::gated_residual(g, x, mx.gate_msa2(), out)
             })?;
         }
-        let x = g.scoped("x.mlp", |g| mlp_residual(g, x, mx, self.x_block.mlp.as_ref()))?;
+        let x = g.scoped("x.mlp", |g| {
+            mlp_residual(g, x, mx, self.x_block.mlp.as_ref())
+        })?;
         let Some(cproj) = &self.context_block.attn.proj else {
             return Ok((x, None));
         };
         let attn_c = layout::slice(g, joint, 1, nx, nc)?;
         let out_c = g.scoped("context.attn.proj", |g| cproj.forward(g, attn_c))?;
         let ctx = elementwise::gated_residual(g, ctx, mc.gate_msa(), out_c)?;
-        let ctx = g.scoped("context.mlp", |g| mlp_residual(g, ctx, mc, self.context_block.mlp.as_ref()))?;
+        let ctx = g.scoped("context.mlp", |g| {
+            mlp_residual(g, ctx, mc, self.context_block.mlp.as_ref())
+        })?;
         Ok((x, Some(ctx)))
     }
 }
@@ -369,7 +483,14 @@ fn mlp_residual(g: &mut Graph, s: Value, m: Modulation, mlp: Option<&Mlp>) -> Re
 /// The heads of one stream's q or k, RMS-normalised with that stream's weights.
 fn normed(g: &mut Graph, qkv: Value, col: usize, heads: usize, w: &Tensor) -> Result<Value> {
     let s = g.shape(qkv).to_vec();
-    let rows = layout::strided_copy(g, "heads", qkv, col, &[s[0] * s[1], heads, HEAD_DIM], &[s[2], HEAD_DIM, 1])?;
+    let rows = layout::strided_copy(
+        g,
+        "heads",
+        qkv,
+        col,
+        &[s[0] * s[1], heads, HEAD_DIM],
+        &[s[2], HEAD_DIM, 1],
+    )?;
     let wv = g.weight("ln", w);
     let n = norm::rms_norm(g, rows, Some(wv), EPS)?;
     g.reshape(n, &[s[0], s[1], heads * HEAD_DIM])
@@ -377,13 +498,23 @@ fn normed(g: &mut Graph, qkv: Value, col: usize, heads: usize, w: &Tensor) -> Re
 
 /// Attention over the image and context tokens together ([x ‖ context] on the
 /// token axis, as diffusers orders them); returns [batch, nx + nc, hidden].
-fn joint_attention(g: &mut Graph, qkv_x: Value, ax: &Attention, qkv_c: Value, ac: &Attention, heads: usize) -> Result<Value> {
+fn joint_attention(
+    g: &mut Graph,
+    qkv_x: Value,
+    ax: &Attention,
+    qkv_c: Value,
+    ac: &Attention,
+    heads: usize,
+) -> Result<Value> {
     let w = heads * HEAD_DIM;
     let o = AttentionOptions::new(heads);
     match (&ax.ln_qk, &ac.ln_qk) {
         (None, None) => {
             let qkv = layout::concat(g, qkv_x, qkv_c, 1)?;
-            let view = |col_offset| Heads { value: qkv, col_offset };
+            let view = |col_offset| Heads {
+                value: qkv,
+                col_offset,
+            };
             attention::attention(g, view(0), view(w), view(2 * w), &o)
         }
         (Some((qx, kx)), Some((qc, kc))) => {
@@ -415,7 +546,9 @@ pub fn timestep_embedding(t: &[f32]) -> Vec<f32> {
     let half = TIMESTEP_DIM / 2;
     let mut out = Vec::with_capacity(t.len() * TIMESTEP_DIM);
     let ln = -(10000f64.ln() as f32);
-    let freqs: Vec<f32> = (0..half).map(|i| (ln * i as f32 / half as f32).exp()).collect();
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (ln * i as f32 / half as f32).exp())
+        .collect();
     for &ti in t {
         let args: Vec<f32> = freqs.iter().map(|f| ti * f).collect();
         out.extend(args.iter().map(|a| (*a as f64).cos() as f32));
@@ -437,22 +570,52 @@ pub struct MmditRun {
 
 impl MmditRun {
     /// Plans the forward pass for latents [batch, in, height, width] and `tokens` context tokens.
-    pub fn new(gpu: &Gpu, model: &Mmdit, batch: usize, height: usize, width: usize, tokens: usize) -> Result<MmditRun> {
+    pub fn new(
+        gpu: &Gpu,
+        model: &Mmdit,
+        batch: usize,
+        height: usize,
+        width: usize,
+        tokens: usize,
+    ) -> Result<MmditRun> {
         let c = &model.config;
         let mut g = Graph::new();
-        let x = g.input("latents", &[batch, c.in_channels, height, width], DType::F32);
+        let x = g.input(
+            "latents",
+            &[batch, c.in_channels, height, width],
+            DType::F32,
+        );
         let context = g.input("context", &[batch, tokens, c.context_dim], DType::F32);
         let pooled = g.input("pooled", &[batch, c.pooled_dim], DType::F32);
         let t_emb = g.input("t_emb", &[batch, TIMESTEP_DIM], DType::F32);
         let out = model.forward(&mut g, x, context, pooled, t_emb)?;
         g.keep(out);
-        Ok(MmditRun { plan: g.plan(gpu)?, x, context, pooled, t_emb, out, batch })
+        Ok(MmditRun {
+            plan: g.plan(gpu)?,
+            x,
+            context,
+            pooled,
+            t_emb,
+            out,
+            batch,
+        })
     }
 
     /// Runs once with these inputs (timesteps t = sigma·1000, one per batch entry).
-    pub fn run(&self, gpu: &Gpu, latents: &[f32], context: &[f32], pooled: &[f32], t: &[f32]) -> Result<Vec<f32>> {
+    pub fn run(
+        &self,
+        gpu: &Gpu,
+        latents: &[f32],
+        context: &[f32],
+        pooled: &[f32],
+        t: &[f32],
+    ) -> Result<Vec<f32>> {
         if t.len() != self.batch {
-            return Err(crate::Error::Graph(format!("{} timesteps for a batch of {}", t.len(), self.batch)));
+            return Err(crate::Error::Graph(format!(
+                "{} timesteps for a batch of {}",
+                t.len(),
+                self.batch
+            )));
         }
         self.plan.write(gpu, self.x, latents)?;
         self.plan.write(gpu, self.context, context)?;

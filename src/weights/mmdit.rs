@@ -57,17 +57,16 @@ pub struct MmditConfig {
 impl MmditConfig {
     /// The product name of a recognised configuration.
     pub fn variant_name(&self) -> String {
-        match (self.depth, self.hidden, self.qk_norm, self.dual_attention_layers.is_empty()) {
+        match (
+            self.depth,
+            self.hidden,
+            self.qk_norm,
+            self.dual_attention_layers.is_empty(),
+        ) {
             (24, 1536, false, true) => "SD3 medium".into(),
             (24, 1536, true, false) => "SD3.5 medium".into(),
             (38, 2432, true, true) => "SD3.5 large".into(),
-            _ => format!(
-                "custom MMDiT (depth {}, hidden {}{}{})",
-                self.depth,
-                self.hidden,
-                if self.qk_norm { ", qk RMSNorm" } else { "" },
-                if self.dual_attention_layers.is_empty() { "" } else { ", dual attention" }
-            ),
+            _ => "custom MMDiT".into(),
         }
     }
 }
@@ -173,13 +172,19 @@ impl MmditSource {
     pub fn open(path: &Path) -> Result<MmditSource, WeightsError> {
         let meta = std::fs::metadata(path).map_err(|e| super::io_err(path, e))?;
         let (ck, config_json) = if meta.is_dir() {
-            let dir = if path.join("transformer").is_dir() { path.join("transformer") } else { path.to_path_buf() };
+            let dir = if path.join("transformer").is_dir() {
+                path.join("transformer")
+            } else {
+                path.to_path_buf()
+            };
             let ck = Checkpoint::open_diffusers_component(&dir, "diffusion_pytorch_model")?;
             let cfg_path = dir.join("config.json");
             let cfg = match std::fs::read_to_string(&cfg_path) {
-                Ok(t) => Some(serde_json::from_str::<serde_json::Value>(&t).map_err(|e| WeightsError::Format {
-                    path: cfg_path.clone(),
-                    msg: e.to_string(),
+                Ok(t) => Some(serde_json::from_str::<serde_json::Value>(&t).map_err(|e| {
+                    WeightsError::Format {
+                        path: cfg_path.clone(),
+                        msg: e.to_string(),
+                    }
                 })?),
                 Err(_) => None,
             };
@@ -188,9 +193,13 @@ impl MmditSource {
             (Checkpoint::open(&[path.to_path_buf()])?, None)
         };
         let layout = if ck.with_prefix(SINGLE_FILE_PREFIX).next().is_some() {
-            Layout::SingleFile { prefix: SINGLE_FILE_PREFIX.into() }
+            Layout::SingleFile {
+                prefix: SINGLE_FILE_PREFIX.into(),
+            }
         } else if ck.with_prefix("joint_blocks.").next().is_some() {
-            Layout::SingleFile { prefix: String::new() }
+            Layout::SingleFile {
+                prefix: String::new(),
+            }
         } else if ck.with_prefix("transformer_blocks.").next().is_some() {
             Layout::Diffusers
         } else {
@@ -200,7 +209,12 @@ impl MmditSource {
                 path.display()
             )));
         };
-        let mut src = MmditSource { ck, layout, config: placeholder_config(), path: path.to_path_buf() };
+        let mut src = MmditSource {
+            ck,
+            layout,
+            config: placeholder_config(),
+            path: path.to_path_buf(),
+        };
         src.config = src.detect(config_json.as_ref())?;
         Ok(src)
     }
@@ -226,12 +240,21 @@ impl MmditSource {
     }
 
     fn missing(&self, name: &str) -> WeightsError {
-        WeightsError::Missing { name: name.to_string(), source: self.ck.describe() }
+        WeightsError::Missing {
+            name: name.to_string(),
+            source: self.ck.describe(),
+        }
     }
 
     /// Shape of a canonical tensor.
     pub fn shape(&self, canonical: &str) -> Result<Vec<usize>, WeightsError> {
-        let get = |n: &String| self.ck.tensors.get(n).map(|e| e.shape.clone()).ok_or_else(|| self.missing(n));
+        let get = |n: &String| {
+            self.ck
+                .tensors
+                .get(n)
+                .map(|e| e.shape.clone())
+                .ok_or_else(|| self.missing(n))
+        };
         match self.recipe(canonical) {
             Recipe::Direct(n) | Recipe::SwapHalves(n) => get(&n),
             Recipe::Concat(v) => {
@@ -249,7 +272,11 @@ impl MmditSource {
         let recipe = self.recipe(canonical);
         let found = self.shape(canonical)?;
         if found != expected {
-            return Err(WeightsError::Shape { name: recipe.first().to_string(), expected: expected.to_vec(), found });
+            return Err(WeightsError::Shape {
+                name: recipe.first().to_string(),
+                expected: expected.to_vec(),
+                found,
+            });
         }
         match recipe {
             Recipe::Direct(n) => Ok(self.ck.read_f32(&n)?.1),
@@ -283,15 +310,31 @@ impl MmditSource {
             )));
         }
         // Depth must be known before names can be mapped (the last block differs).
-        let mut cfg = MmditConfig { depth, ..placeholder_config() };
-        let tmp = MmditSource { ck: Checkpoint::empty(), layout: self.layout.clone(), config: cfg.clone(), path: self.path.clone() };
+        let mut cfg = MmditConfig {
+            depth,
+            ..placeholder_config()
+        };
+        let tmp = MmditSource {
+            ck: Checkpoint::empty(),
+            layout: self.layout.clone(),
+            config: cfg.clone(),
+            path: self.path.clone(),
+        };
         let name = |c: &str| tmp.recipe(c);
         let shape = |c: &str| -> Result<Vec<usize>, WeightsError> {
             match name(c) {
-                Recipe::Direct(n) | Recipe::SwapHalves(n) => {
-                    self.ck.tensors.get(&n).map(|e| e.shape.clone()).ok_or_else(|| self.missing(&n))
-                }
-                Recipe::Concat(v) => self.ck.tensors.get(&v[0]).map(|e| e.shape.clone()).ok_or_else(|| self.missing(&v[0])),
+                Recipe::Direct(n) | Recipe::SwapHalves(n) => self
+                    .ck
+                    .tensors
+                    .get(&n)
+                    .map(|e| e.shape.clone())
+                    .ok_or_else(|| self.missing(&n)),
+                Recipe::Concat(v) => self
+                    .ck
+                    .tensors
+                    .get(&v[0])
+                    .map(|e| e.shape.clone())
+                    .ok_or_else(|| self.missing(&v[0])),
             }
         };
         let has = |c: &str| match name(c) {
@@ -309,7 +352,7 @@ impl MmditSource {
         cfg.hidden = proj[0];
         cfg.in_channels = proj[1];
         cfg.patch = proj[2];
-        if cfg.hidden % 64 != 0 || cfg.hidden == 0 {
+        if !cfg.hidden.is_multiple_of(64) || cfg.hidden == 0 {
             return Err(WeightsError::Unsupported(format!(
                 "hidden width {} is not a multiple of the head dim 64",
                 cfg.hidden
@@ -332,8 +375,9 @@ impl MmditSource {
         }
         cfg.pos_embed_max = side;
         cfg.qk_norm = has("joint_blocks.0.x_block.attn.ln_q.weight");
-        cfg.dual_attention_layers =
-            (0..depth).filter(|i| has(&format!("joint_blocks.{i}.x_block.attn2.qkv.weight"))).collect();
+        cfg.dual_attention_layers = (0..depth)
+            .filter(|i| has(&format!("joint_blocks.{i}.x_block.attn2.qkv.weight")))
+            .collect();
         if depth == 0 {
             return Err(self.missing(&format!("{block_prefix}0.*")));
         }
@@ -367,12 +411,28 @@ fn check_config(cfg: &MmditConfig, j: &serde_json::Value, path: &Path) -> Result
         ("num_layers", num("num_layers"), cfg.depth),
         ("patch_size", num("patch_size"), cfg.patch),
         ("in_channels", num("in_channels"), cfg.in_channels),
-        ("joint_attention_dim", num("joint_attention_dim"), cfg.context_dim),
-        ("pooled_projection_dim", num("pooled_projection_dim"), cfg.pooled_dim),
-        ("pos_embed_max_size", num("pos_embed_max_size"), cfg.pos_embed_max),
+        (
+            "joint_attention_dim",
+            num("joint_attention_dim"),
+            cfg.context_dim,
+        ),
+        (
+            "pooled_projection_dim",
+            num("pooled_projection_dim"),
+            cfg.pooled_dim,
+        ),
+        (
+            "pos_embed_max_size",
+            num("pos_embed_max_size"),
+            cfg.pos_embed_max,
+        ),
     ];
     if let (Some(h), Some(d)) = (num("num_attention_heads"), num("attention_head_dim")) {
-        checks.push(("num_attention_heads × attention_head_dim", Some(h * d), cfg.hidden));
+        checks.push((
+            "num_attention_heads × attention_head_dim",
+            Some(h * d),
+            cfg.hidden,
+        ));
         if d != 64 {
             return Err(WeightsError::Unsupported(format!(
                 "{}: attention_head_dim {d} is not supported (SD3 uses 64)",
@@ -393,7 +453,10 @@ fn check_config(cfg: &MmditConfig, j: &serde_json::Value, path: &Path) -> Result
     let qk = j.get("qk_norm").and_then(|v| v.as_str());
     if let Some(q) = qk {
         if q != "rms_norm" {
-            return Err(WeightsError::Unsupported(format!("{}: qk_norm '{q}' is not supported", path.display())));
+            return Err(WeightsError::Unsupported(format!(
+                "{}: qk_norm '{q}' is not supported",
+                path.display()
+            )));
         }
     }
     Ok(())

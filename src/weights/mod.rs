@@ -2,6 +2,7 @@
 //! file, or a diffusers folder of shards with an index json), tensors
 //! converted from f32/f16/bf16/fp8 at load.
 
+pub mod inspect;
 pub mod mmdit;
 
 use std::collections::BTreeMap;
@@ -60,12 +61,20 @@ impl fmt::Display for WeightsError {
         match self {
             WeightsError::Io { path, err } => write!(f, "{}: {err}", path.display()),
             WeightsError::Format { path, msg } => {
-                write!(f, "{}: not a readable safetensors file: {msg}", path.display())
+                write!(
+                    f,
+                    "{}: not a readable safetensors file: {msg}",
+                    path.display()
+                )
             }
             WeightsError::Missing { name, source } => {
                 write!(f, "tensor '{name}' is missing from {source}")
             }
-            WeightsError::Shape { name, expected, found } => write!(
+            WeightsError::Shape {
+                name,
+                expected,
+                found,
+            } => write!(
                 f,
                 "tensor '{name}' has shape {found:?}, expected {expected:?}"
             ),
@@ -81,7 +90,10 @@ impl fmt::Display for WeightsError {
 impl std::error::Error for WeightsError {}
 
 fn io_err(path: &Path, e: impl fmt::Display) -> WeightsError {
-    WeightsError::Io { path: path.to_path_buf(), err: e.to_string() }
+    WeightsError::Io {
+        path: path.to_path_buf(),
+        err: e.to_string(),
+    }
 }
 
 /// Where one tensor lives.
@@ -109,15 +121,22 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Opens safetensors files (shards of one checkpoint, or a single file).
     pub fn open(paths: &[PathBuf]) -> Result<Checkpoint, WeightsError> {
-        let mut ck = Checkpoint { files: Vec::new(), maps: Vec::new(), tensors: BTreeMap::new() };
+        let mut ck = Checkpoint {
+            files: Vec::new(),
+            maps: Vec::new(),
+            tensors: BTreeMap::new(),
+        };
         for path in paths {
             let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
             // SAFETY: the file is only read; a checkpoint changed on disk while
             // we read it gives wrong values, not memory unsafety in our code.
             let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(path, e))?;
-            let fmt_err = |msg: String| WeightsError::Format { path: path.clone(), msg };
-            let (n, meta) =
-                safetensors::SafeTensors::read_metadata(&map).map_err(|e| fmt_err(e.to_string()))?;
+            let fmt_err = |msg: String| WeightsError::Format {
+                path: path.clone(),
+                msg,
+            };
+            let (n, meta) = safetensors::SafeTensors::read_metadata(&map)
+                .map_err(|e| fmt_err(e.to_string()))?;
             let base = 8 + n;
             for (name, info) in meta.tensors() {
                 let (a, b) = info.data_offsets;
@@ -149,12 +168,17 @@ impl Checkpoint {
         let index = dir.join(format!("{stem}.safetensors.index.json"));
         if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| io_err(&index, e))?;
-            let json: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| WeightsError::Format { path: index.clone(), msg: e.to_string() })?;
-            let map = json["weight_map"].as_object().ok_or_else(|| WeightsError::Format {
-                path: index.clone(),
-                msg: "no \"weight_map\" object".into(),
-            })?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| WeightsError::Format {
+                    path: index.clone(),
+                    msg: e.to_string(),
+                })?;
+            let map = json["weight_map"]
+                .as_object()
+                .ok_or_else(|| WeightsError::Format {
+                    path: index.clone(),
+                    msg: "no \"weight_map\" object".into(),
+                })?;
             let mut files: Vec<PathBuf> = map
                 .values()
                 .filter_map(|v| v.as_str())
@@ -184,8 +208,13 @@ impl Checkpoint {
     }
 
     /// Names and shapes of the tensors starting with `prefix`.
-    pub fn with_prefix<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a String, &'a TensorEntry)> + 'a {
-        self.tensors.range(prefix.to_string()..).take_while(move |(k, _)| k.starts_with(prefix))
+    pub fn with_prefix<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = (&'a String, &'a TensorEntry)> + 'a {
+        self.tensors
+            .range(prefix.to_string()..)
+            .take_while(move |(k, _)| k.starts_with(prefix))
     }
 
     /// The raw bytes of a tensor.
@@ -195,10 +224,13 @@ impl Checkpoint {
 
     /// A tensor as f32 values.
     pub fn read_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), WeightsError> {
-        let e = self.tensors.get(name).ok_or_else(|| WeightsError::Missing {
-            name: name.to_string(),
-            source: self.describe(),
-        })?;
+        let e = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| WeightsError::Missing {
+                name: name.to_string(),
+                source: self.describe(),
+            })?;
         Ok((e.shape.clone(), to_f32(name, e.dtype, self.bytes(e))?))
     }
 
@@ -209,7 +241,10 @@ impl Checkpoint {
             many => format!(
                 "{} shards in {}",
                 many.len(),
-                many.first().and_then(|p| p.parent()).map(|p| p.display().to_string()).unwrap_or_default()
+                many.first()
+                    .and_then(|p| p.parent())
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
             ),
         }
     }
@@ -219,12 +254,26 @@ impl Checkpoint {
 pub fn to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, WeightsError> {
     let words = |n: usize| bytes.chunks_exact(n);
     Ok(match dtype {
-        Dtype::F32 => words(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::F16 => words(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::BF16 => words(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F32 => words(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => words(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => words(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
         Dtype::F8_E4M3 => bytes.iter().map(|&b| fp8_e4m3(b)).collect(),
-        Dtype::F8_E5M2 => bytes.iter().map(|&b| f16::from_bits((b as u16) << 8).to_f32()).collect(),
-        other => return Err(WeightsError::Dtype { name: name.to_string(), found: format!("{other:?}") }),
+        Dtype::F8_E5M2 => bytes
+            .iter()
+            .map(|&b| f16::from_bits((b as u16) << 8).to_f32())
+            .collect(),
+        other => {
+            return Err(WeightsError::Dtype {
+                name: name.to_string(),
+                found: format!("{other:?}"),
+            })
+        }
     })
 }
 
@@ -246,6 +295,10 @@ pub fn fp8_e4m3(b: u8) -> f32 {
 impl Checkpoint {
     /// A checkpoint with no files (used while probing names).
     fn empty() -> Checkpoint {
-        Checkpoint { files: Vec::new(), maps: Vec::new(), tensors: BTreeMap::new() }
+        Checkpoint {
+            files: Vec::new(),
+            maps: Vec::new(),
+            tensors: BTreeMap::new(),
+        }
     }
 }

@@ -1,0 +1,194 @@
+//! Checkpoint loading: bad inputs give errors that name the file or tensor
+//! and what was expected; `sd3 inspect` reports what a checkpoint holds.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::gpu;
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use sd3_wgpu::models::mmdit::Mmdit;
+use sd3_wgpu::weights::mmdit::MmditSource;
+use sd3_wgpu::weights::{fp8_e4m3, inspect, Checkpoint};
+use sd3_wgpu::DType;
+
+fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sd3-wgpu-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// Rewrites the sd3 fixture with `edit` applied to its (name, dtype, shape, bytes) list.
+fn edited_fixture(
+    name: &str,
+    edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>),
+) -> PathBuf {
+    let ck = Checkpoint::open(&[fixture("mmdit/sd3.safetensors")]).unwrap();
+    let mut list: Vec<_> = ck
+        .tensors
+        .iter()
+        .map(|(n, e)| (n.clone(), e.dtype, e.shape.clone(), ck.bytes(e).to_vec()))
+        .collect();
+    edit(&mut list);
+    let views: Vec<(String, TensorView)> = list
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    let path = temp(name);
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    path
+}
+
+fn load_err(path: &Path) -> String {
+    match MmditSource::open(path) {
+        Err(e) => e.to_string(),
+        Ok(src) => match Mmdit::load(gpu(), &src, DType::F32) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{} loaded without error", path.display()),
+        },
+    }
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let gone = "model.diffusion_model.joint_blocks.1.x_block.mlp.fc2.weight";
+    let p = edited_fixture("missing.safetensors", |l| l.retain(|t| t.0 != gone));
+    let e = load_err(&p);
+    assert!(e.contains(gone) && e.contains("missing"), "{e}");
+}
+
+#[test]
+fn wrong_shape_names_expected_and_found() {
+    let name = "model.diffusion_model.context_embedder.bias";
+    let p = edited_fixture("shape.safetensors", |l| {
+        let t = l.iter_mut().find(|t| t.0 == name).unwrap();
+        let elem = t.3.len() / t.2.iter().product::<usize>();
+        t.2 = vec![32];
+        t.3.truncate(32 * elem);
+    });
+    let e = load_err(&p);
+    assert!(
+        e.contains(name) && e.contains("[32]") && e.contains("[64]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unsupported_dtype_is_named() {
+    let name = "model.diffusion_model.pos_embed";
+    let p = edited_fixture("dtype.safetensors", |l| {
+        let t = l.iter_mut().find(|t| t.0 == name).unwrap();
+        t.1 = Dtype::I32;
+        t.3.resize(t.2.iter().product::<usize>() * 4, 0);
+    });
+    let e = load_err(&p);
+    assert!(e.contains(name) && e.contains("I32"), "{e}");
+}
+
+#[test]
+fn truncated_and_foreign_files_are_refused() {
+    let bytes = std::fs::read(fixture("mmdit/sd3.safetensors")).unwrap();
+    let cut = temp("truncated.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let e = load_err(&cut);
+    assert!(
+        e.contains("truncated.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
+    let text = temp("notes.safetensors");
+    std::fs::write(&text, "these are not weights").unwrap();
+    let e = load_err(&text);
+    assert!(e.contains("not a readable safetensors file"), "{e}");
+    let e = load_err(Path::new("/no/such/model.safetensors"));
+    assert!(e.contains("/no/such/model.safetensors"), "{e}");
+}
+
+#[test]
+fn unknown_layout_is_refused() {
+    let p = edited_fixture("unknown.safetensors", |l| {
+        for t in l.iter_mut() {
+            t.0 = t.0.replace("model.diffusion_model.", "unet.");
+        }
+    });
+    let e = load_err(&p);
+    assert!(e.contains("no MMDiT tensors"), "{e}");
+    let e = inspect::inspect(&p).unwrap_err().to_string();
+    assert!(e.contains("no SD3 component"), "{e}");
+}
+
+#[test]
+fn missing_shard_is_named() {
+    let dir = temp("sharded");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = fixture("mmdit/sd35m/transformer");
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap();
+        if !f.file_name().to_string_lossy().contains("00002") {
+            std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+        }
+    }
+    let e = load_err(&dir);
+    assert!(
+        e.contains("diffusion_pytorch_model-00002-of-00003.safetensors"),
+        "{e}"
+    );
+}
+
+#[test]
+fn fp8_e4m3_decodes_like_torch() {
+    // Bit patterns and the values torch.float8_e4m3fn gives them.
+    let cases = [
+        (0x00, 0.0),
+        (0x38, 1.0),
+        (0xb8, -1.0),
+        (0x7e, 448.0),
+        (0x01, 2f32.powi(-9)),
+        (0x3c, 1.5),
+    ];
+    for (b, v) in cases {
+        assert_eq!(fp8_e4m3(b), v, "0x{b:02x}");
+    }
+    assert!(fp8_e4m3(0x7f).is_nan());
+}
+
+#[test]
+fn inspect_reports_variant_and_components() {
+    let r = inspect::inspect(&fixture("mmdit/sd35m.safetensors"))
+        .unwrap()
+        .to_string();
+    assert!(r.contains("Stability single file"), "{r}");
+    assert!(r.contains("depth 2, hidden 128, heads 2"), "{r}");
+    assert!(r.contains("dual attention in blocks 0-0"), "{r}");
+    assert!(r.contains("F8_E4M3"), "{r}");
+    assert!(r.contains("vae          absent"), "{r}");
+    // An all-in-one file: the transformer plus VAE and text-encoder tensors.
+    let p = edited_fixture("all_in_one.safetensors", |l| {
+        let small = |n: &str| (n.to_string(), Dtype::F16, vec![2], vec![0u8; 4]);
+        l.push(small("first_stage_model.decoder.conv_in.bias"));
+        l.push(small(
+            "text_encoders.clip_l.transformer.text_model.final_layer_norm.bias",
+        ));
+        l.push(small("text_encoders.t5xxl.transformer.shared.weight"));
+    });
+    let r = inspect::inspect(&p).unwrap().to_string();
+    for line in [
+        "vae          present",
+        "clip_l       present",
+        "t5xxl        present",
+        "clip_g       absent",
+    ] {
+        assert!(r.contains(line), "{line}:\n{r}");
+    }
+    let r = inspect::inspect(&fixture("mmdit/sd35m"))
+        .unwrap()
+        .to_string();
+    assert!(r.contains("diffusers folder") && r.contains("BF16"), "{r}");
+}
