@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::recipe::Recipe;
 use super::{Checkpoint, WeightsError};
 
 /// Prefix of the diffusion model in Stability single files.
@@ -67,23 +68,6 @@ impl MmditConfig {
             (24, 1536, true, false) => "SD3.5 medium".into(),
             (38, 2432, true, true) => "SD3.5 large".into(),
             _ => "custom MMDiT".into(),
-        }
-    }
-}
-
-enum Recipe {
-    Direct(String),
-    /// Rows concatenated (q, k, v → qkv).
-    Concat(Vec<String>),
-    /// The two halves of dim 0 exchanged ((scale, shift) → (shift, scale)).
-    SwapHalves(String),
-}
-
-impl Recipe {
-    fn first(&self) -> &str {
-        match self {
-            Recipe::Direct(n) | Recipe::SwapHalves(n) => n,
-            Recipe::Concat(v) => &v[0],
         }
     }
 }
@@ -233,67 +217,17 @@ impl MmditSource {
 
     /// Whether the checkpoint holds a canonical tensor.
     pub fn has(&self, canonical: &str) -> bool {
-        match self.recipe(canonical) {
-            Recipe::Direct(n) | Recipe::SwapHalves(n) => self.ck.tensors.contains_key(&n),
-            Recipe::Concat(v) => v.iter().all(|n| self.ck.tensors.contains_key(n)),
-        }
-    }
-
-    fn missing(&self, name: &str) -> WeightsError {
-        WeightsError::Missing {
-            name: name.to_string(),
-            source: self.ck.describe(),
-        }
+        self.ck.has_recipe(&self.recipe(canonical))
     }
 
     /// Shape of a canonical tensor.
     pub fn shape(&self, canonical: &str) -> Result<Vec<usize>, WeightsError> {
-        let get = |n: &String| {
-            self.ck
-                .tensors
-                .get(n)
-                .map(|e| e.shape.clone())
-                .ok_or_else(|| self.missing(n))
-        };
-        match self.recipe(canonical) {
-            Recipe::Direct(n) | Recipe::SwapHalves(n) => get(&n),
-            Recipe::Concat(v) => {
-                let mut s = get(&v[0])?;
-                for n in &v[1..] {
-                    s[0] += get(n)?[0];
-                }
-                Ok(s)
-            }
-        }
+        self.ck.recipe_shape(&self.recipe(canonical))
     }
 
     /// Reads a canonical tensor as f32, checking its shape.
     pub fn read(&self, canonical: &str, expected: &[usize]) -> Result<Vec<f32>, WeightsError> {
-        let recipe = self.recipe(canonical);
-        let found = self.shape(canonical)?;
-        if found != expected {
-            return Err(WeightsError::Shape {
-                name: recipe.first().to_string(),
-                expected: expected.to_vec(),
-                found,
-            });
-        }
-        match recipe {
-            Recipe::Direct(n) => Ok(self.ck.read_f32(&n)?.1),
-            Recipe::Concat(v) => {
-                let mut out = Vec::new();
-                for n in &v {
-                    out.extend(self.ck.read_f32(n)?.1);
-                }
-                Ok(out)
-            }
-            Recipe::SwapHalves(n) => {
-                let mut data = self.ck.read_f32(&n)?.1;
-                let half = data.len() / 2;
-                data.rotate_left(half);
-                Ok(data)
-            }
-        }
+        self.ck.read_recipe(&self.recipe(canonical), expected)
     }
 
     fn detect(&self, config_json: Option<&serde_json::Value>) -> Result<MmditConfig, WeightsError> {
@@ -320,27 +254,8 @@ impl MmditSource {
             config: cfg.clone(),
             path: self.path.clone(),
         };
-        let name = |c: &str| tmp.recipe(c);
-        let shape = |c: &str| -> Result<Vec<usize>, WeightsError> {
-            match name(c) {
-                Recipe::Direct(n) | Recipe::SwapHalves(n) => self
-                    .ck
-                    .tensors
-                    .get(&n)
-                    .map(|e| e.shape.clone())
-                    .ok_or_else(|| self.missing(&n)),
-                Recipe::Concat(v) => self
-                    .ck
-                    .tensors
-                    .get(&v[0])
-                    .map(|e| e.shape.clone())
-                    .ok_or_else(|| self.missing(&v[0])),
-            }
-        };
-        let has = |c: &str| match name(c) {
-            Recipe::Direct(n) | Recipe::SwapHalves(n) => self.ck.tensors.contains_key(&n),
-            Recipe::Concat(v) => self.ck.tensors.contains_key(&v[0]),
-        };
+        let shape = |c: &str| self.ck.recipe_shape(&tmp.recipe(c));
+        let has = |c: &str| self.ck.has_recipe(&tmp.recipe(c));
         let proj = shape("x_embedder.proj.weight")?;
         if proj.len() != 4 || proj[2] != proj[3] {
             return Err(WeightsError::Shape {
@@ -379,7 +294,7 @@ impl MmditSource {
             .filter(|i| has(&format!("joint_blocks.{i}.x_block.attn2.qkv.weight")))
             .collect();
         if depth == 0 {
-            return Err(self.missing(&format!("{block_prefix}0.*")));
+            return Err(WeightsError::Missing { name: format!("{block_prefix}0.*"), source: self.ck.describe() });
         }
         if let Some(j) = config_json {
             check_config(&cfg, j, &self.path)?;

@@ -4,6 +4,8 @@
 
 pub mod inspect;
 pub mod mmdit;
+pub mod recipe;
+pub mod vae;
 
 use std::collections::BTreeMap;
 use std::fmt;

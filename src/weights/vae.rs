@@ -1,0 +1,223 @@
+//! VAE checkpoints: Stability/LDM names (`first_stage_model.decoder.up.3.block.0…`)
+//! mapped onto diffusers' (`decoder.up_blocks.0.resnets.0…`), which are canonical
+//! here, and the architecture read from the tensors.
+
+use std::path::{Path, PathBuf};
+
+use super::recipe::Recipe;
+use super::{Checkpoint, WeightsError};
+
+/// SD3's latent scale (latents = (mean − shift) · scale).
+pub const SD3_SCALING_FACTOR: f32 = 1.5305;
+/// SD3's latent shift.
+pub const SD3_SHIFT_FACTOR: f32 = 0.0609;
+
+/// The autoencoder's architecture.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VaeConfig {
+    /// Latent channels (16 for SD3).
+    pub latent_channels: usize,
+    /// Image channels (3).
+    pub image_channels: usize,
+    /// Channels per resolution level, finest first ((128, 256, 512, 512) for SD3).
+    pub block_out_channels: Vec<usize>,
+    /// Resnets per encoder level (the decoder has one more).
+    pub layers_per_block: usize,
+    /// GroupNorm groups (32).
+    pub norm_groups: usize,
+    /// latents = (mean − shift) · scale.
+    pub scaling_factor: f32,
+    /// See `scaling_factor`.
+    pub shift_factor: f32,
+    /// Whether encoder tensors are present.
+    pub has_encoder: bool,
+}
+
+/// An opened VAE.
+pub struct VaeSource {
+    /// The tensors.
+    pub ck: Checkpoint,
+    /// Stability/LDM names with this prefix, or diffusers names when `None`.
+    pub ldm_prefix: Option<String>,
+    /// The architecture.
+    pub config: VaeConfig,
+    /// The path given.
+    pub path: PathBuf,
+}
+
+/// The LDM name of a canonical (diffusers) VAE tensor.
+fn ldm_name(canonical: &str, levels: usize) -> String {
+    let parts: Vec<&str> = canonical.split('.').collect();
+    let coder = parts[0];
+    let rest = &parts[1..];
+    let tail = |from: usize| rest[from..].join(".");
+    let resnet_tail = |from: usize| tail(from).replace("conv_shortcut", "nin_shortcut");
+    let mapped = match rest {
+        ["conv_norm_out", ..] => format!("norm_out.{}", tail(1)),
+        ["down_blocks", i, "resnets", j, ..] => format!("down.{i}.block.{j}.{}", resnet_tail(4)),
+        ["down_blocks", i, "downsamplers", "0", ..] => format!("down.{i}.downsample.{}", tail(4)),
+        ["up_blocks", i, "resnets", j, ..] => {
+            let b = levels - 1 - i.parse::<usize>().unwrap_or(0);
+            format!("up.{b}.block.{j}.{}", resnet_tail(4))
+        }
+        ["up_blocks", i, "upsamplers", "0", ..] => {
+            let b = levels - 1 - i.parse::<usize>().unwrap_or(0);
+            format!("up.{b}.upsample.{}", tail(4))
+        }
+        ["mid_block", "resnets", j, ..] => {
+            format!("mid.block_{}.{}", j.parse::<usize>().unwrap_or(0) + 1, resnet_tail(3))
+        }
+        ["mid_block", "attentions", "0", what, ..] => {
+            let ldm = match *what {
+                "group_norm" => "norm",
+                "to_q" => "q",
+                "to_k" => "k",
+                "to_v" => "v",
+                _ => "proj_out",
+            };
+            let param = rest.last().copied().unwrap_or("");
+            format!("mid.attn_1.{ldm}.{param}")
+        }
+        _ => tail(0),
+    };
+    format!("{coder}.{mapped}")
+}
+
+fn count_indices(ck: &Checkpoint, prefix: &str) -> usize {
+    let mut v: Vec<usize> = ck
+        .with_prefix(prefix)
+        .filter_map(|(k, _)| k[prefix.len()..].split('.').next()?.parse().ok())
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v.len()
+}
+
+impl VaeSource {
+    /// Opens a VAE: a single file (all-in-one with `first_stage_model.`, a bare
+    /// LDM VAE, or a diffusers-named file), a diffusers model folder (its
+    /// `vae/`) or a diffusers VAE folder.
+    pub fn open(path: &Path) -> Result<VaeSource, WeightsError> {
+        let meta = std::fs::metadata(path).map_err(|e| super::io_err(path, e))?;
+        let (ck, json) = if meta.is_dir() {
+            let dir = if path.join("vae").is_dir() { path.join("vae") } else { path.to_path_buf() };
+            let ck = Checkpoint::open_diffusers_component(&dir, "diffusion_pytorch_model")?;
+            let cfg = dir.join("config.json");
+            let json = match std::fs::read_to_string(&cfg) {
+                Ok(t) => Some(
+                    serde_json::from_str::<serde_json::Value>(&t)
+                        .map_err(|e| WeightsError::Format { path: cfg.clone(), msg: e.to_string() })?,
+                ),
+                Err(_) => None,
+            };
+            (ck, json)
+        } else {
+            (Checkpoint::open(&[path.to_path_buf()])?, None)
+        };
+        let ldm_prefix = if ck.with_prefix("first_stage_model.").next().is_some() {
+            Some("first_stage_model.".to_string())
+        } else if ck.with_prefix("decoder.up_blocks.").next().is_some() {
+            None
+        } else if ck.with_prefix("decoder.up.").next().is_some() {
+            Some(String::new())
+        } else {
+            return Err(WeightsError::Unsupported(format!(
+                "{}: no VAE decoder found (expected 'first_stage_model.decoder.*' as in Stability files, \
+                 or 'decoder.up_blocks.*' as in diffusers folders)",
+                path.display()
+            )));
+        };
+        let mut src = VaeSource {
+            ck,
+            ldm_prefix,
+            config: VaeConfig {
+                latent_channels: 0,
+                image_channels: 0,
+                block_out_channels: Vec::new(),
+                layers_per_block: 0,
+                norm_groups: 32,
+                scaling_factor: SD3_SCALING_FACTOR,
+                shift_factor: SD3_SHIFT_FACTOR,
+                has_encoder: false,
+            },
+            path: path.to_path_buf(),
+        };
+        src.detect(json.as_ref())?;
+        Ok(src)
+    }
+
+    fn recipe(&self, canonical: &str) -> Recipe {
+        match &self.ldm_prefix {
+            Some(p) => Recipe::Direct(format!("{p}{}", ldm_name(canonical, self.config.block_out_channels.len()))),
+            None => Recipe::Direct(canonical.to_string()),
+        }
+    }
+
+    /// Whether the checkpoint holds a canonical tensor.
+    pub fn has(&self, canonical: &str) -> bool {
+        self.ck.has_recipe(&self.recipe(canonical))
+    }
+
+    /// Reads a canonical tensor as f32, checking its shape.
+    pub fn read(&self, canonical: &str, expected: &[usize]) -> Result<Vec<f32>, WeightsError> {
+        self.ck.read_recipe(&self.recipe(canonical), expected)
+    }
+
+    fn detect(&mut self, json: Option<&serde_json::Value>) -> Result<(), WeightsError> {
+        let shape = |s: &Self, c: &str| s.ck.recipe_shape(&s.recipe(c));
+        // The level count is needed to map LDM up-block indices: count first.
+        let prefix = match &self.ldm_prefix {
+            Some(p) => format!("{p}decoder.up."),
+            None => "decoder.up_blocks.".to_string(),
+        };
+        let levels = count_indices(&self.ck, &prefix);
+        if levels == 0 {
+            return Err(WeightsError::Missing { name: prefix + "0.*", source: self.ck.describe() });
+        }
+        self.config.block_out_channels = vec![0; levels];
+        let conv_in = shape(self, "decoder.conv_in.weight")?;
+        self.config.latent_channels = conv_in.get(1).copied().unwrap_or(0);
+        self.config.image_channels = shape(self, "decoder.conv_out.weight")?[0];
+        let resnets_prefix = match &self.ldm_prefix {
+            Some(p) => format!("{p}decoder.up.{}.block.", levels - 1),
+            None => "decoder.up_blocks.0.resnets.".to_string(),
+        };
+        let per_level = count_indices(&self.ck, &resnets_prefix);
+        if per_level < 1 {
+            return Err(WeightsError::Missing { name: resnets_prefix + "0.*", source: self.ck.describe() });
+        }
+        self.config.layers_per_block = per_level - 1;
+        for i in 0..levels {
+            // Decoder up block i works at level levels-1-i.
+            let c = shape(self, &format!("decoder.up_blocks.{i}.resnets.0.conv2.weight"))?[0];
+            self.config.block_out_channels[levels - 1 - i] = c;
+        }
+        self.config.has_encoder = self.has("encoder.conv_in.weight");
+        if let Some(j) = json {
+            let f = |k: &str| j.get(k).and_then(|v| v.as_f64());
+            if let Some(v) = f("scaling_factor") {
+                self.config.scaling_factor = v as f32;
+            }
+            if let Some(v) = f("shift_factor") {
+                self.config.shift_factor = v as f32;
+            }
+            if let Some(v) = f("norm_num_groups") {
+                self.config.norm_groups = v as usize;
+            }
+            let said: Option<Vec<usize>> = j
+                .get("block_out_channels")
+                .and_then(|v| v.as_array())
+                .map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as usize).collect());
+            if let Some(said) = said {
+                if said != self.config.block_out_channels {
+                    return Err(WeightsError::Unsupported(format!(
+                        "{}: config.json says block_out_channels {said:?} but the tensors give {:?}",
+                        self.path.display(),
+                        self.config.block_out_channels
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
