@@ -22,6 +22,8 @@ pub enum Error {
     Graph(String),
     /// A checkpoint could not be read or does not fit the model.
     Weights(WeightsError),
+    /// Reading or writing an image or data file failed (the message names the path).
+    Io(String),
 }
 
 impl fmt::Display for Error {
@@ -31,6 +33,7 @@ impl fmt::Display for Error {
             Error::Shape { op, msg } => write!(f, "{op}: {msg}"),
             Error::Graph(m) => f.write_str(m),
             Error::Weights(e) => e.fmt(f),
+            Error::Io(m) => f.write_str(m),
         }
     }
 }

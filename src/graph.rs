@@ -248,6 +248,42 @@ impl Graph {
         self.nodes.iter().map(|n| n.label.as_str()).collect()
     }
 
+    /// Bytes the intermediates of a plan of this graph would take after
+    /// buffer reuse (computed without allocating anything).
+    pub fn pooled_bytes(&self) -> u64 {
+        self.assign_pool().0.iter().sum()
+    }
+
+    /// Greedy by size: each intermediate takes the first pooled buffer whose
+    /// tenants' live ranges are disjoint from its own (every pooled buffer is
+    /// at least as large, since larger storages were placed first). Returns
+    /// the pooled buffer sizes and each storage's buffer index.
+    fn assign_pool(&self) -> (Vec<u64>, Vec<usize>) {
+        let live = self.liveness();
+        let mut order: Vec<usize> = (0..self.storages.len())
+            .filter(|&s| live[s].is_some())
+            .collect();
+        order.sort_by_key(|&s| std::cmp::Reverse(self.storages[s].bytes));
+        let mut pool: Vec<(u64, Vec<(usize, usize)>)> = Vec::new();
+        let mut slot = vec![usize::MAX; self.storages.len()];
+        for &s in &order {
+            let Some((a, b)) = live[s] else { continue };
+            let found = pool
+                .iter()
+                .position(|(_, ranges)| ranges.iter().all(|&(c, d)| b < c || d < a));
+            let i = match found {
+                Some(i) => i,
+                None => {
+                    pool.push((self.storages[s].bytes, Vec::new()));
+                    pool.len() - 1
+                }
+            };
+            pool[i].1.push((a, b));
+            slot[s] = i;
+        }
+        (pool.into_iter().map(|(b, _)| b).collect(), slot)
+    }
+
     /// Total cost of the recorded ops.
     pub fn cost(&self) -> Cost {
         self.nodes.iter().fold(Cost::default(), |a, n| Cost {
@@ -305,36 +341,11 @@ impl Graph {
     /// all created here once.
     pub fn plan(self, gpu: &Gpu) -> Result<Plan> {
         self.validate(gpu)?;
-        let live = self.liveness();
-
-        // Greedy by size: each intermediate takes the first pooled buffer whose
-        // tenants' live ranges are disjoint from its own (every pooled buffer is
-        // at least as large, since larger storages were placed first).
-        let mut order: Vec<usize> = (0..self.storages.len())
-            .filter(|&s| live[s].is_some())
-            .collect();
-        order.sort_by_key(|&s| std::cmp::Reverse(self.storages[s].bytes));
-        let mut pool: Vec<(u64, Vec<(usize, usize)>)> = Vec::new();
-        let mut slot = vec![usize::MAX; self.storages.len()];
-        for &s in &order {
-            let Some((a, b)) = live[s] else { continue };
-            let found = pool
-                .iter()
-                .position(|(_, ranges)| ranges.iter().all(|&(c, d)| b < c || d < a));
-            let i = match found {
-                Some(i) => i,
-                None => {
-                    pool.push((self.storages[s].bytes, Vec::new()));
-                    pool.len() - 1
-                }
-            };
-            pool[i].1.push((a, b));
-            slot[s] = i;
-        }
+        let (pool, slot) = self.assign_pool();
         let pool_buffers: Vec<Arc<wgpu::Buffer>> = pool
             .iter()
             .enumerate()
-            .map(|(i, (bytes, _))| create_storage(gpu, &format!("pool{i}"), *bytes).map(Arc::new))
+            .map(|(i, bytes)| create_storage(gpu, &format!("pool{i}"), *bytes).map(Arc::new))
             .collect::<Result<_>>()?;
         let mut buffers: Vec<Option<Arc<wgpu::Buffer>>> = Vec::with_capacity(self.storages.len());
         for (s, st) in self.storages.iter().enumerate() {
@@ -346,7 +357,7 @@ impl Graph {
                 Source::Op(None) => None,
             });
         }
-        let pooled_bytes = pool.iter().map(|(b, _)| *b).sum();
+        let pooled_bytes = pool.iter().sum();
 
         // Every op's params in one uniform buffer, each at an aligned offset.
         let align = gpu.limits.min_uniform_buffer_offset_alignment.max(16) as usize;

@@ -6,9 +6,11 @@
 //! [`graph`] (record once, plan once, replay with per-op timings).
 
 pub mod bench;
+pub mod decode;
 pub mod error;
 pub mod gpu;
 pub mod graph;
+pub mod image_io;
 pub mod models;
 pub mod ops;
 pub mod tensor;

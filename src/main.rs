@@ -32,6 +32,30 @@ enum Command {
         /// A single .safetensors file or a diffusers folder.
         path: std::path::PathBuf,
     },
+    /// Decode latents (a safetensors file with one tensor `latents` [b, 16, h, w]) to PNG.
+    Decode {
+        /// Checkpoint with the VAE: single file or diffusers folder.
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// Latents file, as `generate --save-latents` writes it.
+        #[arg(long)]
+        latents: std::path::PathBuf,
+        /// Output PNG (numbered -0, -1, … for a batch).
+        #[arg(long, default_value = "image.png")]
+        out: std::path::PathBuf,
+        /// Decode in tiles of this many latent pixels (default: only when needed).
+        #[arg(long)]
+        vae_tile: Option<usize>,
+        /// Overlap between tiles, in latent pixels.
+        #[arg(long, default_value_t = 8)]
+        tile_overlap: usize,
+        /// Tile when a full-frame decode needs more than this many MiB of intermediates.
+        #[arg(long)]
+        vae_budget_mib: Option<u64>,
+        /// Storage of the VAE's conv and linear weights.
+        #[arg(long, value_enum, default_value_t = WeightType::F32)]
+        dtype: WeightType,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -59,6 +83,15 @@ enum BenchWhat {
 enum WeightType {
     F16,
     F32,
+}
+
+impl WeightType {
+    fn dtype(self) -> DType {
+        match self {
+            WeightType::F16 => DType::F16,
+            WeightType::F32 => DType::F32,
+        }
+    }
 }
 
 fn gpu_options(cli: &Cli) -> GpuOptions {
@@ -115,10 +148,7 @@ fn bench_kernels(
     if gpu.info.device_type == wgpu::DeviceType::Cpu {
         println!("note: a CPU adapter; these numbers say nothing about GPU performance");
     }
-    let wd = match weights {
-        WeightType::F16 => DType::F16,
-        WeightType::F32 => DType::F32,
-    };
+    let wd = weights.dtype();
     println!(
         "{:<48} {:>10} {:>10} {:>9}",
         "case", "ms", "GFLOP/s", "GB/s"
@@ -137,6 +167,34 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match &cli.command {
         Command::Devices => devices(&cli),
+        Command::Decode {
+            model,
+            latents,
+            out,
+            vae_tile,
+            tile_overlap,
+            vae_budget_mib,
+            dtype,
+        } => {
+            let opts = sd3_wgpu::decode::DecodeOptions {
+                model: model.clone(),
+                latents: latents.clone(),
+                out: out.clone(),
+                tile: *vae_tile,
+                overlap: *tile_overlap,
+                budget: vae_budget_mib.map(|m| m << 20),
+                matrix: dtype.dtype(),
+            };
+            Gpu::new(&gpu_options(&cli))
+                .map_err(Into::into)
+                .and_then(|gpu| {
+                    let written = sd3_wgpu::decode::decode(&gpu, &opts)?;
+                    for p in written {
+                        println!("wrote {}", p.display());
+                    }
+                    Ok(())
+                })
+        }
         Command::Inspect { path } => sd3_wgpu::weights::inspect::inspect(path)
             .map(|r| print!("{r}"))
             .map_err(Into::into),

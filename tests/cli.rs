@@ -46,11 +46,153 @@ fn bad_backend_and_adapter_are_clear_errors() {
 #[test]
 fn inspect_prints_the_detected_variant() {
     let dir = env!("CARGO_MANIFEST_DIR");
-    let (ok, out, err) = sd3(&["inspect", &format!("{dir}/tests/fixtures/mmdit/sd35l.safetensors")]);
+    let (ok, out, err) = sd3(&[
+        "inspect",
+        &format!("{dir}/tests/fixtures/mmdit/sd35l.safetensors"),
+    ]);
     assert!(ok, "{err}");
-    assert!(out.contains("variant: custom MMDiT (depth 2, hidden 64, heads 1"), "{out}");
+    assert!(
+        out.contains("variant: custom MMDiT (depth 2, hidden 64, heads 1"),
+        "{out}"
+    );
     assert!(out.contains("qk RMSNorm"), "{out}");
     let (ok, _, err) = sd3(&["inspect", &format!("{dir}/README.md")]);
     assert!(!ok);
-    assert!(err.contains("README.md: not a readable safetensors file"), "{err}");
+    assert!(
+        err.contains("README.md: not a readable safetensors file"),
+        "{err}"
+    );
+}
+
+fn fixture(rel: &str) -> String {
+    format!("{}/tests/fixtures/{rel}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("sd3-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn decode_writes_pngs_that_match_diffusers() {
+    let dir = temp_dir("decode");
+    let out = dir.join("img.png");
+    let (ok, stdout, err) = sd3(&[
+        "decode",
+        "--model",
+        &fixture("vae/vae.safetensors"),
+        "--latents",
+        &fixture("vae/vae_io.safetensors"),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains("img-0.png") && stdout.contains("img-1.png"),
+        "{stdout}"
+    );
+    // Pixels as diffusers' postprocess gives them (fixture rgb8 is NHWC).
+    let ck =
+        sd3_wgpu::weights::Checkpoint::open(&[fixture("vae/vae_io.safetensors").into()]).unwrap();
+    let e = &ck.tensors["rgb8"];
+    let want = ck.bytes(e);
+    let per = want.len() / 2;
+    for i in 0..2 {
+        let img = image::open(dir.join(format!("img-{i}.png")))
+            .unwrap()
+            .to_rgb8();
+        assert_eq!((img.width(), img.height()), (14, 10));
+        let got = img.as_raw();
+        let close = got
+            .iter()
+            .zip(&want[i * per..][..per])
+            .filter(|(a, b)| a.abs_diff(**b) <= 1)
+            .count();
+        assert_eq!(
+            close, per,
+            "image {i}: every pixel within 1/255 of diffusers"
+        );
+    }
+    let text = sd3_wgpu::image_io::png_text(&dir.join("img-0.png")).unwrap();
+    assert!(
+        text.iter()
+            .any(|(k, v)| k == "sd3:latents" && v.ends_with("vae_io.safetensors")),
+        "{text:?}"
+    );
+    // Tiled on request, same size.
+    let (ok, _, err) = sd3(&[
+        "decode",
+        "--model",
+        &fixture("vae"),
+        "--latents",
+        &fixture("vae/vae_io.safetensors"),
+        "--out",
+        dir.join("tiled.png").to_str().unwrap(),
+        "--vae-tile",
+        "4",
+        "--tile-overlap",
+        "2",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(image::open(dir.join("tiled-1.png")).unwrap().width(), 14);
+}
+
+#[test]
+fn decode_bad_inputs_are_clear_and_write_nothing() {
+    let dir = temp_dir("decode-bad");
+    // Latents with 4 channels (an SD1 latent, say).
+    let bad = dir.join("bad.safetensors");
+    let data = vec![0u8; 4 * 4 * 5 * 5];
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 4, 5, 5], &data)
+            .unwrap();
+    safetensors::serialize_to_file(vec![("latents", view)], None, &bad).unwrap();
+    let out = dir.join("x.png");
+    let run = |model: &str, latents: &str, out: &str| {
+        sd3(&[
+            "decode",
+            "--model",
+            model,
+            "--latents",
+            latents,
+            "--out",
+            out,
+        ])
+    };
+    let (ok, _, err) = run(
+        &fixture("vae"),
+        bad.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    assert!(!ok && err.contains("'latents' must be [batch, 16"), "{err}");
+    let (ok, _, err) = run(
+        &fixture("mmdit/sd3.safetensors"),
+        &fixture("vae/vae_io.safetensors"),
+        out.to_str().unwrap(),
+    );
+    assert!(!ok && err.contains("no VAE decoder found"), "{err}");
+    let (ok, _, err) = run(
+        &fixture("vae"),
+        &fixture("vae/vae_io.safetensors"),
+        dir.join("no/such/dir/x.png").to_str().unwrap(),
+    );
+    assert!(!ok && err.contains("does not exist"), "{err}");
+    let (ok, _, err) = run(
+        &fixture("vae"),
+        &fixture("mmdit/sd3_io.safetensors"),
+        out.to_str().unwrap(),
+    );
+    assert!(!ok && err.contains("'latents' is missing"), "{err}");
+    assert!(!err.contains("panicked"));
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        vec![std::ffi::OsString::from("bad.safetensors")],
+        "nothing written"
+    );
 }

@@ -43,7 +43,7 @@ VARIANTS = [
         dict(num_layers=2, num_attention_heads=2, qk_norm="rms_norm", dual_attention_layers=(0,)),
         torch.float8_e4m3fn,
         torch.float8_e4m3fn,
-        torch.bfloat16,
+        torch.float8_e4m3fn,
         torch.bfloat16,
         3,
     ),
@@ -212,5 +212,107 @@ def main():
         print(name, "params", sum(p.numel() for p in model.parameters()))
 
 
+# ---------------------------------------------------------------------------
+# VAE: a tiny 16-channel AutoencoderKL (two levels of 32 and 64 channels, so a
+# 1×1 shortcut, one downsampler and one upsampler are exercised).
+
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    latent_channels=16,
+    norm_num_groups=32,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    scaling_factor=1.5305,
+    shift_factor=0.0609,
+)
+
+
+def vae_to_ldm(sd, levels):
+    """Inverse of diffusers' convert_ldm_vae_checkpoint (diffusers → LDM names)."""
+    out = {}
+    for k, v in sd.items():
+        parts = k.split(".")
+        coder, rest = parts[0], parts[1:]
+        if rest[0] == "conv_norm_out":
+            name = "norm_out." + ".".join(rest[1:])
+        elif rest[0] == "down_blocks" and rest[2] == "resnets":
+            name = f"down.{rest[1]}.block.{rest[3]}." + ".".join(rest[4:]).replace("conv_shortcut", "nin_shortcut")
+        elif rest[0] == "down_blocks":
+            name = f"down.{rest[1]}.downsample." + ".".join(rest[4:])
+        elif rest[0] == "up_blocks" and rest[2] == "resnets":
+            b = levels - 1 - int(rest[1])
+            name = f"up.{b}.block.{rest[3]}." + ".".join(rest[4:]).replace("conv_shortcut", "nin_shortcut")
+        elif rest[0] == "up_blocks":
+            b = levels - 1 - int(rest[1])
+            name = f"up.{b}.upsample." + ".".join(rest[4:])
+        elif rest[:2] == ["mid_block", "resnets"]:
+            name = f"mid.block_{int(rest[2]) + 1}." + ".".join(rest[3:]).replace("conv_shortcut", "nin_shortcut")
+        elif rest[:2] == ["mid_block", "attentions"]:
+            what = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}[rest[3]]
+            name = f"mid.attn_1.{what}.{rest[-1]}"
+            if v.ndim == 2:  # LDM stores these projections as 1×1 convs
+                v = v[:, :, None, None]
+        else:
+            name = ".".join(rest)
+        out[f"{coder}.{name}"] = v
+    return out
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+    from diffusers.image_processor import VaeImageProcessor
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    base = os.path.join(ROOT, "vae")
+    shutil.rmtree(base, ignore_errors=True)
+    os.makedirs(base)
+    gen = torch.Generator().manual_seed(2000)
+    vae = AutoencoderKL(**VAE_CONFIG).eval()
+    randomise(vae, gen)
+    # fp8-exact values: stored as f16 in the folder and fp8 in the single file.
+    round_to_storage(vae, torch.float8_e4m3fn, torch.float32)
+    sd = {k: v.detach().clone() for k, v in vae.state_dict().items()}
+    folder = os.path.join(base, "vae")
+    os.makedirs(folder)
+    vae.save_config(folder)
+    write_diffusers_weights(folder, {k: v.to(storage_dtype(v, torch.float16, torch.float32)).contiguous() for k, v in sd.items()}, None)
+    loaded = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+    ldm = vae_to_ldm(sd, len(VAE_CONFIG["block_out_channels"]))
+    back = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in ldm.items()}, dict(VAE_CONFIG))
+    assert set(back) == set(sd), sorted(set(back) ^ set(sd))
+    for k in sd:
+        assert torch.equal(back[k], sd[k]), k
+    single = {
+        "first_stage_model." + k: v.to(storage_dtype(v, torch.float8_e4m3fn, torch.float32)).contiguous()
+        for k, v in ldm.items()
+    }
+    save_file(single, os.path.join(base, "vae.safetensors"))
+
+    proc = VaeImageProcessor(vae_scale_factor=2)
+    latents = torch.randn(2, 16, 5, 7, generator=gen)
+    image = torch.rand(1, 3, 12, 10, generator=gen) * 2 - 1
+    with torch.no_grad():
+        # As the SD3 pipeline decodes its output latents.
+        z = latents / VAE_CONFIG["scaling_factor"] + VAE_CONFIG["shift_factor"]
+        decoded = vae.decode(z).sample
+        mean = vae.encode(image).latent_dist.mean
+    encoded = (mean - VAE_CONFIG["shift_factor"]) * VAE_CONFIG["scaling_factor"]
+    rgb = proc.postprocess(decoded, output_type="np")  # float in [0, 1], HWC
+    rgb8 = torch.from_numpy((rgb * 255).round().astype("uint8"))
+    assert torch.isfinite(decoded).all() and decoded.std() > 0.1
+    io = {"latents": latents, "decoded": decoded, "rgb8": rgb8, "image": image, "encoded": encoded}
+    save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(base, "vae_io.safetensors"))
+    print("vae params", sum(p.numel() for p in vae.parameters()))
+
+
 if __name__ == "__main__":
     main()
+    make_vae()

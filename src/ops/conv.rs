@@ -80,7 +80,7 @@ pub struct ConvParams {
     pub _pad: [u32; 3],
 }
 
-/// 2-D convolution with square stride and zero padding.
+/// 2-D convolution with square stride and `pad` zeros on every side.
 pub fn conv2d(
     g: &mut Graph,
     x: Value,
@@ -89,6 +89,20 @@ pub fn conv2d(
     stride: usize,
     pad: usize,
 ) -> Result<Value> {
+    conv2d_padded(g, x, w, b, stride, [pad, pad])
+}
+
+/// 2-D convolution with `pad[0]` zeros before and `pad[1]` after each spatial
+/// axis (the VAE encoder's downsampler pads (0, 1)).
+pub fn conv2d_padded(
+    g: &mut Graph,
+    x: Value,
+    w: Value,
+    b: Option<Value>,
+    stride: usize,
+    pad: [usize; 2],
+) -> Result<Value> {
+    let [pad, pad_end] = pad;
     let kind = "conv2d";
     expect_dtype(g, kind, "x", x, &[DType::F32])?;
     expect_dtype(g, kind, "w", w, &[DType::F32, DType::F16])?;
@@ -106,11 +120,12 @@ pub fn conv2d(
             ),
         ));
     }
-    if stride == 0 || xs[2] + 2 * pad < ws[2] || xs[3] + 2 * pad < ws[3] {
+    let span = pad + pad_end;
+    if stride == 0 || xs[2] + span < ws[2] || xs[3] + span < ws[3] {
         return Err(g.shape_error(
             kind,
             format!(
-                "a {}×{} kernel with stride {stride}, padding {pad} does not fit input {}",
+                "a {}×{} kernel with stride {stride}, padding {pad}/{pad_end} does not fit input {}",
                 ws[2],
                 ws[3],
                 shape_str(&xs)
@@ -121,8 +136,9 @@ pub fn conv2d(
         expect_dtype(g, kind, "bias", b, &[DType::F32])?;
         expect_shape(g, kind, "bias", b, &[ws[0]])?;
     }
-    let oh = (xs[2] + 2 * pad - ws[2]) / stride + 1;
-    let ow = (xs[3] + 2 * pad - ws[3]) / stride + 1;
+    // Padding after the data needs no kernel support: reads past h or w are zero.
+    let oh = (xs[2] + span - ws[2]) / stride + 1;
+    let ow = (xs[3] + span - ws[3]) / stride + 1;
     let out_shape = [xs[0], ws[0], oh, ow];
     check_index_space(g, kind, numel(&xs).max(numel(&out_shape)).max(numel(&ws)))?;
     let n = xs[0] * ws[0].div_ceil(OC_PER) * oh * ow;

@@ -294,7 +294,10 @@ impl MmditSource {
             .filter(|i| has(&format!("joint_blocks.{i}.x_block.attn2.qkv.weight")))
             .collect();
         if depth == 0 {
-            return Err(WeightsError::Missing { name: format!("{block_prefix}0.*"), source: self.ck.describe() });
+            return Err(WeightsError::Missing {
+                name: format!("{block_prefix}0.*"),
+                source: self.ck.describe(),
+            });
         }
         if let Some(j) = config_json {
             check_config(&cfg, j, &self.path)?;

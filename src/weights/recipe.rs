@@ -43,7 +43,10 @@ fn squeezed(s: &[usize]) -> &[usize] {
 
 impl Checkpoint {
     fn missing(&self, name: &str) -> WeightsError {
-        WeightsError::Missing { name: name.to_string(), source: self.describe() }
+        WeightsError::Missing {
+            name: name.to_string(),
+            source: self.describe(),
+        }
     }
 
     /// Whether every stored part of `r` is present.
@@ -55,7 +58,11 @@ impl Checkpoint {
     pub fn recipe_shape(&self, r: &Recipe) -> Result<Vec<usize>, WeightsError> {
         let mut shape: Option<Vec<usize>> = None;
         for n in r.names() {
-            let s = self.tensors.get(n).map(|e| e.shape.clone()).ok_or_else(|| self.missing(n))?;
+            let s = self
+                .tensors
+                .get(n)
+                .map(|e| e.shape.clone())
+                .ok_or_else(|| self.missing(n))?;
             shape = Some(match shape {
                 None => s,
                 Some(mut acc) => {
@@ -72,7 +79,11 @@ impl Checkpoint {
     pub fn read_recipe(&self, r: &Recipe, expected: &[usize]) -> Result<Vec<f32>, WeightsError> {
         let found = self.recipe_shape(r)?;
         if found != expected && squeezed(&found) != squeezed(expected) {
-            return Err(WeightsError::Shape { name: r.first().to_string(), expected: expected.to_vec(), found });
+            return Err(WeightsError::Shape {
+                name: r.first().to_string(),
+                expected: expected.to_vec(),
+                found,
+            });
         }
         let mut data = Vec::new();
         for n in r.names() {

@@ -65,7 +65,11 @@ fn ldm_name(canonical: &str, levels: usize) -> String {
             format!("up.{b}.upsample.{}", tail(4))
         }
         ["mid_block", "resnets", j, ..] => {
-            format!("mid.block_{}.{}", j.parse::<usize>().unwrap_or(0) + 1, resnet_tail(3))
+            format!(
+                "mid.block_{}.{}",
+                j.parse::<usize>().unwrap_or(0) + 1,
+                resnet_tail(3)
+            )
         }
         ["mid_block", "attentions", "0", what, ..] => {
             let ldm = match *what {
@@ -100,14 +104,20 @@ impl VaeSource {
     pub fn open(path: &Path) -> Result<VaeSource, WeightsError> {
         let meta = std::fs::metadata(path).map_err(|e| super::io_err(path, e))?;
         let (ck, json) = if meta.is_dir() {
-            let dir = if path.join("vae").is_dir() { path.join("vae") } else { path.to_path_buf() };
+            let dir = if path.join("vae").is_dir() {
+                path.join("vae")
+            } else {
+                path.to_path_buf()
+            };
             let ck = Checkpoint::open_diffusers_component(&dir, "diffusion_pytorch_model")?;
             let cfg = dir.join("config.json");
             let json = match std::fs::read_to_string(&cfg) {
-                Ok(t) => Some(
-                    serde_json::from_str::<serde_json::Value>(&t)
-                        .map_err(|e| WeightsError::Format { path: cfg.clone(), msg: e.to_string() })?,
-                ),
+                Ok(t) => Some(serde_json::from_str::<serde_json::Value>(&t).map_err(|e| {
+                    WeightsError::Format {
+                        path: cfg.clone(),
+                        msg: e.to_string(),
+                    }
+                })?),
                 Err(_) => None,
             };
             (ck, json)
@@ -148,7 +158,10 @@ impl VaeSource {
 
     fn recipe(&self, canonical: &str) -> Recipe {
         match &self.ldm_prefix {
-            Some(p) => Recipe::Direct(format!("{p}{}", ldm_name(canonical, self.config.block_out_channels.len()))),
+            Some(p) => Recipe::Direct(format!(
+                "{p}{}",
+                ldm_name(canonical, self.config.block_out_channels.len())
+            )),
             None => Recipe::Direct(canonical.to_string()),
         }
     }
@@ -172,7 +185,10 @@ impl VaeSource {
         };
         let levels = count_indices(&self.ck, &prefix);
         if levels == 0 {
-            return Err(WeightsError::Missing { name: prefix + "0.*", source: self.ck.describe() });
+            return Err(WeightsError::Missing {
+                name: prefix + "0.*",
+                source: self.ck.describe(),
+            });
         }
         self.config.block_out_channels = vec![0; levels];
         let conv_in = shape(self, "decoder.conv_in.weight")?;
@@ -184,12 +200,18 @@ impl VaeSource {
         };
         let per_level = count_indices(&self.ck, &resnets_prefix);
         if per_level < 1 {
-            return Err(WeightsError::Missing { name: resnets_prefix + "0.*", source: self.ck.describe() });
+            return Err(WeightsError::Missing {
+                name: resnets_prefix + "0.*",
+                source: self.ck.describe(),
+            });
         }
         self.config.layers_per_block = per_level - 1;
         for i in 0..levels {
             // Decoder up block i works at level levels-1-i.
-            let c = shape(self, &format!("decoder.up_blocks.{i}.resnets.0.conv2.weight"))?[0];
+            let c = shape(
+                self,
+                &format!("decoder.up_blocks.{i}.resnets.0.conv2.weight"),
+            )?[0];
             self.config.block_out_channels[levels - 1 - i] = c;
         }
         self.config.has_encoder = self.has("encoder.conv_in.weight");
@@ -207,7 +229,12 @@ impl VaeSource {
             let said: Option<Vec<usize>> = j
                 .get("block_out_channels")
                 .and_then(|v| v.as_array())
-                .map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as usize).collect());
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_u64())
+                        .map(|x| x as usize)
+                        .collect()
+                });
             if let Some(said) = said {
                 if said != self.config.block_out_channels {
                     return Err(WeightsError::Unsupported(format!(
