@@ -313,6 +313,182 @@ def make_vae():
     print("vae params", sum(p.numel() for p in vae.parameters()))
 
 
+
+
+
+# ---------------------------------------------------------------------------
+# Text encoders: tiny CLIP-L (quick-GELU), CLIP-G (GELU) and T5 encoder with
+# real-format tokenizers, and diffusers' encode_prompt as the reference.
+#
+# CLIP BPE: the real vocabulary ships in open_clip_torch's wheel
+# (open_clip/bpe_simple_vocab_16e6.txt.gz); pass its path as CLIP_BPE=... . The
+# fixture keeps the first CLIP_MERGES merges in the real vocab.json/merges.txt
+# format so the embedding tables stay small. T5: a SentencePiece unigram model
+# trained here on a small corpus (pad 0, eos 1, unk 2).
+
+CLIP_MERGES = 1000
+T5_TOKENS = 32
+PROMPTS = [
+    "a photo of a cat",
+    "",
+    "A RED Fox, jumping!!!  over   the moon.",
+    "Ünïcödé façade café naïve",
+    "日本語 中文 한국어",
+    "emoji 🦊🚀 ok",
+    '"quoted!" text! !! ?!',
+    "  leading and trailing spaces  ",
+    "numbers 12345 and 3.14, don't stop",
+    " ".join(["a very long prompt that keeps going"] * 12),
+]
+EMBED_PROMPTS = [0, 1, 9]
+
+
+def bytes_to_unicode():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(2**8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2**8 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def write_clip_vocab(folder, bpe_path):
+    import gzip
+
+    merges = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    merges = merges[1 : 1 + CLIP_MERGES]
+    merges = [tuple(m.split()) for m in merges]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab += ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return len(vocab)
+
+
+def make_text():
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                              T5EncoderModel, T5Tokenizer)
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    import tempfile
+
+    base = os.path.join(ROOT, "text")
+    shutil.rmtree(base, ignore_errors=True)
+    os.makedirs(base)
+    bpe = os.environ.get("CLIP_BPE", "/tmp/bpe.txt.gz")
+
+    # Tokenizers: CLIP-L as tokenizer.json, CLIP-G as vocab.json + merges.txt +
+    # tokenizer_config.json (as many real diffusers folders ship it), pad "!".
+    tmp = tempfile.mkdtemp()
+    n_vocab = write_clip_vocab(tmp, bpe)
+    tok_l = CLIPTokenizer(vocab=os.path.join(tmp, "vocab.json"), merges=os.path.join(tmp, "merges.txt"), model_max_length=77)
+    tok_l.save_pretrained(os.path.join(base, "tokenizer"))
+    tok_g = CLIPTokenizer(vocab=os.path.join(tmp, "vocab.json"), merges=os.path.join(tmp, "merges.txt"), pad_token="!",
+                          model_max_length=77)
+    g_dir = os.path.join(base, "tokenizer_2")
+    tok_g.save_pretrained(g_dir)
+    os.remove(os.path.join(g_dir, "tokenizer.json"))
+    write_clip_vocab(g_dir, bpe)
+    # The config as the real SD3 tokenizer_2 ships it: "!" (id 0) is a registered
+    # special token, so "!" is split out of the text before BPE.
+    special = lambda t: {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                         "single_word": False, "special": True}
+    with open(os.path.join(g_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"add_prefix_space": False,
+                   "added_tokens_decoder": {"0": special("!"), str(n_vocab - 2): special("<|startoftext|>"),
+                                            str(n_vocab - 1): special("<|endoftext|>")},
+                   "bos_token": "<|startoftext|>", "clean_up_tokenization_spaces": True, "do_lower_case": True,
+                   "eos_token": "<|endoftext|>", "errors": "replace", "model_max_length": 77, "pad_token": "!",
+                   "tokenizer_class": "CLIPTokenizer", "unk_token": "<|endoftext|>"}, f, indent=2)
+    tok_l = CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer"))
+    tok_g = CLIPTokenizer.from_pretrained(g_dir)
+    assert tok_g.pad_token_id == 0 and tok_l.pad_token_id == n_vocab - 1
+    # The trap: CLIP-G splits "!" out before BPE, so '"!' tokenizes differently.
+    assert tok_l('"!').input_ids[1:3] == [1, 256] and tok_g('"!').input_ids[1:3] == [257, 0]
+
+    corpus = os.path.join(tmp, "corpus.txt")
+    lines = ["a photo of a cat sitting on a red chair", "the quick brown fox jumps over the lazy dog",
+             "an astronaut riding a horse on the moon, highly detailed", "numbers 12345 and symbols !@#$%^&*()",
+             "UPPER case and lower case words, don't stop", "a very long prompt that keeps going"]
+    with open(corpus, "w") as f:
+        f.write("\n".join(lines * 40))
+    spm.SentencePieceTrainer.train(input=corpus, model_prefix=os.path.join(tmp, "sp"), vocab_size=96,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+    proto = pb.ModelProto()
+    proto.ParseFromString(open(os.path.join(tmp, "sp.model"), "rb").read())
+    pieces = [(p.piece, p.score) for p in proto.pieces]
+    tok_t5 = T5Tokenizer(vocab=pieces, extra_ids=0, _spm_precompiled_charsmap=proto.normalizer_spec.precompiled_charsmap,
+                         model_max_length=512)
+    tok_t5.save_pretrained(os.path.join(base, "tokenizer_3"))
+    tok_t5 = T5Tokenizer.from_pretrained(os.path.join(base, "tokenizer_3"))
+    assert tok_t5("a cat").input_ids[-1] == 1
+
+    gen = torch.Generator().manual_seed(3000)
+    common = dict(vocab_size=n_vocab, max_position_embeddings=77, bos_token_id=n_vocab - 2, eos_token_id=2,
+                  pad_token_id=1, projection_dim=32, num_hidden_layers=2)
+    clip_l = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=1,
+                                                        hidden_act="quick_gelu", **common)).eval()
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=128, intermediate_size=256, num_attention_heads=2,
+                                                        hidden_act="gelu", **common)).eval()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok_t5), d_model=208, d_kv=64, num_heads=2, d_ff=128, num_layers=2,
+                                 feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                                 relative_attention_max_distance=128, dropout_rate=0.0)).eval()
+    # (model, folder, matrix dtype, vector dtype)
+    encoders = [(clip_l, "text_encoder", torch.float16, torch.float32),
+                (clip_g, "text_encoder_2", torch.bfloat16, torch.bfloat16),
+                (t5, "text_encoder_3", torch.float8_e4m3fn, torch.float16)]
+    for model, folder, mat_dt, vec_dt in encoders:
+        randomise(model, gen)
+        round_to_storage(model, mat_dt, vec_dt)
+        path = os.path.join(base, folder)
+        os.makedirs(path)
+        model.config.save_pretrained(path)
+        sd = {k: v.to(storage_dtype(v, mat_dt, vec_dt)).contiguous() for k, v in model.state_dict().items()}
+        if model is t5:
+            # T5EncoderModel ties encoder.embed_tokens to shared; files store `shared.weight` once.
+            sd.pop("encoder.embed_tokens.weight", None)
+        save_file(sd, os.path.join(path, "model.safetensors"))
+
+    transformer = SD3Transformer2DModel(**dict(COMMON, joint_attention_dim=208, pooled_projection_dim=64),
+                                        num_layers=1, num_attention_heads=1, caption_projection_dim=64)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                                    vae=AutoencoderKL(**VAE_CONFIG), text_encoder=clip_l, tokenizer=tok_l,
+                                    text_encoder_2=clip_g, tokenizer_2=tok_g, text_encoder_3=t5, tokenizer_3=tok_t5)
+
+    def ids(tok, n):
+        return torch.tensor([tok(p, padding="max_length", max_length=n, truncation=True).input_ids for p in PROMPTS],
+                            dtype=torch.int32)
+
+    out = {"ids.clip_l": ids(tok_l, 77), "ids.clip_g": ids(tok_g, 77), "ids.t5": ids(tok_t5, T5_TOKENS)}
+    sel = [PROMPTS[i] for i in EMBED_PROMPTS]
+    with torch.no_grad():
+        emb, _, pooled, _ = pipe.encode_prompt(sel, sel, sel, do_classifier_free_guidance=False, max_sequence_length=T5_TOKENS)
+        out["t5.prompt_embeds"], out["t5.pooled"] = emb, pooled
+        pipe.text_encoder_3, pipe.tokenizer_3 = None, None
+        emb, _, pooled, _ = pipe.encode_prompt(sel, sel, sel, do_classifier_free_guidance=False, max_sequence_length=T5_TOKENS)
+        out["no_t5.prompt_embeds"], out["no_t5.pooled"] = emb, pooled
+    assert torch.isfinite(out["t5.prompt_embeds"]).all() and out["t5.prompt_embeds"][:, 77:].std() > 0.1
+    # T5's relative-position buckets for offsets -300..300 (exact f32 behaviour matters at bucket edges).
+    from transformers.models.t5.modeling_t5 import T5Attention
+    rel = torch.arange(-300, 301)
+    out["t5.buckets"] = T5Attention._relative_position_bucket(rel, True, 32, 128).to(torch.int32)
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(base, "text_io.safetensors"))
+    with open(os.path.join(base, "prompts.json"), "w") as f:
+        json.dump({"prompts": PROMPTS, "embed_prompts": EMBED_PROMPTS, "t5_tokens": T5_TOKENS}, f, ensure_ascii=False, indent=1)
+    print("text params", sum(p.numel() for m in (clip_l, clip_g, t5) for p in m.parameters()))
+
+
 if __name__ == "__main__":
     main()
     make_vae()
+    make_text()
