@@ -14,6 +14,7 @@ pub mod image_io;
 pub mod models;
 pub mod ops;
 pub mod tensor;
+pub mod text;
 pub mod tokenize;
 pub mod weights;
 

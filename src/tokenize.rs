@@ -131,7 +131,7 @@ impl PromptTokenizer {
             }
             t
         };
-        Self::finish(&mut inner, dir, config.as_ref(), CLIP_TOKENS, true)?;
+        Self::finish(&mut inner, dir, CLIP_TOKENS)?;
         let get = |name: &str, default: &str| -> Result<u32> {
             let tok = config
                 .as_ref()
@@ -173,7 +173,7 @@ impl PromptTokenizer {
             None
         };
         let mut inner = Tokenizer::from_file(&json).map_err(|e| tok_err(&json, e))?;
-        Self::finish(&mut inner, dir, config.as_ref(), length, false)?;
+        Self::finish(&mut inner, dir, length)?;
         let get = |name: &str, default: &str| -> Result<u32> {
             let tok = config
                 .as_ref()
@@ -198,13 +198,7 @@ impl PromptTokenizer {
         })
     }
 
-    fn finish(
-        t: &mut Tokenizer,
-        dir: &Path,
-        _config: Option<&serde_json::Value>,
-        length: usize,
-        _clip: bool,
-    ) -> Result<()> {
+    fn finish(t: &mut Tokenizer, dir: &Path, length: usize) -> Result<()> {
         // We add special tokens, truncate and pad ourselves.
         t.with_truncation(None).map_err(|e| tok_err(dir, e))?;
         t.with_padding(None);

@@ -85,3 +85,127 @@ fn missing_tokenizer_files_are_named() {
     let e = PromptTokenizer::t5(&dir, 32).err().unwrap().to_string();
     assert!(e.contains("tokenizer.json"), "{e}");
 }
+
+mod encoders {
+    use super::*;
+    use sd3_wgpu::models::t5::relative_position_bucket;
+    use sd3_wgpu::text::{encode_prompts, TextPaths};
+    use sd3_wgpu::DType;
+
+    fn io(name: &str) -> (Vec<usize>, Vec<f64>) {
+        let ck = Checkpoint::open(&[fixture("text_io.safetensors")]).unwrap();
+        let (s, v) = ck.read_f32(name).unwrap();
+        (s, v.iter().map(|&x| x as f64).collect())
+    }
+
+    fn paths() -> TextPaths {
+        TextPaths::from_folder(&fixture("")).unwrap()
+    }
+
+    #[test]
+    fn relative_position_buckets_match_transformers() {
+        let ck = Checkpoint::open(&[fixture("text_io.safetensors")]).unwrap();
+        let e = &ck.tensors["t5.buckets"];
+        let want: Vec<i32> = ck
+            .bytes(e)
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        for (i, w) in want.iter().enumerate() {
+            let rel = i as i64 - 300;
+            assert_eq!(
+                relative_position_bucket(rel, 32, 128) as i32,
+                *w,
+                "relative position {rel}"
+            );
+        }
+    }
+
+    fn check(with_t5: bool) {
+        let (all, sel, t5_len) = prompts();
+        let prompts: Vec<String> = sel.iter().map(|&i| all[i].clone()).collect();
+        let mut p = paths();
+        if !with_t5 {
+            p.t5 = None;
+            p.tokenizer_t5 = None;
+        }
+        let key = if with_t5 { "t5" } else { "no_t5" };
+        let (cs, want_ctx) = io(&format!("{key}.prompt_embeds"));
+        let (_, want_pooled) = io(&format!("{key}.pooled"));
+        let got = encode_prompts(common::gpu(), &p, &prompts, t5_len, cs[2], DType::F32).unwrap();
+        assert_eq!((got.batch, got.tokens, got.width), (cs[0], cs[1], cs[2]));
+        let e = common::rel_err(&got.context, &want_ctx);
+        eprintln!("{key}: context rel err {e:.2e}");
+        assert!(e <= 1e-4, "{key} context: relative error {e:.3e}");
+        let e = common::rel_err(&got.pooled, &want_pooled);
+        assert!(e <= 1e-4, "{key} pooled: relative error {e:.3e}");
+        assert!(
+            got.truncated
+                .iter()
+                .any(|t| t.encoder == "clip_l" && t.prompt == 2),
+            "{:?}",
+            got.truncated
+        );
+    }
+
+    #[test]
+    fn embeddings_match_encode_prompt_with_t5() {
+        check(true);
+    }
+
+    #[test]
+    fn embeddings_match_encode_prompt_without_t5() {
+        check(false);
+    }
+
+    #[test]
+    fn separate_encoder_files_work_like_folders() {
+        // `--clip-l clip_l.safetensors` style: the bare files, no config.json.
+        let mut p = paths();
+        p.clip_l = fixture("text_encoder/model.safetensors");
+        p.t5 = Some(fixture("text_encoder_3/model.safetensors"));
+        let (_, t5_len) = (0, prompts().2);
+        let a = encode_prompts(
+            common::gpu(),
+            &paths(),
+            &["a photo of a cat".into()],
+            t5_len,
+            208,
+            DType::F32,
+        )
+        .unwrap();
+        let b = encode_prompts(
+            common::gpu(),
+            &p,
+            &["a photo of a cat".into()],
+            t5_len,
+            208,
+            DType::F32,
+        )
+        .unwrap();
+        assert!(
+            common::rel_err(
+                &b.context,
+                &a.context.iter().map(|&x| x as f64).collect::<Vec<_>>()
+            ) < 1e-6
+        );
+    }
+
+    #[test]
+    fn missing_encoder_parts_are_named() {
+        let dir = std::env::temp_dir().join(format!("sd3-text-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let e = TextPaths::from_folder(&dir).unwrap_err().to_string();
+        assert!(e.contains("text_encoder") && e.contains("missing"), "{e}");
+        let mut p = paths();
+        p.clip_g = fixture("text_encoder_3/model.safetensors"); // a T5 file where CLIP-G belongs
+        let e = encode_prompts(common::gpu(), &p, &["x".into()], 32, 208, DType::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("text_model.embeddings.token_embedding.weight") && e.contains("missing"),
+            "{e}"
+        );
+    }
+}

@@ -27,7 +27,8 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn forward(&self, g: &mut Graph, x: Value) -> Result<Value> {
+    /// Records x · weightᵀ + bias.
+    pub fn forward(&self, g: &mut Graph, x: Value) -> Result<Value> {
         let w = g.weight("weight", &self.weight);
         let b = self.bias.as_ref().map(|b| g.weight("bias", b));
         linear::linear(g, x, w, b)

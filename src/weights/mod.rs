@@ -5,6 +5,7 @@
 pub mod inspect;
 pub mod mmdit;
 pub mod recipe;
+pub mod text;
 pub mod vae;
 
 use std::collections::BTreeMap;

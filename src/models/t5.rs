@@ -1,0 +1,267 @@
+//! The T5 v1.1 encoder (T5-XXL in SD3): RMSNorm without mean or bias, no
+//! 1/√d attention scale, a relative position bias computed once from layer 0's
+//! table and shared by every layer, gated-GELU (tanh) feed-forward. The
+//! residual stream stays f32 (T5's activations overflow f16).
+
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::graph::{Graph, Value};
+use crate::models::mmdit::Linear;
+use crate::ops::attention::{self, AttentionOptions, Heads, HEAD_DIM};
+use crate::ops::elementwise::{self, Act};
+use crate::ops::{layout, norm};
+use crate::tensor::{DType, Tensor};
+use crate::weights::text::TextSource;
+use crate::weights::WeightsError;
+
+/// The architecture.
+#[derive(Clone, Debug, PartialEq)]
+pub struct T5Config {
+    /// Model width.
+    pub d_model: usize,
+    /// Heads (64 wide).
+    pub heads: usize,
+    /// Feed-forward width.
+    pub d_ff: usize,
+    /// Layers.
+    pub layers: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Relative-position buckets.
+    pub buckets: usize,
+    /// Distance beyond which positions share a bucket.
+    pub max_distance: usize,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+}
+
+/// One encoder block.
+pub struct T5Block {
+    /// RMSNorm before attention.
+    pub ln0: Tensor,
+    /// q, k, v fused (no bias).
+    pub qkv: Linear,
+    /// Output projection.
+    pub o: Linear,
+    /// RMSNorm before the feed-forward.
+    pub ln1: Tensor,
+    /// Gate branch (GELU).
+    pub wi_0: Linear,
+    /// Linear branch.
+    pub wi_1: Linear,
+    /// Output.
+    pub wo: Linear,
+}
+
+/// The encoder.
+pub struct T5 {
+    /// Architecture.
+    pub config: T5Config,
+    /// [vocab, d_model].
+    pub shared: Tensor,
+    /// Blocks.
+    pub blocks: Vec<T5Block>,
+    /// Final RMSNorm.
+    pub final_layer_norm: Tensor,
+    /// Layer 0's relative attention bias table [buckets, heads], on the CPU.
+    pub relative_attention_bias: Vec<f32>,
+}
+
+/// T5's bidirectional relative-position bucket, reproducing transformers'
+/// float32 arithmetic (which decides the bucket at exact boundaries).
+pub fn relative_position_bucket(relative: i64, buckets: usize, max_distance: usize) -> usize {
+    let half = (buckets / 2) as i64;
+    let mut bucket = if relative > 0 { half } else { 0 };
+    let n = relative.unsigned_abs() as i64;
+    let max_exact = half / 2;
+    if n < max_exact {
+        return (bucket + n) as usize;
+    }
+    let ratio = (n as f32) / (max_exact as f32);
+    let scale = ((max_distance as f64) / (max_exact as f64)).ln() as f32;
+    let large = max_exact + ((ratio.ln() / scale) * ((half - max_exact) as f32)) as i64;
+    bucket += large.min(half - 1);
+    bucket as usize
+}
+
+impl T5 {
+    /// Loads a T5 encoder; matrices stored as `matrix`.
+    pub fn load(gpu: &Gpu, src: &TextSource, matrix: DType) -> Result<T5> {
+        let shared_name = if src.has("shared.weight") {
+            "shared.weight"
+        } else {
+            "encoder.embed_tokens.weight"
+        };
+        let emb = src.shape(shared_name)?;
+        let (vocab, d) = (emb[0], emb[1]);
+        let b0 = "encoder.block.0.layer.0.SelfAttention";
+        let rel = src.shape(&format!("{b0}.relative_attention_bias.weight"))?;
+        let heads = rel[1];
+        let inner = src.shape(&format!("{b0}.q.weight"))?[0];
+        if inner != heads * HEAD_DIM {
+            return Err(Error::Weights(WeightsError::Unsupported(format!(
+                "{}: T5 attention of width {inner} in {heads} heads is not 64 per head",
+                src.path.display()
+            ))));
+        }
+        let d_ff = src
+            .shape("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")
+            .map_err(|e| {
+                Error::Weights(WeightsError::Unsupported(format!(
+                    "{}: not a gated-GELU T5 v1.1 encoder ({e})",
+                    src.path.display()
+                )))
+            })?[0];
+        let c = T5Config {
+            d_model: d,
+            heads,
+            d_ff,
+            layers: src.count_layers("encoder.block."),
+            vocab,
+            buckets: rel[0],
+            max_distance: src
+                .config_num("relative_attention_max_distance")
+                .unwrap_or(128.0) as usize,
+            eps: src.config_num("layer_norm_epsilon").unwrap_or(1e-6) as f32,
+        };
+        let t = |name: &str, shape: &[usize], dt: DType| -> Result<Tensor> {
+            Tensor::from_f32(gpu, shape, dt, &src.read(name, shape)?)
+        };
+        let lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+            Ok(Linear {
+                weight: t(&format!("{name}.weight"), &[out, inp], matrix)?,
+                bias: None,
+            })
+        };
+        let mut blocks = Vec::with_capacity(c.layers);
+        for i in 0..c.layers {
+            let a = format!("encoder.block.{i}.layer.0");
+            let f = format!("encoder.block.{i}.layer.1");
+            let names: Vec<String> = ["q", "k", "v"]
+                .iter()
+                .map(|x| format!("{a}.SelfAttention.{x}.weight"))
+                .collect();
+            blocks.push(T5Block {
+                ln0: t(&format!("{a}.layer_norm.weight"), &[d], DType::F32)?,
+                qkv: Linear {
+                    weight: Tensor::from_f32(
+                        gpu,
+                        &[3 * inner, d],
+                        matrix,
+                        &src.read_concat(&names, &[3 * inner, d])?,
+                    )?,
+                    bias: None,
+                },
+                o: lin(&format!("{a}.SelfAttention.o"), d, inner)?,
+                ln1: t(&format!("{f}.layer_norm.weight"), &[d], DType::F32)?,
+                wi_0: lin(&format!("{f}.DenseReluDense.wi_0"), d_ff, d)?,
+                wi_1: lin(&format!("{f}.DenseReluDense.wi_1"), d_ff, d)?,
+                wo: lin(&format!("{f}.DenseReluDense.wo"), d, d_ff)?,
+            });
+        }
+        Ok(T5 {
+            shared: t(shared_name, &[vocab, d], matrix)?,
+            blocks,
+            final_layer_norm: t("encoder.final_layer_norm.weight", &[d], DType::F32)?,
+            relative_attention_bias: src
+                .read(&format!("{b0}.relative_attention_bias.weight"), &rel)?,
+            config: c,
+        })
+    }
+
+    /// The position bias [heads, tokens, tokens] for a sequence length.
+    pub fn position_bias(&self, tokens: usize) -> Vec<f32> {
+        let c = &self.config;
+        let mut out = vec![0f32; c.heads * tokens * tokens];
+        for i in 0..tokens {
+            for j in 0..tokens {
+                let b = relative_position_bucket(j as i64 - i as i64, c.buckets, c.max_distance);
+                for h in 0..c.heads {
+                    out[(h * tokens + i) * tokens + j] =
+                        self.relative_attention_bias[b * c.heads + h];
+                }
+            }
+        }
+        out
+    }
+
+    /// Records the encoder: ids [batch·tokens] (u32), bias [heads, tokens,
+    /// tokens] → hidden states [batch, tokens, d_model].
+    pub fn forward(&self, g: &mut Graph, ids: Value, bias: Value, batch: usize) -> Result<Value> {
+        let c = &self.config;
+        let tokens = g.shape(ids)[0] / batch.max(1);
+        g.scoped("t5", |g| {
+            let table = g.weight("shared", &self.shared);
+            let x = layout::gather(g, table, ids)?;
+            let mut x = g.reshape(x, &[batch, tokens, c.d_model])?;
+            for (i, blk) in self.blocks.iter().enumerate() {
+                x = g.scoped(&format!("block{i}"), |g| blk.forward(g, x, bias, c))?;
+            }
+            let w = g.weight("final_layer_norm", &self.final_layer_norm);
+            norm::rms_norm(g, x, Some(w), c.eps)
+        })
+    }
+}
+
+impl T5Block {
+    fn forward(&self, g: &mut Graph, x: Value, bias: Value, c: &T5Config) -> Result<Value> {
+        let inner = c.heads * HEAD_DIM;
+        let w0 = g.weight("ln0", &self.ln0);
+        let h = norm::rms_norm(g, x, Some(w0), c.eps)?;
+        let qkv = g.scoped("qkv", |g| self.qkv.forward(g, h))?;
+        let mut o = AttentionOptions::new(c.heads);
+        o.scale = 1.0;
+        o.bias = Some(bias);
+        let view = |col_offset| Heads {
+            value: qkv,
+            col_offset,
+        };
+        let a = attention::attention(g, view(0), view(inner), view(2 * inner), &o)?;
+        let a = g.scoped("o", |g| self.o.forward(g, a))?;
+        let x = elementwise::add(g, x, a)?;
+        let w1 = g.weight("ln1", &self.ln1);
+        let h = norm::rms_norm(g, x, Some(w1), c.eps)?;
+        let gate = g.scoped("wi_0", |g| self.wi_0.forward(g, h))?;
+        let gate = elementwise::activation(g, gate, Act::GeluTanh)?;
+        let lin = g.scoped("wi_1", |g| self.wi_1.forward(g, h))?;
+        let h = elementwise::mul(g, gate, lin)?;
+        let h = g.scoped("wo", |g| self.wo.forward(g, h))?;
+        elementwise::add(g, x, h)
+    }
+}
+
+/// Runs T5 over tokenized prompts (all the same length) → [batch, tokens, d_model].
+pub fn encode(gpu: &Gpu, t5: &T5, prompts: &[Vec<u32>]) -> Result<Vec<f32>> {
+    let batch = prompts.len();
+    let tokens = prompts.first().map(|p| p.len()).unwrap_or(0);
+    if batch == 0 || prompts.iter().any(|p| p.len() != tokens) {
+        return Err(Error::Graph(
+            "T5: prompts must all have the same token count".into(),
+        ));
+    }
+    if let Some(bad) = prompts
+        .iter()
+        .flatten()
+        .find(|&&i| i as usize >= t5.config.vocab)
+    {
+        return Err(Error::Graph(format!(
+            "T5: token id {bad} is outside the vocabulary of {}",
+            t5.config.vocab
+        )));
+    }
+    let mut g = Graph::new();
+    let ids = g.input("ids", &[batch * tokens], DType::U32);
+    let bias = g.input(
+        "position_bias",
+        &[t5.config.heads, tokens, tokens],
+        DType::F32,
+    );
+    let out = t5.forward(&mut g, ids, bias, batch)?;
+    g.keep(out);
+    let plan = g.plan(gpu)?;
+    let flat: Vec<u32> = prompts.iter().flatten().copied().collect();
+    plan.write_u32(gpu, ids, &flat)?;
+    plan.write(gpu, bias, &t5.position_bias(tokens))?;
+    plan.run(gpu)?;
+    plan.read(gpu, out)
+}

@@ -1,0 +1,213 @@
+//! Prompt embeddings as diffusers' SD3 `encode_prompt` builds them: CLIP-L and
+//! CLIP-G penultimate states side by side (768 + 1280), zero-padded to the
+//! joint width, followed on the token axis by T5's states, or by zeros of the
+//! same length when T5 is absent; pooled = [CLIP-L pooled ‖ CLIP-G pooled].
+//!
+//! Each encoder is loaded, run and dropped in turn, so its GPU memory is free
+//! again before the next one (and the MMDiT) needs it.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::models::{clip, t5};
+use crate::ops::elementwise::Act;
+use crate::tensor::DType;
+use crate::tokenize::PromptTokenizer;
+use crate::weights::text::TextSource;
+
+/// Where the text encoders and their tokenizers are.
+#[derive(Clone, Debug)]
+pub struct TextPaths {
+    /// CLIP-L weights: a diffusers component folder, a separate file, or an all-in-one file.
+    pub clip_l: PathBuf,
+    /// CLIP-G weights, likewise.
+    pub clip_g: PathBuf,
+    /// T5 weights; `None` runs without T5 (zeros, as diffusers does).
+    pub t5: Option<PathBuf>,
+    /// CLIP-L tokenizer folder.
+    pub tokenizer_l: PathBuf,
+    /// CLIP-G tokenizer folder.
+    pub tokenizer_g: PathBuf,
+    /// T5 tokenizer folder (needed with `t5`).
+    pub tokenizer_t5: Option<PathBuf>,
+}
+
+impl TextPaths {
+    /// The encoders and tokenizers of a diffusers model folder; T5 is used
+    /// when `text_encoder_3/` is present.
+    pub fn from_folder(root: &Path) -> Result<TextPaths> {
+        let need = |sub: &str| -> Result<PathBuf> {
+            let p = root.join(sub);
+            if p.is_dir() {
+                Ok(p)
+            } else {
+                Err(Error::Io(format!(
+                    "{}: missing (a diffusers SD3 folder has {sub}/)",
+                    p.display()
+                )))
+            }
+        };
+        let t5 = root.join("text_encoder_3");
+        let has_t5 = t5.is_dir();
+        Ok(TextPaths {
+            clip_l: need("text_encoder")?,
+            clip_g: need("text_encoder_2")?,
+            t5: has_t5.then_some(t5),
+            tokenizer_l: need("tokenizer")?,
+            tokenizer_g: need("tokenizer_2")?,
+            tokenizer_t5: if has_t5 {
+                Some(need("tokenizer_3")?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+fn open(path: &Path, name: &str) -> Result<TextSource> {
+    Ok(if path.is_dir() {
+        TextSource::open_folder(path)?
+    } else {
+        TextSource::open_file(path, name)?
+    })
+}
+
+/// A prompt that did not fit an encoder's token limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Truncation {
+    /// `clip_l`, `clip_g` or `t5`.
+    pub encoder: &'static str,
+    /// Index of the prompt.
+    pub prompt: usize,
+    /// Tokens dropped.
+    pub dropped: usize,
+}
+
+/// The conditioning of a batch of prompts.
+#[derive(Clone, Debug)]
+pub struct PromptEmbeddings {
+    /// [batch, 77 + t5_tokens, width].
+    pub context: Vec<f32>,
+    /// [batch, pooled_width].
+    pub pooled: Vec<f32>,
+    /// Prompts.
+    pub batch: usize,
+    /// Tokens per prompt (77 + T5's).
+    pub tokens: usize,
+    /// Joint width (4096 in SD3).
+    pub width: usize,
+    /// Pooled width (2048 in SD3).
+    pub pooled_width: usize,
+    /// Prompts that were cut short.
+    pub truncated: Vec<Truncation>,
+}
+
+fn tokenize(
+    tok: &PromptTokenizer,
+    name: &'static str,
+    prompts: &[String],
+    truncated: &mut Vec<Truncation>,
+) -> Result<Vec<Vec<u32>>> {
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let t = tok.encode(p)?;
+            if t.dropped > 0 {
+                truncated.push(Truncation {
+                    encoder: name,
+                    prompt: i,
+                    dropped: t.dropped,
+                });
+            }
+            Ok(t.ids)
+        })
+        .collect()
+}
+
+/// Encodes `prompts`; `width` is the transformer's joint width (its
+/// `context_dim`), `t5_tokens` the T5 length (256 by default in SD3).
+pub fn encode_prompts(
+    gpu: &Gpu,
+    paths: &TextPaths,
+    prompts: &[String],
+    t5_tokens: usize,
+    width: usize,
+    matrix: DType,
+) -> Result<PromptEmbeddings> {
+    let batch = prompts.len();
+    if batch == 0 {
+        return Err(Error::Graph("no prompts to encode".into()));
+    }
+    let mut truncated = Vec::new();
+    let mut run_clip = |weights: &Path,
+                        tok_dir: &Path,
+                        name: &'static str,
+                        act: Act|
+     -> Result<(Vec<f32>, Vec<f32>, usize, usize)> {
+        let tok = PromptTokenizer::clip(tok_dir)?;
+        let ids = tokenize(&tok, name, prompts, &mut truncated)?;
+        let model = clip::Clip::load(gpu, &open(weights, name)?, matrix, act)?;
+        let (seq, pooled) = clip::encode(gpu, &model, &ids)?;
+        Ok((seq, pooled, model.config.hidden, model.config.projection))
+    };
+    let (seq_l, pool_l, dl, pl) =
+        run_clip(&paths.clip_l, &paths.tokenizer_l, "clip_l", Act::QuickGelu)?;
+    let (seq_g, pool_g, dg, pg) =
+        run_clip(&paths.clip_g, &paths.tokenizer_g, "clip_g", Act::GeluErf)?;
+    if dl + dg > width {
+        return Err(Error::Graph(format!(
+            "CLIP widths {dl} + {dg} exceed the transformer's context width {width}: these encoders do not belong to this model"
+        )));
+    }
+    let t5_out = match (&paths.t5, &paths.tokenizer_t5) {
+        (Some(w), Some(tdir)) => {
+            let tok = PromptTokenizer::t5(tdir, t5_tokens)?;
+            let ids = tokenize(&tok, "t5", prompts, &mut truncated)?;
+            let model = t5::T5::load(gpu, &open(w, "t5xxl")?, matrix)?;
+            if model.config.d_model != width {
+                return Err(Error::Graph(format!(
+                    "T5 width {} differs from the transformer's context width {width}",
+                    model.config.d_model
+                )));
+            }
+            Some(t5::encode(gpu, &model, &ids)?)
+        }
+        (Some(_), None) => {
+            return Err(Error::Io(
+                "T5 weights were given without a T5 tokenizer (tokenizer_3/)".into(),
+            ))
+        }
+        _ => None,
+    };
+    let clip_tokens = crate::tokenize::CLIP_TOKENS;
+    let tokens = clip_tokens + t5_tokens;
+    let mut context = vec![0f32; batch * tokens * width];
+    for b in 0..batch {
+        for t in 0..clip_tokens {
+            let row = &mut context[(b * tokens + t) * width..][..width];
+            row[..dl].copy_from_slice(&seq_l[(b * clip_tokens + t) * dl..][..dl]);
+            row[dl..dl + dg].copy_from_slice(&seq_g[(b * clip_tokens + t) * dg..][..dg]);
+        }
+        if let Some(t5) = &t5_out {
+            let dst = (b * tokens + clip_tokens) * width;
+            context[dst..dst + t5_tokens * width]
+                .copy_from_slice(&t5[b * t5_tokens * width..][..t5_tokens * width]);
+        }
+    }
+    let mut pooled = Vec::with_capacity(batch * (pl + pg));
+    for b in 0..batch {
+        pooled.extend_from_slice(&pool_l[b * pl..][..pl]);
+        pooled.extend_from_slice(&pool_g[b * pg..][..pg]);
+    }
+    Ok(PromptEmbeddings {
+        context,
+        pooled,
+        batch,
+        tokens,
+        width,
+        pooled_width: pl + pg,
+        truncated,
+    })
+}
