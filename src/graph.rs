@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::gpu::{profile::Profile, Access, Gpu, PipelineKey};
+use crate::gpu::{profile::Profile, Access, Gpu, PipelineKey, TrackedBuffer};
 use crate::tensor::{create_storage, numel, read_buffer, shape_str, DType, Tensor};
 
 /// Handle to a value recorded in a [`Graph`].
@@ -342,12 +342,12 @@ impl Graph {
     pub fn plan(self, gpu: &Gpu) -> Result<Plan> {
         self.validate(gpu)?;
         let (pool, slot) = self.assign_pool();
-        let pool_buffers: Vec<Arc<wgpu::Buffer>> = pool
+        let pool_buffers: Vec<Arc<TrackedBuffer>> = pool
             .iter()
             .enumerate()
             .map(|(i, bytes)| create_storage(gpu, &format!("pool{i}"), *bytes).map(Arc::new))
             .collect::<Result<_>>()?;
-        let mut buffers: Vec<Option<Arc<wgpu::Buffer>>> = Vec::with_capacity(self.storages.len());
+        let mut buffers: Vec<Option<Arc<TrackedBuffer>>> = Vec::with_capacity(self.storages.len());
         for (s, st) in self.storages.iter().enumerate() {
             buffers.push(match &st.source {
                 Source::Input => Some(Arc::new(create_storage(gpu, &st.name, st.bytes)?)),
@@ -451,9 +451,9 @@ pub struct Plan {
     ops: Vec<PlannedOp>,
     values: Vec<ValueInfo>,
     storages: Vec<Storage>,
-    buffers: Vec<Option<Arc<wgpu::Buffer>>>,
+    buffers: Vec<Option<Arc<TrackedBuffer>>>,
     _params: wgpu::Buffer,
-    _dummy: wgpu::Buffer,
+    _dummy: TrackedBuffer,
     pooled_bytes: u64,
 }
 

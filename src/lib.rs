@@ -14,8 +14,10 @@ pub mod image_io;
 pub mod models;
 pub mod ops;
 pub mod tensor;
+pub mod sampler;
 pub mod text;
 pub mod tokenize;
+pub mod torch_rng;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use half::f16;
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, GpuError};
+use crate::gpu::{Gpu, GpuError, TrackedBuffer};
 
 /// Element type of a tensor in GPU memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -52,7 +52,7 @@ pub fn numel(shape: &[usize]) -> usize {
 #[derive(Clone, Debug)]
 pub struct Tensor {
     /// The buffer (at least 4 bytes; f16 data padded to whole words).
-    pub buffer: Arc<wgpu::Buffer>,
+    pub buffer: Arc<TrackedBuffer>,
     /// Logical shape.
     pub shape: Vec<usize>,
     /// Element type.
@@ -64,7 +64,7 @@ pub(crate) const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
 
-pub(crate) fn create_storage(gpu: &Gpu, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
+pub(crate) fn create_storage(gpu: &Gpu, label: &str, bytes: u64) -> Result<TrackedBuffer> {
     let bytes = bytes.max(4);
     gpu.check_buffer_size(label, bytes)?;
     let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
@@ -81,7 +81,7 @@ pub(crate) fn create_storage(gpu: &Gpu, label: &str, bytes: u64) -> Result<wgpu:
             limit: gpu.limits.max_buffer_size,
         }));
     }
-    Ok(buffer)
+    Ok(TrackedBuffer::new(buffer, gpu.memory.clone()))
 }
 
 fn check_len(shape: &[usize], len: usize) -> Result<()> {

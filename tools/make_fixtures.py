@@ -488,7 +488,89 @@ def make_text():
     print("text params", sum(p.numel() for m in (clip_l, clip_g, t5) for p in m.parameters()))
 
 
+# ---------------------------------------------------------------------------
+# End-to-end: a tiny StableDiffusion3Pipeline per MMDiT variant, built from
+# the text encoders and VAE above and a new tiny transformer whose context
+# width is T5's (208). Only the transformer, scheduler config and
+# model_index.json are stored per variant; tests assemble the full diffusers
+# folder from tests/fixtures/text and tests/fixtures/vae.
+
+PIPE_VARIANTS = [
+    ("sd3", dict(num_layers=2)),
+    ("sd35m", dict(num_layers=2, qk_norm="rms_norm", dual_attention_layers=(0,))),
+    ("sd35l", dict(num_layers=2, qk_norm="rms_norm")),
+]
+PIPE_PROMPT = "a photo of a cat"
+PIPE_NEGATIVE = "blurry, low quality!"
+
+
+def make_pipelines():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+    text = os.path.join(ROOT, "text")
+    base = os.path.join(ROOT, "pipeline")
+    shutil.rmtree(base, ignore_errors=True)
+    os.makedirs(base)
+    f32 = dict(torch_dtype=torch.float32)
+    parts = dict(
+        text_encoder=CLIPTextModelWithProjection.from_pretrained(os.path.join(text, "text_encoder"), **f32),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(os.path.join(text, "text_encoder_2"), **f32),
+        text_encoder_3=T5EncoderModel.from_pretrained(os.path.join(text, "text_encoder_3"), **f32),
+        tokenizer=CLIPTokenizer.from_pretrained(os.path.join(text, "tokenizer")),
+        tokenizer_2=CLIPTokenizer.from_pretrained(os.path.join(text, "tokenizer_2")),
+        tokenizer_3=T5Tokenizer.from_pretrained(os.path.join(text, "tokenizer_3")),
+        vae=AutoencoderKL.from_pretrained(os.path.join(ROOT, "vae", "vae"), **f32),
+    )
+    for vi, (name, cfg) in enumerate(PIPE_VARIANTS):
+        gen = torch.Generator().manual_seed(4000 + vi)
+        transformer = SD3Transformer2DModel(**dict(COMMON, joint_attention_dim=208, pooled_projection_dim=64),
+                                            num_attention_heads=1, caption_projection_dim=64, **cfg).eval()
+        randomise(transformer, gen)
+        round_to_storage(transformer, torch.bfloat16, torch.float32)
+        folder = os.path.join(base, name)
+        tdir = os.path.join(folder, "transformer")
+        os.makedirs(tdir)
+        transformer.save_config(tdir)
+        sd = {k: v.to(storage_dtype(v, torch.bfloat16, torch.float32)).contiguous() for k, v in transformer.state_dict().items()}
+        write_diffusers_weights(tdir, sd, None)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        scheduler.save_config(os.path.join(folder, "scheduler"))
+        pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, **parts)
+        pipe.save_config(folder)  # model_index.json
+        h, w = 6, 10  # latent size; the tiny VAE upsamples 2x
+        latents = torch.randn(1, 16, h, w, generator=gen)
+        io = {"init_latents": latents}
+        for key, enc3 in [("t5", parts["text_encoder_3"]), ("no_t5", None)]:
+            pipe.text_encoder_3 = enc3
+            pipe.tokenizer_3 = parts["tokenizer_3"] if enc3 is not None else None
+            args = dict(prompt=PIPE_PROMPT, negative_prompt=PIPE_NEGATIVE, num_inference_steps=4, guidance_scale=5.0,
+                        height=h * 2, width=w * 2, latents=latents.clone(), max_sequence_length=32)
+            with torch.no_grad():
+                out_latents = pipe(**args, output_type="latent").images
+                image = pipe(**args, output_type="np").images
+            io[f"{key}.latents"] = out_latents
+            io[f"{key}.rgb8"] = torch.from_numpy((image * 255).round().astype("uint8"))
+            assert torch.isfinite(out_latents).all()
+        save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(folder, "pipeline_io.safetensors"))
+        print(name, "pipeline transformer params", sum(p.numel() for p in transformer.parameters()))
+    with open(os.path.join(base, "request.json"), "w") as f:
+        json.dump({"prompt": PIPE_PROMPT, "negative_prompt": PIPE_NEGATIVE, "steps": 4, "cfg": 5.0,
+                   "height": 12, "width": 20, "max_t5_tokens": 32}, f, indent=1)
+
+
+RNG_CASES = [(0, 1), (42, 7), (42, 15), (42, 16), (7, 17), (123, 33), (2**40 + 5, 40), (2024, 16 * 6 * 10)]
+
+
+def make_rng():
+    """torch.randn on CPU for sizes on both sides of its 16-element boundary."""
+    out = {f"randn.{seed}.{n}": torch.randn(n, generator=torch.Generator().manual_seed(seed)) for seed, n in RNG_CASES}
+    save_file(out, os.path.join(ROOT, "rng.safetensors"))
+
+
 if __name__ == "__main__":
     main()
     make_vae()
     make_text()
+    make_pipelines()
+    make_rng()

@@ -191,6 +191,64 @@ fn backend_rank(b: wgpu::Backend) -> u32 {
     }
 }
 
+/// GPU memory the engine holds in storage buffers: now and at its peak.
+#[derive(Debug, Default)]
+pub struct MemoryCounter {
+    current: std::sync::atomic::AtomicU64,
+    peak: std::sync::atomic::AtomicU64,
+}
+
+impl MemoryCounter {
+    /// Bytes held now.
+    pub fn current(&self) -> u64 {
+        self.current.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// Most bytes held at once since creation or the last [`MemoryCounter::reset_peak`].
+    pub fn peak(&self) -> u64 {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// Starts a new peak measurement from the current level.
+    pub fn reset_peak(&self) {
+        self.peak.store(self.current(), std::sync::atomic::Ordering::Relaxed);
+    }
+    fn add(&self, bytes: u64) {
+        let now = self.current.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn sub(&self, bytes: u64) {
+        self.current.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A storage buffer counted in [`Gpu::memory`] until dropped.
+#[derive(Debug)]
+pub struct TrackedBuffer {
+    buffer: wgpu::Buffer,
+    bytes: u64,
+    counter: std::sync::Arc<MemoryCounter>,
+}
+
+impl TrackedBuffer {
+    pub(crate) fn new(buffer: wgpu::Buffer, counter: std::sync::Arc<MemoryCounter>) -> TrackedBuffer {
+        let bytes = buffer.size();
+        counter.add(bytes);
+        TrackedBuffer { buffer, bytes, counter }
+    }
+}
+
+impl std::ops::Deref for TrackedBuffer {
+    type Target = wgpu::Buffer;
+    fn deref(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+}
+
+impl Drop for TrackedBuffer {
+    fn drop(&mut self) {
+        self.counter.sub(self.bytes);
+    }
+}
+
 /// The device the engine runs on.
 pub struct Gpu {
     /// The wgpu device.
@@ -206,6 +264,8 @@ pub struct Gpu {
     /// Whether shader runtime checks and workgroup zero-init are on.
     pub runtime_checks: bool,
     pipelines: PipelineCache,
+    /// Storage-buffer memory held by the engine.
+    pub memory: std::sync::Arc<MemoryCounter>,
 }
 
 impl Gpu {
@@ -290,6 +350,7 @@ impl Gpu {
             caps,
             runtime_checks: opts.runtime_checks,
             pipelines: PipelineCache::default(),
+            memory: Default::default(),
         })
     }
 
