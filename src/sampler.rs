@@ -65,7 +65,11 @@ impl FlowMatchEuler {
 
 /// Classifier-free guidance: uncond + scale · (cond − uncond).
 pub fn guide(uncond: &[f32], cond: &[f32], scale: f32) -> Vec<f32> {
-    uncond.iter().zip(cond).map(|(u, c)| u + scale * (c - u)).collect()
+    uncond
+        .iter()
+        .zip(cond)
+        .map(|(u, c)| u + scale * (c - u))
+        .collect()
 }
 
 /// Which random numbers make the initial noise.

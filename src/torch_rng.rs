@@ -18,7 +18,9 @@ impl Mt19937 {
         state[0] = (seed & 0xffff_ffff) as u32;
         for j in 1..624 {
             let prev = state[j - 1];
-            state[j] = 1_812_433_253u32.wrapping_mul(prev ^ (prev >> 30)).wrapping_add(j as u32);
+            state[j] = 1_812_433_253u32
+                .wrapping_mul(prev ^ (prev >> 30))
+                .wrapping_add(j as u32);
         }
         Mt19937 { state, index: 624 }
     }

@@ -17,7 +17,10 @@ fn torch_randn_is_reproduced_on_both_sides_of_16() {
         let got = noise(Rng::Torch, seed, n);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             // torch may use SLEEF's vectorised log/sin/cos: allow an ulp or two.
-            assert!((g - w).abs() <= 2e-6 * w.abs().max(1.0), "{name}[{i}]: {g} vs {w}");
+            assert!(
+                (g - w).abs() <= 2e-6 * w.abs().max(1.0),
+                "{name}[{i}]: {g} vs {w}"
+            );
         }
         assert_eq!(got.len(), want.len());
     }
@@ -30,7 +33,10 @@ fn native_noise_is_standard_normal_and_seeded() {
     assert_ne!(a[..8], noise(Rng::Native, 2, 8)[..]);
     let mean = a.iter().map(|&x| x as f64).sum::<f64>() / a.len() as f64;
     let var = a.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / a.len() as f64;
-    assert!(mean.abs() < 0.02 && (var - 1.0).abs() < 0.02, "mean {mean}, var {var}");
+    assert!(
+        mean.abs() < 0.02 && (var - 1.0).abs() < 0.02,
+        "mean {mean}, var {var}"
+    );
 }
 
 #[test]
@@ -38,11 +44,38 @@ fn schedule_matches_diffusers() {
     // diffusers: FlowMatchEulerDiscreteScheduler(shift=3.0).set_timesteps(4)
     let s = FlowMatchEuler::new(4, 3.0);
     // (values printed by diffusers 0.42; note the end point is shifted twice)
-    assert_eq!(s.timesteps, vec![1000.0, 857.6923217773438, 602.1505737304688, 8.928571701049805]);
-    assert_eq!(s.sigmas[..4], [1.0, 0.857692301273346, 0.602150559425354, 0.008928571827709675]);
+    assert_eq!(
+        s.timesteps,
+        vec![
+            1000.0,
+            857.6923217773438,
+            602.1505737304688,
+            8.928571701049805
+        ]
+    );
+    assert_eq!(
+        s.sigmas[..4],
+        [
+            1.0,
+            0.857692301273346,
+            0.602150559425354,
+            0.008928571827709675
+        ]
+    );
     let s28 = FlowMatchEuler::new(28, 3.0);
-    assert_eq!(s28.timesteps[..4], [1000.0, 987.380615234375, 974.1077270507812, 960.1293334960938]);
-    assert_eq!(s28.timesteps[25..], [199.8269805908203, 110.90573120117188, 8.928571701049805]);
+    assert_eq!(
+        s28.timesteps[..4],
+        [
+            1000.0,
+            987.380615234375,
+            974.1077270507812,
+            960.1293334960938
+        ]
+    );
+    assert_eq!(
+        s28.timesteps[25..],
+        [199.8269805908203, 110.90573120117188, 8.928571701049805]
+    );
     assert_eq!(s.sigmas.len(), 5);
     assert_eq!(*s.sigmas.last().unwrap(), 0.0);
     assert_eq!(s.start_for_strength(0.5), 2);

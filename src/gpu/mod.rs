@@ -209,14 +209,20 @@ impl MemoryCounter {
     }
     /// Starts a new peak measurement from the current level.
     pub fn reset_peak(&self) {
-        self.peak.store(self.current(), std::sync::atomic::Ordering::Relaxed);
+        self.peak
+            .store(self.current(), std::sync::atomic::Ordering::Relaxed);
     }
     fn add(&self, bytes: u64) {
-        let now = self.current.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
-        self.peak.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+        let now = self
+            .current
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed)
+            + bytes;
+        self.peak
+            .fetch_max(now, std::sync::atomic::Ordering::Relaxed);
     }
     fn sub(&self, bytes: u64) {
-        self.current.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+        self.current
+            .fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -229,10 +235,17 @@ pub struct TrackedBuffer {
 }
 
 impl TrackedBuffer {
-    pub(crate) fn new(buffer: wgpu::Buffer, counter: std::sync::Arc<MemoryCounter>) -> TrackedBuffer {
+    pub(crate) fn new(
+        buffer: wgpu::Buffer,
+        counter: std::sync::Arc<MemoryCounter>,
+    ) -> TrackedBuffer {
         let bytes = buffer.size();
         counter.add(bytes);
-        TrackedBuffer { buffer, bytes, counter }
+        TrackedBuffer {
+            buffer,
+            bytes,
+            counter,
+        }
     }
 }
 

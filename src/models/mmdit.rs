@@ -602,6 +602,44 @@ impl MmditRun {
         })
     }
 
+    /// Writes the text conditioning, which stays the same for every step.
+    pub fn set_conditioning(&self, gpu: &Gpu, context: &[f32], pooled: &[f32]) -> Result<()> {
+        self.plan.write(gpu, self.context, context)?;
+        self.plan.write(gpu, self.pooled, pooled)
+    }
+
+    fn set_step(&self, gpu: &Gpu, latents: &[f32], t: &[f32]) -> Result<()> {
+        if t.len() != self.batch {
+            return Err(crate::Error::Graph(format!(
+                "{} timesteps for a batch of {}",
+                t.len(),
+                self.batch
+            )));
+        }
+        self.plan.write(gpu, self.x, latents)?;
+        self.plan.write(gpu, self.t_emb, &timestep_embedding(t))
+    }
+
+    /// One denoising evaluation (after [`MmditRun::set_conditioning`]):
+    /// latents and timesteps t = sigma·1000, one per batch entry → velocity.
+    pub fn step(&self, gpu: &Gpu, latents: &[f32], t: &[f32]) -> Result<Vec<f32>> {
+        self.set_step(gpu, latents, t)?;
+        self.plan.run(gpu)?;
+        self.plan.read(gpu, self.out)
+    }
+
+    /// [`MmditRun::step`] with per-op GPU timings.
+    pub fn step_profiled(
+        &self,
+        gpu: &Gpu,
+        latents: &[f32],
+        t: &[f32],
+    ) -> Result<(Vec<f32>, crate::gpu::profile::Profile)> {
+        self.set_step(gpu, latents, t)?;
+        let prof = self.plan.run_profiled(gpu)?;
+        Ok((self.plan.read(gpu, self.out)?, prof))
+    }
+
     /// Runs once with these inputs (timesteps t = sigma·1000, one per batch entry).
     pub fn run(
         &self,
@@ -611,19 +649,8 @@ impl MmditRun {
         pooled: &[f32],
         t: &[f32],
     ) -> Result<Vec<f32>> {
-        if t.len() != self.batch {
-            return Err(crate::Error::Graph(format!(
-                "{} timesteps for a batch of {}",
-                t.len(),
-                self.batch
-            )));
-        }
-        self.plan.write(gpu, self.x, latents)?;
-        self.plan.write(gpu, self.context, context)?;
-        self.plan.write(gpu, self.pooled, pooled)?;
-        self.plan.write(gpu, self.t_emb, &timestep_embedding(t))?;
-        self.plan.run(gpu)?;
-        self.plan.read(gpu, self.out)
+        self.set_conditioning(gpu, context, pooled)?;
+        self.step(gpu, latents, t)
     }
 
     /// The plan (for profiling).

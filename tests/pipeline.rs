@@ -1,0 +1,170 @@
+//! End to end against diffusers' StableDiffusion3Pipeline (tiny random models).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use sd3_wgpu::pipeline::{GenerateRequest, Pipeline, PipelineOptions};
+use sd3_wgpu::weights::Checkpoint;
+use sd3_wgpu::DType;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+/// A complete diffusers SD3 folder for `variant`, assembled from the shared
+/// text-encoder and VAE fixtures and the variant's transformer.
+pub fn pipeline_folder(variant: &str) -> PathBuf {
+    static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("sd3-pipe-{}-{variant}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_dir(&fixtures().join("pipeline").join(variant), &dir);
+    for sub in [
+        "text_encoder",
+        "text_encoder_2",
+        "text_encoder_3",
+        "tokenizer",
+        "tokenizer_2",
+        "tokenizer_3",
+    ] {
+        copy_dir(&fixtures().join("text").join(sub), &dir.join(sub));
+    }
+    copy_dir(&fixtures().join("vae/vae"), &dir.join("vae"));
+    std::fs::remove_file(dir.join("pipeline_io.safetensors")).unwrap();
+    dir
+}
+
+pub fn request() -> GenerateRequest {
+    let j: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("pipeline/request.json")).unwrap(),
+    )
+    .unwrap();
+    let mut r = GenerateRequest::new(j["prompt"].as_str().unwrap());
+    r.negative_prompt = j["negative_prompt"].as_str().unwrap().into();
+    r.steps = Some(j["steps"].as_u64().unwrap() as usize);
+    r.cfg = Some(j["cfg"].as_f64().unwrap() as f32);
+    r.width = Some(j["width"].as_u64().unwrap() as usize);
+    r.height = Some(j["height"].as_u64().unwrap() as usize);
+    r.max_t5_tokens = j["max_t5_tokens"].as_u64().unwrap() as usize;
+    r
+}
+
+fn f32_options() -> PipelineOptions {
+    PipelineOptions {
+        dtype: DType::F32,
+        ..PipelineOptions::default()
+    }
+}
+
+fn check(variant: &str, with_t5: bool) {
+    let dir = pipeline_folder(variant);
+    let io =
+        Checkpoint::open(&[fixtures().join(format!("pipeline/{variant}/pipeline_io.safetensors"))])
+            .unwrap();
+    let key = if with_t5 { "t5" } else { "no_t5" };
+    let pipe = Pipeline::load(
+        &dir,
+        PipelineOptions {
+            no_t5: !with_t5,
+            ..f32_options()
+        },
+    )
+    .unwrap();
+    let mut req = request();
+    req.init_latents = Some(io.read_f32("init_latents").unwrap().1);
+    let mut steps = Vec::new();
+    let out = pipe.generate(&req, &mut |s, n| steps.push((s, n))).unwrap();
+    assert_eq!(steps.last(), Some(&(4, 4)));
+    let want: Vec<f64> = io
+        .read_f32(&format!("{key}.latents"))
+        .unwrap()
+        .1
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let e = common::rel_err(&out.latents, &want);
+    eprintln!("{variant} {key}: final latents rel err {e:.2e}");
+    assert!(
+        e <= 1e-3,
+        "{variant} {key}: final latents relative error {e:.3e}"
+    );
+    let rgb = io
+        .tensors
+        .get(&format!("{key}.rgb8"))
+        .map(|t| io.bytes(t).to_vec())
+        .unwrap();
+    let ours = &out.images[0];
+    assert_eq!(ours.len(), rgb.len());
+    let close = ours
+        .iter()
+        .zip(&rgb)
+        .filter(|(a, b)| a.abs_diff(**b) <= 1)
+        .count();
+    assert!(
+        close as f64 >= 0.999 * rgb.len() as f64,
+        "{variant} {key}: {close} of {} pixels within 1/255",
+        rgb.len()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn sd3_matches_diffusers_with_and_without_t5() {
+    check("sd3", true);
+    check("sd3", false);
+}
+
+#[test]
+fn sd35_medium_matches_diffusers() {
+    check("sd35m", true);
+}
+
+#[test]
+fn sd35_large_matches_diffusers() {
+    check("sd35l", true);
+    check("sd35l", false);
+}
+
+#[test]
+fn repeated_generation_does_not_grow_gpu_memory() {
+    let dir = pipeline_folder("sd3");
+    let pipe = Pipeline::load(
+        &dir,
+        PipelineOptions {
+            keep_loaded: true,
+            ..f32_options()
+        },
+    )
+    .unwrap();
+    let mut req = request();
+    req.steps = Some(1);
+    let mut after = Vec::new();
+    for seed in 0..20 {
+        req.seed = seed;
+        pipe.generate(&req, &mut |_, _| {}).unwrap();
+        after.push(pipe.gpu.memory.current());
+    }
+    assert!(
+        after.iter().all(|&m| m == after[0]),
+        "GPU memory after each run: {after:?}"
+    );
+    // Without keep_loaded, nothing stays behind at all.
+    let pipe2 = Pipeline::load(&dir, f32_options()).unwrap();
+    pipe2.generate(&req, &mut |_, _| {}).unwrap();
+    assert_eq!(pipe2.gpu.memory.current(), 0);
+    let _ = std::fs::remove_dir_all(dir);
+}
