@@ -244,7 +244,11 @@ impl Pipeline {
         if req.batch == 0 {
             return Err(Error::Graph("--batch must be at least 1".into()));
         }
-        if s.width == 0 || s.height == 0 || s.width % scale != 0 || s.height % scale != 0 {
+        if s.width == 0
+            || s.height == 0
+            || !s.width.is_multiple_of(scale)
+            || !s.height.is_multiple_of(scale)
+        {
             return Err(Error::Graph(format!(
                 "width and height must be positive multiples of {scale}, got {}×{}",
                 s.width, s.height

@@ -24,7 +24,8 @@ impl FlowMatchEuler {
     /// 1000 training steps shifted in f32; `set_timesteps` spaces t linearly
     /// (f64) between those ends, shifts again (f64), stores f32 and appends 0.
     pub fn new(steps: usize, shift: f64) -> FlowMatchEuler {
-        let sigma_max = shifted_f32(TRAIN_STEPS / TRAIN_STEPS, shift as f32) as f64;
+        // The first training timestep, 1000/1000.
+        let sigma_max = shifted_f32(1.0, shift as f32) as f64;
         let sigma_min = shifted_f32(1.0 / TRAIN_STEPS, shift as f32) as f64;
         let (start, stop) = (sigma_max * 1000.0, sigma_min * 1000.0);
         let mut sigmas: Vec<f32> = (0..steps)

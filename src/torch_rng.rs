@@ -77,7 +77,7 @@ pub fn randn(seed: u64, n: usize) -> Vec<f32> {
             box_muller_16(&mut d[i..i + 16]);
             i += 16;
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = &mut d[n - 16..];
             for v in tail.iter_mut() {
                 *v = g.uniform_f32();
