@@ -1,4 +1,6 @@
 //! The sampler's schedule and noise against diffusers and torch.
+// The expected values are printed by Python at full f64 precision, exactly as diffusers gives them.
+#![allow(clippy::excessive_precision)]
 
 use std::path::PathBuf;
 
