@@ -1,6 +1,9 @@
 //! The `sd3` command line: a thin layer over the library.
 
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use sd3_wgpu::gpu::{list_adapters, Gpu, GpuOptions};
@@ -56,6 +59,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = WeightType::F32)]
         dtype: WeightType,
     },
+    /// Text to image.
+    Generate(Box<GenerateArgs>),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -77,6 +82,98 @@ enum BenchWhat {
         #[arg(long, default_value_t = 5)]
         reps: usize,
     },
+}
+
+/// `sd3 generate` arguments.
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Checkpoint: a Stability single file or a diffusers folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// CLIP-L weights (clip_l.safetensors), overriding the model's.
+    #[arg(long)]
+    clip_l: Option<PathBuf>,
+    /// CLIP-G weights (clip_g.safetensors), overriding the model's.
+    #[arg(long)]
+    clip_g: Option<PathBuf>,
+    /// T5-XXL weights (t5xxl_fp16.safetensors), overriding the model's.
+    #[arg(long)]
+    t5: Option<PathBuf>,
+    /// Run without T5 (its part of the context becomes zeros, as in diffusers).
+    #[arg(long)]
+    no_t5: bool,
+    /// Folder with tokenizer/, tokenizer_2/, tokenizer_3/ (needed for single files).
+    #[arg(long)]
+    tokenizers: Option<PathBuf>,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// The negative prompt.
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// Denoising steps (default per model: 28, 40 for SD3.5 medium).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Guidance scale (default per model); 1 or less skips the unconditional pass.
+    #[arg(long)]
+    cfg: Option<f32>,
+    /// Time shift (default: the scheduler config's, else 3.0).
+    #[arg(long)]
+    shift: Option<f64>,
+    /// Noise seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Noise generator: native, or torch (reproduces torch.randn on CPU).
+    #[arg(long, value_enum, default_value_t = RngArg::Native)]
+    rng: RngArg,
+    /// Image width (multiple of 16).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Image height (multiple of 16).
+    #[arg(long)]
+    height: Option<usize>,
+    /// T5 tokens.
+    #[arg(long, default_value_t = 256)]
+    max_t5_tokens: usize,
+    /// Images to generate.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// img2img: start from this image.
+    #[arg(long)]
+    init_image: Option<PathBuf>,
+    /// img2img strength (1 = ignore the image).
+    #[arg(long, default_value_t = 0.6)]
+    strength: f32,
+    /// Initial noise: safetensors with an f32 tensor `latents` [batch, 16, h/8, w/8].
+    #[arg(long)]
+    init_latents: Option<PathBuf>,
+    /// Also save the final latents (before the VAE's scale/shift) as safetensors.
+    #[arg(long)]
+    save_latents: Option<PathBuf>,
+    /// Storage of the models' matrices.
+    #[arg(long, value_enum, default_value_t = WeightType::F16)]
+    dtype: WeightType,
+    /// Output PNG (numbered -0, -1, … for a batch).
+    #[arg(long, default_value = "image.png")]
+    out: PathBuf,
+    /// Print per-op GPU timings of one MMDiT step and the peak GPU memory.
+    #[arg(long)]
+    profile: bool,
+    /// Write that step's timings as Chrome trace JSON.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Decode in tiles of this many latent pixels.
+    #[arg(long)]
+    vae_tile: Option<usize>,
+    /// Tile the VAE when a full decode needs more than this many MiB.
+    #[arg(long)]
+    vae_budget_mib: Option<u64>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RngArg {
+    Native,
+    Torch,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -163,10 +260,121 @@ fn bench_kernels(
     Ok(())
 }
 
+fn generate(cli: &Cli, a: &GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use sd3_wgpu::decode::{check_writable, numbered, read_latents, write_latents};
+    use sd3_wgpu::pipeline::{GenerateRequest, Pipeline, PipelineOptions};
+    // Everything that can be checked up front is, before minutes of work.
+    for p in (0..a.batch.max(1))
+        .map(|i| numbered(&a.out, i, a.batch.max(1)))
+        .chain(a.save_latents.clone())
+        .chain(a.trace.clone())
+    {
+        check_writable(&p)?;
+    }
+    if let Some(img) = &a.init_image {
+        sd3_wgpu::image_io::load_image(img, 16)?;
+    }
+    let init_latents = match &a.init_latents {
+        Some(p) => Some(read_latents(p, 16)?.1),
+        None => None,
+    };
+    let options = PipelineOptions {
+        gpu: gpu_options(cli),
+        clip_l: a.clip_l.clone(),
+        clip_g: a.clip_g.clone(),
+        t5: a.t5.clone(),
+        no_t5: a.no_t5,
+        tokenizers: a.tokenizers.clone(),
+        dtype: a.dtype.dtype(),
+        vae_tile: a.vae_tile,
+        vae_budget: a.vae_budget_mib.map(|m| m << 20),
+        ..PipelineOptions::default()
+    };
+    let pipe = Pipeline::load(&a.model, options)?;
+    let mut req = GenerateRequest::new(&a.prompt);
+    req.negative_prompt = a.negative_prompt.clone();
+    req.steps = a.steps;
+    req.cfg = a.cfg;
+    req.shift = a.shift;
+    req.seed = a.seed;
+    req.rng = match a.rng {
+        RngArg::Native => sd3_wgpu::sampler::Rng::Native,
+        RngArg::Torch => sd3_wgpu::sampler::Rng::Torch,
+    };
+    req.width = a.width;
+    req.height = a.height;
+    req.max_t5_tokens = a.max_t5_tokens;
+    req.batch = a.batch;
+    req.init_image = a.init_image.clone();
+    req.strength = a.strength;
+    req.init_latents = init_latents;
+    req.profile = a.profile || a.trace.is_some();
+    let tty = std::io::stderr().is_terminal();
+    let t0 = Instant::now();
+    let out = pipe.generate(&req, &mut |step, total| {
+        if tty {
+            let rate = step as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+            let eta = (total - step) as f64 / rate.max(1e-9);
+            eprint!("\rstep {step}/{total}  {rate:.2} step/s  ETA {eta:.0} s   ");
+            if step == total {
+                eprintln!();
+            }
+        }
+    })?;
+    for t in &out.truncated {
+        eprintln!(
+            "warning: the prompt was too long for {}: {} tokens were dropped",
+            t.encoder, t.dropped
+        );
+    }
+    let s = &out.settings;
+    let text = [
+        (
+            "Software",
+            format!("sd3-wgpu {}", env!("CARGO_PKG_VERSION")),
+        ),
+        ("prompt", a.prompt.clone()),
+        ("negative_prompt", a.negative_prompt.clone()),
+        ("seed", a.seed.to_string()),
+        ("rng", format!("{:?}", req.rng).to_lowercase()),
+        ("steps", s.steps.to_string()),
+        ("cfg", s.cfg.to_string()),
+        ("shift", s.shift.to_string()),
+        ("model", a.model.display().to_string()),
+        ("size", format!("{}x{}", s.width, s.height)),
+    ];
+    for (i, img) in out.images.iter().enumerate() {
+        let p = numbered(&a.out, i, out.images.len());
+        sd3_wgpu::image_io::save_png(&p, img, s.width, s.height, &text)?;
+        println!("wrote {}", p.display());
+    }
+    if let Some(p) = &a.save_latents {
+        write_latents(p, out.latent_shape, &out.latents)?;
+        println!("wrote {}", p.display());
+    }
+    if let Some(prof) = &out.profile {
+        if a.profile {
+            println!("{}", prof.table(20));
+        }
+        if let Some(t) = &a.trace {
+            std::fs::write(t, prof.chrome_trace())?;
+            println!("wrote {}", t.display());
+        }
+    }
+    if a.profile {
+        println!(
+            "peak GPU memory (storage buffers): {:.1} MiB",
+            out.peak_memory as f64 / (1u64 << 20) as f64
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match &cli.command {
         Command::Devices => devices(&cli),
+        Command::Generate(a) => generate(&cli, a),
         Command::Decode {
             model,
             latents,

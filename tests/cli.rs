@@ -196,3 +196,154 @@ fn decode_bad_inputs_are_clear_and_write_nothing() {
         "nothing written"
     );
 }
+
+mod common;
+
+#[test]
+fn generate_writes_image_metadata_and_latents() {
+    let model = common::pipeline_folder("sd35l");
+    let dir = temp_dir("generate");
+    let out = dir.join("fox.png");
+    let lat = dir.join("fox.safetensors");
+    let (ok, stdout, err) = sd3(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red fox",
+        "--negative-prompt",
+        "blurry",
+        "--steps",
+        "2",
+        "--cfg",
+        "4",
+        "--seed",
+        "7",
+        "--rng",
+        "torch",
+        "--width",
+        "20",
+        "--height",
+        "12",
+        "--max-t5-tokens",
+        "16",
+        "--dtype",
+        "f32",
+        "--out",
+        out.to_str().unwrap(),
+        "--save-latents",
+        lat.to_str().unwrap(),
+        "--profile",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains("wrote") && stdout.contains("peak GPU memory"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("mmdit.block0.joint_attn.attention"),
+        "{stdout}"
+    );
+    let img = image::open(&out).unwrap();
+    assert_eq!((img.width(), img.height()), (20, 12));
+    let text = sd3_wgpu::image_io::png_text(&out).unwrap();
+    for (k, v) in [
+        ("prompt", "a red fox"),
+        ("seed", "7"),
+        ("steps", "2"),
+        ("cfg", "4"),
+        ("rng", "torch"),
+    ] {
+        assert!(
+            text.iter().any(|(a, b)| a == k && b == v),
+            "{k}={v} missing from {text:?}"
+        );
+    }
+    // The saved latents decode to the same image.
+    let again = dir.join("again.png");
+    let (ok, _, err) = sd3(&[
+        "decode",
+        "--model",
+        model.to_str().unwrap(),
+        "--latents",
+        lat.to_str().unwrap(),
+        "--out",
+        again.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        image::open(&again).unwrap().to_rgb8().as_raw(),
+        img.to_rgb8().as_raw()
+    );
+}
+
+#[test]
+fn generate_bad_inputs_are_clear_and_write_nothing() {
+    let model = common::pipeline_folder("sd3");
+    let dir = temp_dir("generate-bad");
+    let out = dir.join("x.png");
+    let m = model.to_str().unwrap();
+    let o = out.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate", "--prompt", "a cat", "--steps", "1", "--dtype", "f32",
+        ];
+        args.extend_from_slice(extra);
+        sd3(&args)
+    };
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--model", "/no/such/model", "--out", o],
+            "no such model",
+        ),
+        (
+            vec!["--model", env!("CARGO_MANIFEST_DIR"), "--out", o],
+            "not an SD3 model folder",
+        ),
+        (
+            vec![
+                "--model",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"),
+                "--out",
+                o,
+            ],
+            "not a readable safetensors file",
+        ),
+        (
+            vec!["--model", m, "--out", o, "--width", "13", "--height", "12"],
+            "multiples of 4",
+        ),
+        (
+            vec!["--model", m, "--out", o, "--init-image", "/no/such.png"],
+            "/no/such.png",
+        ),
+        (
+            vec!["--model", m, "--out", "/no/such/dir/x.png"],
+            "does not exist",
+        ),
+        (
+            vec![
+                "--model",
+                m,
+                "--out",
+                o,
+                "--init-latents",
+                "/no/latents.safetensors",
+            ],
+            "/no/latents.safetensors",
+        ),
+    ];
+    for (extra, want) in cases {
+        let (ok, _, err) = run(&extra);
+        assert!(!ok, "{extra:?} succeeded");
+        assert!(
+            err.contains(want) && !err.contains("panicked"),
+            "{extra:?}: {err}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "nothing written"
+    );
+}

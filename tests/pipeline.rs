@@ -2,50 +2,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use common::pipeline_folder;
 use sd3_wgpu::pipeline::{GenerateRequest, Pipeline, PipelineOptions};
 use sd3_wgpu::weights::Checkpoint;
 use sd3_wgpu::DType;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), dst).unwrap();
-        }
-    }
-}
-
-/// A complete diffusers SD3 folder for `variant`, assembled from the shared
-/// text-encoder and VAE fixtures and the variant's transformer.
-pub fn pipeline_folder(variant: &str) -> PathBuf {
-    static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("sd3-pipe-{}-{variant}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    copy_dir(&fixtures().join("pipeline").join(variant), &dir);
-    for sub in [
-        "text_encoder",
-        "text_encoder_2",
-        "text_encoder_3",
-        "tokenizer",
-        "tokenizer_2",
-        "tokenizer_3",
-    ] {
-        copy_dir(&fixtures().join("text").join(sub), &dir.join(sub));
-    }
-    copy_dir(&fixtures().join("vae/vae"), &dir.join("vae"));
-    std::fs::remove_file(dir.join("pipeline_io.safetensors")).unwrap();
-    dir
 }
 
 pub fn request() -> GenerateRequest {

@@ -161,6 +161,21 @@ impl MmditSource {
             } else {
                 path.to_path_buf()
             };
+            let has_weights = std::fs::read_dir(&dir)
+                .map(|rd| {
+                    rd.flatten().any(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .starts_with("diffusion_pytorch_model")
+                    })
+                })
+                .unwrap_or(false);
+            if !has_weights {
+                return Err(WeightsError::Unsupported(format!(
+                    "{}: not an SD3 model folder (no transformer/ with diffusion_pytorch_model*.safetensors)",
+                    path.display()
+                )));
+            }
             let ck = Checkpoint::open_diffusers_component(&dir, "diffusion_pytorch_model")?;
             let cfg_path = dir.join("config.json");
             let cfg = match std::fs::read_to_string(&cfg_path) {

@@ -204,9 +204,9 @@ impl Checkpoint {
         if single.exists() {
             return Self::open(&[single]);
         }
-        Err(WeightsError::Missing {
-            name: format!("{stem}.safetensors (or its .index.json)"),
-            source: dir.display().to_string(),
+        Err(WeightsError::Io {
+            path: single,
+            err: format!("not found (nor a sharded {stem}.safetensors.index.json)"),
         })
     }
 

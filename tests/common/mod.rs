@@ -103,3 +103,43 @@ pub fn assert_close(what: &str, out: &[f32], reference: &[f64], tol: f64) {
         &reference[..reference.len().min(4)]
     );
 }
+
+fn fixtures_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+/// A complete diffusers SD3 folder for `variant`, assembled from the shared
+/// text-encoder and VAE fixtures and the variant's transformer.
+pub fn pipeline_folder(variant: &str) -> std::path::PathBuf {
+    static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("sd3-pipe-{}-{variant}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_dir(&fixtures_dir().join("pipeline").join(variant), &dir);
+    for sub in [
+        "text_encoder",
+        "text_encoder_2",
+        "text_encoder_3",
+        "tokenizer",
+        "tokenizer_2",
+        "tokenizer_3",
+    ] {
+        copy_dir(&fixtures_dir().join("text").join(sub), &dir.join(sub));
+    }
+    copy_dir(&fixtures_dir().join("vae/vae"), &dir.join("vae"));
+    std::fs::remove_file(dir.join("pipeline_io.safetensors")).unwrap();
+    dir
+}
