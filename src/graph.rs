@@ -545,6 +545,23 @@ impl Plan {
         self.ops.is_empty()
     }
 
+    /// A kept value as a standalone [`Tensor`] sharing the plan's buffer (the
+    /// buffer lives as long as either does).
+    pub fn tensor(&self, v: Value) -> Result<Tensor> {
+        let (s, info) = self.storage_of(v)?;
+        if !s.kept {
+            return Err(Error::Graph(format!("'{}' was not kept", s.name)));
+        }
+        let buffer = self.buffers[info.storage]
+            .clone()
+            .ok_or_else(|| Error::Graph(format!("'{}' was never written", s.name)))?;
+        Ok(Tensor {
+            buffer,
+            shape: info.shape.clone(),
+            dtype: s.dtype,
+        })
+    }
+
     /// Fills every intermediate buffer with `value` (a debug and test hook:
     /// poisoning with NaN proves that every output element is written by a run).
     pub fn fill_intermediates(&self, gpu: &Gpu, value: f32) {

@@ -29,6 +29,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ),
     ("conv.wgsl", include_str!("../../shaders/conv.wgsl")),
     ("layout.wgsl", include_str!("../../shaders/layout.wgsl")),
+    ("random.wgsl", include_str!("../../shaders/random.wgsl")),
 ];
 
 /// The raw text of a shader file.

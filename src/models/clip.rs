@@ -12,7 +12,7 @@ use crate::ops::elementwise::{self, Act};
 use crate::ops::{layout, norm};
 use crate::tensor::{DType, Tensor};
 use crate::weights::text::TextSource;
-use crate::weights::WeightsError;
+use crate::weights::{TensorProvider, WeightsError};
 
 /// A LayerNorm's weight and bias.
 pub struct LayerNorm {
@@ -45,6 +45,8 @@ pub struct ClipConfig {
     pub positions: usize,
     /// Width of the projected pooled vector.
     pub projection: usize,
+    /// MLP width.
+    pub intermediate: usize,
     /// MLP activation.
     pub act: Act,
     /// LayerNorm epsilon.
@@ -132,6 +134,7 @@ fn detect(src: &TextSource, default_act: Act) -> Result<ClipConfig> {
         vocab: emb[0],
         positions: pos[0],
         projection: proj[0],
+        intermediate: src.shape(&format!("{P}encoder.layers.0.mlp.fc1.weight"))?[0],
         act,
         eps: src.config_num("layer_norm_eps").unwrap_or(1e-5) as f32,
         pool_at_max_id: eos == 2,
@@ -151,9 +154,20 @@ impl Clip {
                 c.layers
             ))));
         }
+        Self::load_from(gpu, &c, src, matrix)
+    }
+
+    /// Builds the encoder of architecture `c` with tensors from `src`.
+    pub fn load_from(
+        gpu: &Gpu,
+        c: &ClipConfig,
+        src: &dyn TensorProvider,
+        matrix: DType,
+    ) -> Result<Clip> {
+        let c = c.clone();
         let d = c.hidden;
         let t = |name: &str, shape: &[usize], dt: DType| -> Result<Tensor> {
-            Tensor::from_f32(gpu, shape, dt, &src.read(name, shape)?)
+            src.tensor(gpu, name, shape, dt)
         };
         let lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
             Ok(Linear {
@@ -177,20 +191,10 @@ impl Clip {
                     .collect()
             };
             let qkv = Linear {
-                weight: Tensor::from_f32(
-                    gpu,
-                    &[3 * d, d],
-                    matrix,
-                    &src.read_concat(&names("weight"), &[3 * d, d])?,
-                )?,
-                bias: Some(Tensor::from_f32(
-                    gpu,
-                    &[3 * d],
-                    DType::F32,
-                    &src.read_concat(&names("bias"), &[3 * d])?,
-                )?),
+                weight: src.tensor_concat(gpu, &names("weight"), &[3 * d, d], matrix)?,
+                bias: Some(src.tensor_concat(gpu, &names("bias"), &[3 * d], DType::F32)?),
             };
-            let ff = src.shape(&format!("{l}.mlp.fc1.weight"))?[0];
+            let ff = c.intermediate;
             layers.push(ClipLayer {
                 layer_norm1: ln(&format!("{l}.layer_norm1"))?,
                 qkv,

@@ -13,6 +13,7 @@ use crate::ops::norm::{self, ModChunk};
 use crate::ops::{conv, layout, linear};
 use crate::tensor::{DType, Tensor};
 use crate::weights::mmdit::{MmditConfig, MmditSource};
+use crate::weights::TensorProvider;
 
 const EPS: f32 = 1e-6;
 /// Width of the sinusoidal timestep embedding.
@@ -151,14 +152,13 @@ pub struct Mmdit {
 
 struct Loader<'a> {
     gpu: &'a Gpu,
-    src: &'a MmditSource,
+    src: &'a dyn TensorProvider,
     matrix: DType,
 }
 
 impl Loader<'_> {
     fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let data = self.src.read(name, shape)?;
-        Tensor::from_f32(self.gpu, shape, dtype, &data)
+        self.src.tensor(self.gpu, name, shape, dtype)
     }
     fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
         Ok(Linear {
@@ -202,7 +202,17 @@ impl Loader<'_> {
 impl Mmdit {
     /// Uploads every weight of `src`, matrices stored as `matrix` (f32 or f16).
     pub fn load(gpu: &Gpu, src: &MmditSource, matrix: DType) -> Result<Mmdit> {
-        let c = src.config.clone();
+        Self::load_from(gpu, &src.config, src, matrix)
+    }
+
+    /// Builds the model of architecture `config` with tensors from `src`.
+    pub fn load_from(
+        gpu: &Gpu,
+        config: &MmditConfig,
+        src: &dyn TensorProvider,
+        matrix: DType,
+    ) -> Result<Mmdit> {
+        let c = config.clone();
         let l = Loader { gpu, src, matrix };
         let h = c.hidden;
         let p = c.patch;

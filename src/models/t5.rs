@@ -12,7 +12,7 @@ use crate::ops::elementwise::{self, Act};
 use crate::ops::{layout, norm};
 use crate::tensor::{DType, Tensor};
 use crate::weights::text::TextSource;
-use crate::weights::WeightsError;
+use crate::weights::{TensorProvider, WeightsError};
 
 /// The architecture.
 #[derive(Clone, Debug, PartialEq)]
@@ -124,8 +124,23 @@ impl T5 {
                 .unwrap_or(128.0) as usize,
             eps: src.config_num("layer_norm_epsilon").unwrap_or(1e-6) as f32,
         };
+        Self::load_from(gpu, &c, shared_name, src, matrix)
+    }
+
+    /// Builds the encoder of architecture `c` with tensors from `src`; the
+    /// embedding is `shared_name` (`shared.weight` or `encoder.embed_tokens.weight`).
+    pub fn load_from(
+        gpu: &Gpu,
+        c: &T5Config,
+        shared_name: &str,
+        src: &dyn TensorProvider,
+        matrix: DType,
+    ) -> Result<T5> {
+        let c = c.clone();
+        let (vocab, d, d_ff, inner) = (c.vocab, c.d_model, c.d_ff, c.heads * HEAD_DIM);
+        let b0 = "encoder.block.0.layer.0.SelfAttention";
         let t = |name: &str, shape: &[usize], dt: DType| -> Result<Tensor> {
-            Tensor::from_f32(gpu, shape, dt, &src.read(name, shape)?)
+            src.tensor(gpu, name, shape, dt)
         };
         let lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
             Ok(Linear {
@@ -144,12 +159,7 @@ impl T5 {
             blocks.push(T5Block {
                 ln0: t(&format!("{a}.layer_norm.weight"), &[d], DType::F32)?,
                 qkv: Linear {
-                    weight: Tensor::from_f32(
-                        gpu,
-                        &[3 * inner, d],
-                        matrix,
-                        &src.read_concat(&names, &[3 * inner, d])?,
-                    )?,
+                    weight: src.tensor_concat(gpu, &names, &[3 * inner, d], matrix)?,
                     bias: None,
                 },
                 o: lin(&format!("{a}.SelfAttention.o"), d, inner)?,
@@ -163,8 +173,10 @@ impl T5 {
             shared: t(shared_name, &[vocab, d], matrix)?,
             blocks,
             final_layer_norm: t("encoder.final_layer_norm.weight", &[d], DType::F32)?,
-            relative_attention_bias: src
-                .read(&format!("{b0}.relative_attention_bias.weight"), &rel)?,
+            relative_attention_bias: src.host(
+                &format!("{b0}.relative_attention_bias.weight"),
+                &[c.buckets, c.heads],
+            )?,
             config: c,
         })
     }

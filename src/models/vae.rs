@@ -11,6 +11,7 @@ use crate::ops::elementwise;
 use crate::ops::{conv, layout, linear, norm, softmax};
 use crate::tensor::{numel, DType, Tensor};
 use crate::weights::vae::{VaeConfig, VaeSource};
+use crate::weights::TensorProvider;
 
 const EPS: f32 = 1e-6;
 
@@ -176,7 +177,7 @@ pub struct Vae {
 
 struct Loader<'a> {
     gpu: &'a Gpu,
-    src: &'a VaeSource,
+    src: &'a dyn TensorProvider,
     matrix: DType,
 }
 
@@ -187,11 +188,13 @@ impl Loader<'_> {
         } else {
             DType::F32
         };
-        let w = self.src.read(&format!("{name}.weight"), weight)?;
-        let b = self.src.read(&format!("{name}.bias"), &[weight[0]])?;
         Ok(Layer {
-            weight: Tensor::from_f32(self.gpu, weight, wdt, &w)?,
-            bias: Tensor::from_f32(self.gpu, &[weight[0]], DType::F32, &b)?,
+            weight: self
+                .src
+                .tensor(self.gpu, &format!("{name}.weight"), weight, wdt)?,
+            bias: self
+                .src
+                .tensor(self.gpu, &format!("{name}.bias"), &[weight[0]], DType::F32)?,
         })
     }
     fn conv(&self, name: &str, cout: usize, cin: usize, k: usize) -> Result<Layer> {
@@ -231,7 +234,17 @@ impl Loader<'_> {
 impl Vae {
     /// Uploads the VAE; conv and linear weights stored as `matrix` (f32 or f16).
     pub fn load(gpu: &Gpu, src: &VaeSource, matrix: DType) -> Result<Vae> {
-        let c = src.config.clone();
+        Self::load_from(gpu, &src.config, src, matrix)
+    }
+
+    /// Builds the VAE of architecture `config` with tensors from `src`.
+    pub fn load_from(
+        gpu: &Gpu,
+        config: &VaeConfig,
+        src: &dyn TensorProvider,
+        matrix: DType,
+    ) -> Result<Vae> {
+        let c = config.clone();
         let l = Loader { gpu, src, matrix };
         let ch = &c.block_out_channels;
         let levels = ch.len();

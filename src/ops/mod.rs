@@ -11,6 +11,7 @@ pub mod elementwise;
 pub mod layout;
 pub mod linear;
 pub mod norm;
+pub mod random;
 pub mod softmax;
 
 use crate::error::{Error, Result};
@@ -28,6 +29,7 @@ pub fn all_kernels() -> Vec<&'static Kernel> {
     k.extend_from_slice(attention::KERNELS);
     k.extend_from_slice(conv::KERNELS);
     k.extend_from_slice(layout::KERNELS);
+    k.extend_from_slice(random::KERNELS);
     k
 }
 

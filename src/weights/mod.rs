@@ -305,3 +305,163 @@ impl Checkpoint {
         }
     }
 }
+
+/// Where a model's tensors come from: a checkpoint, or seeded random values
+/// made on the GPU (benchmarks of full-size architectures without a download).
+pub trait TensorProvider {
+    /// The tensor `name` (the model's canonical name), shape-checked, on the GPU as `dtype`.
+    fn tensor(
+        &self,
+        gpu: &crate::gpu::Gpu,
+        name: &str,
+        shape: &[usize],
+        dtype: crate::DType,
+    ) -> crate::Result<crate::Tensor>;
+    /// Tensors concatenated along dim 0 (q, k, v → qkv).
+    fn tensor_concat(
+        &self,
+        gpu: &crate::gpu::Gpu,
+        names: &[String],
+        shape: &[usize],
+        dtype: crate::DType,
+    ) -> crate::Result<crate::Tensor>;
+    /// A (small) tensor on the CPU.
+    fn host(&self, name: &str, shape: &[usize]) -> crate::Result<Vec<f32>>;
+}
+
+macro_rules! provider_from_read {
+    ($t:ty) => {
+        impl TensorProvider for $t {
+            fn tensor(
+                &self,
+                gpu: &crate::gpu::Gpu,
+                name: &str,
+                shape: &[usize],
+                dtype: crate::DType,
+            ) -> crate::Result<crate::Tensor> {
+                crate::Tensor::from_f32(gpu, shape, dtype, &self.read(name, shape)?)
+            }
+            fn tensor_concat(
+                &self,
+                gpu: &crate::gpu::Gpu,
+                names: &[String],
+                shape: &[usize],
+                dtype: crate::DType,
+            ) -> crate::Result<crate::Tensor> {
+                crate::Tensor::from_f32(gpu, shape, dtype, &self.read_concat(names, shape)?)
+            }
+            fn host(&self, name: &str, shape: &[usize]) -> crate::Result<Vec<f32>> {
+                Ok(self.read(name, shape)?)
+            }
+        }
+    };
+}
+provider_from_read!(mmdit::MmditSource);
+provider_from_read!(vae::VaeSource);
+provider_from_read!(text::TextSource);
+
+impl mmdit::MmditSource {
+    /// Concatenated canonical tensors (unused by the MMDiT, whose qkv is canonical).
+    pub fn read_concat(
+        &self,
+        names: &[String],
+        expected: &[usize],
+    ) -> Result<Vec<f32>, WeightsError> {
+        let mut out = Vec::new();
+        for n in names {
+            let s = self.shape(n)?;
+            out.extend(self.read(n, &s)?);
+        }
+        if out.len() != expected.iter().product::<usize>() {
+            return Err(WeightsError::Shape {
+                name: names.join("+"),
+                expected: expected.to_vec(),
+                found: vec![out.len()],
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl vae::VaeSource {
+    /// Concatenated canonical tensors (unused by the VAE).
+    pub fn read_concat(
+        &self,
+        names: &[String],
+        expected: &[usize],
+    ) -> Result<Vec<f32>, WeightsError> {
+        let mut out = Vec::new();
+        for n in names {
+            out.extend(self.ck.read_f32(n)?.1);
+        }
+        if out.len() != expected.iter().product::<usize>() {
+            return Err(WeightsError::Shape {
+                name: names.join("+"),
+                expected: expected.to_vec(),
+                found: vec![out.len()],
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Seeded random weights generated on the GPU: matrices uniform with standard
+/// deviation 1/√fan-in, biases near 0, norm weights near 1 — activations stay
+/// finite through any depth, which is all a benchmark needs.
+pub struct RandomWeights {
+    /// Seed; each tensor's stream is derived from it and the tensor's name.
+    pub seed: u64,
+}
+
+impl RandomWeights {
+    fn params(&self, name: &str, shape: &[usize]) -> (u32, f32, f32) {
+        let mut h = self.seed ^ 0xcbf2_9ce4_8422_2325;
+        for b in name.bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+        let seed = (h ^ (h >> 32)) as u32;
+        if shape.len() >= 2 {
+            let fan_in: usize = shape[1..].iter().product();
+            (seed, (3.0 / fan_in.max(1) as f32).sqrt(), 0.0)
+        } else if name.ends_with("bias") {
+            (seed, 0.02, 0.0)
+        } else {
+            (seed, 0.02, 1.0)
+        }
+    }
+}
+
+impl TensorProvider for RandomWeights {
+    fn tensor(
+        &self,
+        gpu: &crate::gpu::Gpu,
+        name: &str,
+        shape: &[usize],
+        dtype: crate::DType,
+    ) -> crate::Result<crate::Tensor> {
+        let (seed, scale, shift) = self.params(name, shape);
+        let mut g = crate::Graph::new();
+        let v = crate::ops::random::random_uniform(&mut g, shape, dtype, seed, scale, shift)?;
+        g.keep(v);
+        let plan = g.plan(gpu)?;
+        plan.run(gpu)?;
+        plan.tensor(v)
+    }
+    fn tensor_concat(
+        &self,
+        gpu: &crate::gpu::Gpu,
+        names: &[String],
+        shape: &[usize],
+        dtype: crate::DType,
+    ) -> crate::Result<crate::Tensor> {
+        self.tensor(gpu, &names.join("+"), shape, dtype)
+    }
+    fn host(&self, name: &str, shape: &[usize]) -> crate::Result<Vec<f32>> {
+        let (seed, scale, shift) = self.params(name, shape);
+        let n: usize = shape.iter().product();
+        Ok(crate::bench::random_values(seed as u64, n)
+            .iter()
+            .map(|v| shift + scale * v)
+            .collect())
+    }
+}
