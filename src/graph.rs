@@ -284,6 +284,14 @@ impl Graph {
         (pool.into_iter().map(|(b, _)| b).collect(), slot)
     }
 
+    /// Labels, kernel families and costs of the recorded ops.
+    pub fn op_costs(&self) -> Vec<(&str, &'static str, Cost)> {
+        self.nodes
+            .iter()
+            .map(|n| (n.label.as_str(), n.call.key.kernel.entry, n.call.cost))
+            .collect()
+    }
+
     /// Total cost of the recorded ops.
     pub fn cost(&self) -> Cost {
         self.nodes.iter().fold(Cost::default(), |a, n| Cost {
@@ -295,7 +303,12 @@ impl Graph {
     /// Checks every dispatch and buffer against the GPU's limits without
     /// creating anything: a dry run for architectures too big to execute here.
     pub fn validate(&self, gpu: &Gpu) -> Result<()> {
-        let max_wg = gpu.limits.max_compute_workgroups_per_dimension;
+        self.validate_limits(&gpu.limits)
+    }
+
+    /// [`Graph::validate`] against given limits (e.g. another adapter's).
+    pub fn validate_limits(&self, limits: &wgpu::Limits) -> Result<()> {
+        let max_wg = limits.max_compute_workgroups_per_dimension;
         for n in &self.nodes {
             for &w in &n.call.workgroups {
                 if w > max_wg {
@@ -310,8 +323,17 @@ impl Graph {
                 }
             }
         }
+        let limit = limits
+            .max_buffer_size
+            .min(limits.max_storage_buffer_binding_size);
         for s in &self.storages {
-            gpu.check_buffer_size(&s.name, s.bytes)?;
+            if s.bytes > limit {
+                return Err(Error::Gpu(crate::gpu::GpuError::Limit {
+                    what: format!("buffer for {} ({} bytes)", s.name, s.bytes),
+                    needed: s.bytes,
+                    limit,
+                }));
+            }
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 //! [`graph`] (record once, plan once, replay with per-op timings).
 
 pub mod bench;
+pub mod bench_arch;
 pub mod decode;
 pub mod error;
 pub mod gpu;

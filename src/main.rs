@@ -61,10 +61,13 @@ enum Command {
     },
     /// Text to image.
     Generate(Box<GenerateArgs>),
-    /// Benchmarks.
+    /// Benchmarks: a full architecture with random weights (`--arch`), or `bench kernels`.
+    #[command(args_conflicts_with_subcommands = true)]
     Bench {
         #[command(subcommand)]
-        what: BenchWhat,
+        what: Option<BenchWhat>,
+        #[command(flatten)]
+        arch: Box<BenchArgs>,
     },
 }
 
@@ -168,6 +171,44 @@ struct GenerateArgs {
     /// Tile the VAE when a full decode needs more than this many MiB.
     #[arg(long)]
     vae_budget_mib: Option<u64>,
+}
+
+/// `sd3 bench --arch` arguments.
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// tiny, sd3-medium, sd3.5-medium or sd3.5-large.
+    #[arg(long, default_value = "tiny")]
+    arch: String,
+    /// Image width.
+    #[arg(long)]
+    width: Option<usize>,
+    /// Image height.
+    #[arg(long)]
+    height: Option<usize>,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 4)]
+    steps: usize,
+    /// Guidance scale (> 1 runs cond and uncond as a batch of 2).
+    #[arg(long, default_value_t = 7.0)]
+    cfg: f32,
+    /// Storage of the matrices.
+    #[arg(long, value_enum, default_value_t = WeightType::F16)]
+    dtype: WeightType,
+    /// Stages to run: text, mmdit, vae (comma separated).
+    #[arg(long, default_value = "text,mmdit,vae", value_delimiter = ',')]
+    components: Vec<String>,
+    /// Write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write every op as Chrome trace JSON.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Where the decoded image goes (tiny writes bench.png by default).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Only record and validate the graphs (no GPU work), printing FLOP counts.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -370,6 +411,68 @@ fn generate(cli: &Cli, a: &GenerateArgs) -> Result<(), Box<dyn std::error::Error
     Ok(())
 }
 
+fn bench_arch(cli: &Cli, a: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use sd3_wgpu::bench_arch::{record_graphs, run, Arch, BenchOptions};
+    let arch = Arch::parse(&a.arch)?;
+    let default = if arch == Arch::Tiny { 64 } else { 1024 };
+    let (width, height) = (a.width.unwrap_or(default), a.height.unwrap_or(default));
+    for p in [&a.json, &a.trace, &a.out].into_iter().flatten() {
+        sd3_wgpu::decode::check_writable(p)?;
+    }
+    let gpu = Gpu::new(&gpu_options(cli))?;
+    if a.dry_run {
+        let batch = if a.cfg > 1.0 { 2 } else { 1 };
+        let g = record_graphs(&gpu, arch, width, height, batch)?;
+        println!("{:<8} {:>6} {:>12}", "graph", "ops", "GFLOP");
+        for (name, graph) in &g.graphs {
+            println!(
+                "{name:<8} {:>6} {:>12.1}",
+                graph.len(),
+                graph.cost().flops as f64 / 1e9
+            );
+        }
+        return Ok(());
+    }
+    let opts = BenchOptions {
+        arch,
+        width,
+        height,
+        steps: a.steps,
+        cfg: a.cfg,
+        dtype: a.dtype.dtype(),
+        components: a.components.clone(),
+        seed: 0,
+    };
+    let report = run(&gpu, &opts)?;
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        println!("note: a CPU adapter; these numbers say nothing about GPU performance");
+    }
+    print!("{}", report.text());
+    if let Some(p) = &a.json {
+        std::fs::write(p, report.json())?;
+        println!("wrote {}", p.display());
+    }
+    if let Some(p) = &a.trace {
+        std::fs::write(p, report.ops.chrome_trace())?;
+        println!("wrote {}", p.display());
+    }
+    let out = a
+        .out
+        .clone()
+        .or_else(|| (arch == Arch::Tiny).then(|| PathBuf::from("bench.png")));
+    if let (Some(p), Some((img, w, h))) = (out, &report.image) {
+        sd3_wgpu::image_io::save_png(
+            &p,
+            img,
+            *w,
+            *h,
+            &[("Software", "sd3-wgpu bench (random weights)".into())],
+        )?;
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match &cli.command {
@@ -408,12 +511,14 @@ fn main() -> ExitCode {
             .map_err(Into::into),
         Command::Bench {
             what:
-                BenchWhat::Kernels {
+                Some(BenchWhat::Kernels {
                     small,
                     weights,
                     reps,
-                },
+                }),
+            ..
         } => bench_kernels(&cli, *small, *weights, *reps),
+        Command::Bench { what: None, arch } => bench_arch(&cli, arch),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

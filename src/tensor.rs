@@ -64,7 +64,8 @@ pub(crate) const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
 
-pub(crate) fn create_storage(gpu: &Gpu, label: &str, bytes: u64) -> Result<TrackedBuffer> {
+/// A counted storage buffer of at least `bytes` bytes (checked against the limits).
+pub fn create_storage(gpu: &Gpu, label: &str, bytes: u64) -> Result<TrackedBuffer> {
     let bytes = bytes.max(4);
     gpu.check_buffer_size(label, bytes)?;
     let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);

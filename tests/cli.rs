@@ -347,3 +347,56 @@ fn generate_bad_inputs_are_clear_and_write_nothing() {
         "nothing written"
     );
 }
+
+#[test]
+fn bench_tiny_runs_every_stage_and_writes_json_trace_and_png() {
+    let dir = temp_dir("bench");
+    let (json, trace, png) = (dir.join("b.json"), dir.join("t.json"), dir.join("b.png"));
+    let (ok, out, err) = sd3(&[
+        "bench",
+        "--arch",
+        "tiny",
+        "--steps",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+        "--trace",
+        trace.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    for want in [
+        "text encoders",
+        "mmdit step 2",
+        "vae decode",
+        "linear",
+        "attention",
+        "peak GPU memory",
+    ] {
+        assert!(out.contains(want), "{want} missing:\n{out}");
+    }
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(j["stages"].as_array().unwrap().len(), 4);
+    assert!(j["op_classes"]["linear"]["flops"].as_u64().unwrap() > 0);
+    assert!(j["top_ops"][0]["label"].as_str().is_some());
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    assert!(t["traceEvents"].as_array().unwrap().len() > 50);
+    assert_eq!(image::open(&png).unwrap().width(), 64);
+}
+
+#[test]
+fn bench_dry_run_records_the_real_architectures() {
+    for arch in ["sd3-medium", "sd3.5-medium", "sd3.5-large"] {
+        let (ok, out, err) = sd3(&["bench", "--arch", arch, "--dry-run"]);
+        assert!(ok, "{arch}: {err}");
+        assert!(
+            out.contains("mmdit") && out.contains("t5") && out.contains("vae"),
+            "{out}"
+        );
+    }
+    let (ok, _, err) = sd3(&["bench", "--arch", "sd4"]);
+    assert!(!ok && err.contains("unknown architecture 'sd4'"), "{err}");
+}

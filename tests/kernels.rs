@@ -10,7 +10,7 @@ use sd3_wgpu::graph::Graph;
 use sd3_wgpu::ops::attention::{self, AttentionOptions, Heads};
 use sd3_wgpu::ops::elementwise::{self, Act};
 use sd3_wgpu::ops::norm::{self, ModChunk};
-use sd3_wgpu::ops::{conv, layout, linear, softmax};
+use sd3_wgpu::ops::{conv, layout, linear, random, softmax};
 use sd3_wgpu::{DType, Gpu};
 
 macro_rules! cases {
@@ -42,6 +42,7 @@ cases!(
     permute_slice_concat,
     gather_f32_f16_and_bad_ids,
     patchify_layouts,
+    random_fill_f32_and_f16,
 );
 
 #[test]
@@ -997,5 +998,34 @@ mod cases {
             }
         }
         assert_close("nchw_to_tokens", &got[1], &r2, 0.0);
+    }
+
+    pub fn random_fill_f32_and_f16(gpu: &Gpu) {
+        fn pcg(v: u32) -> u32 {
+            let state = v.wrapping_mul(747796405).wrapping_add(2891336453);
+            let word = ((state >> ((state >> 28) + 4)) ^ state).wrapping_mul(277803737);
+            (word >> 22) ^ word
+        }
+        let (n, seed, scale, shift) = (1001, 77u32, 0.5f32, 1.0f32);
+        let reference: Vec<f64> = (0..n as u32)
+            .map(|i| {
+                let u = ((pcg(i ^ pcg(seed)) >> 8) as f32) * (1.0 / 16777216.0) * 2.0 - 1.0;
+                (shift + scale * u) as f64
+            })
+            .collect();
+        let mut g = Graph::new();
+        let a = random::random_uniform(&mut g, &[7, 143], DType::F32, seed, scale, shift).unwrap();
+        let b = random::random_uniform(&mut g, &[n], DType::F16, seed, scale, shift).unwrap();
+        g.keep(a);
+        g.keep(b);
+        let got = run(gpu, g, &[a, b]);
+        assert_close("random f32", &got[0], &reference, 1e-7);
+        let r16: Vec<f64> = reference
+            .iter()
+            .map(|&v| half::f16::from_f64(v).to_f64())
+            .collect();
+        assert_close("random f16", &got[1], &r16, 0.0);
+        let mean = got[0].iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+        assert!((mean - 1.0).abs() < 0.05, "mean {mean}");
     }
 }
