@@ -248,6 +248,25 @@ impl Graph {
         self.nodes.iter().map(|n| n.label.as_str()).collect()
     }
 
+    /// Bytes of the weights bound into this graph (their full shapes, even for
+    /// shape-only tensors).
+    pub fn weight_bytes(&self) -> u64 {
+        self.storages
+            .iter()
+            .filter(|s| matches!(s.source, Source::Weight(_)))
+            .map(|s| s.bytes)
+            .sum()
+    }
+
+    /// Bytes of the graph's inputs.
+    pub fn input_bytes(&self) -> u64 {
+        self.storages
+            .iter()
+            .filter(|s| matches!(s.source, Source::Input))
+            .map(|s| s.bytes)
+            .sum()
+    }
+
     /// Bytes the intermediates of a plan of this graph would take after
     /// buffer reuse (computed without allocating anything).
     pub fn pooled_bytes(&self) -> u64 {

@@ -423,14 +423,25 @@ fn bench_arch(cli: &Cli, a: &BenchArgs) -> Result<(), Box<dyn std::error::Error>
     if a.dry_run {
         let batch = if a.cfg > 1.0 { 2 } else { 1 };
         let g = record_graphs(&gpu, arch, width, height, batch)?;
-        println!("{:<8} {:>6} {:>12}", "graph", "ops", "GFLOP");
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        println!(
+            "{:<8} {:>6} {:>10} {:>12} {:>16} {:>10}",
+            "graph", "ops", "GFLOP", "weights GiB", "activations GiB", "total GiB"
+        );
         for (name, graph) in &g.graphs {
+            let acts = graph.pooled_bytes() + graph.input_bytes();
             println!(
-                "{name:<8} {:>6} {:>12.1}",
+                "{name:<8} {:>6} {:>10.1} {:>12.2} {:>16.2} {:>10.2}",
                 graph.len(),
-                graph.cost().flops as f64 / 1e9
+                graph.cost().flops as f64 / 1e9,
+                gib(graph.weight_bytes()),
+                gib(acts),
+                gib(graph.weight_bytes() + acts)
             );
         }
+        println!(
+            "(weights as --dtype f16 stores them; each component is loaded, run and freed in turn)"
+        );
         return Ok(());
     }
     let opts = BenchOptions {
