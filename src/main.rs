@@ -171,6 +171,18 @@ struct GenerateArgs {
     /// Tile the VAE when a full decode needs more than this many MiB.
     #[arg(long)]
     vae_budget_mib: Option<u64>,
+    /// Skip-layer guidance: blocks to skip in the extra pass (e.g. 7,8,9 for SD3.5 medium).
+    #[arg(long, value_delimiter = ',')]
+    slg_layers: Vec<usize>,
+    /// Skip-layer guidance scale.
+    #[arg(long, default_value_t = 2.8)]
+    slg_scale: f32,
+    /// Skip-layer guidance starts after this fraction of the steps.
+    #[arg(long, default_value_t = 0.01)]
+    slg_start: f32,
+    /// Skip-layer guidance stops at this fraction of the steps.
+    #[arg(long, default_value_t = 0.2)]
+    slg_stop: f32,
 }
 
 /// `sd3 bench --arch` arguments.
@@ -350,6 +362,10 @@ fn generate(cli: &Cli, a: &GenerateArgs) -> Result<(), Box<dyn std::error::Error
     req.strength = a.strength;
     req.init_latents = init_latents;
     req.profile = a.profile || a.trace.is_some();
+    req.slg_layers = a.slg_layers.clone();
+    req.slg_scale = a.slg_scale;
+    req.slg_start = a.slg_start;
+    req.slg_stop = a.slg_stop;
     let tty = std::io::stderr().is_terminal();
     let t0 = Instant::now();
     let out = pipe.generate(&req, &mut |step, total| {

@@ -102,6 +102,15 @@ pub struct GenerateRequest {
     pub init_latents: Option<Vec<f32>>,
     /// Time the first MMDiT step per op.
     pub profile: bool,
+    /// Skip-layer guidance: blocks skipped in the extra pass (off when empty,
+    /// as in diffusers; SD3.5 medium's authors suggest 7, 8, 9).
+    pub slg_layers: Vec<usize>,
+    /// Skip-layer guidance scale.
+    pub slg_scale: f32,
+    /// Skip-layer guidance applies to steps i with start·steps < i < stop·steps.
+    pub slg_start: f32,
+    /// See `slg_start`.
+    pub slg_stop: f32,
 }
 
 impl GenerateRequest {
@@ -123,6 +132,10 @@ impl GenerateRequest {
             strength: 0.6,
             init_latents: None,
             profile: false,
+            slg_layers: Vec::new(),
+            slg_scale: 2.8,
+            slg_start: 0.01,
+            slg_stop: 0.2,
         }
     }
 }
@@ -353,6 +366,16 @@ impl Pipeline {
             let batch2 = if do_cfg { 2 * b } else { b };
             let run = MmditRun::new(gpu, model, batch2, lh, lw, emb.tokens)?;
             run.set_conditioning(gpu, &emb.context, &emb.pooled)?;
+            // Skip-layer guidance: an extra conditional pass with blocks skipped.
+            let slg = if do_cfg && !req.slg_layers.is_empty() {
+                let r = MmditRun::new_skipping(gpu, model, b, lh, lw, emb.tokens, &req.slg_layers)?;
+                let half = emb.context.len() / 2;
+                let phalf = emb.pooled.len() / 2;
+                r.set_conditioning(gpu, &emb.context[half..], &emb.pooled[phalf..])?;
+                Some(r)
+            } else {
+                None
+            };
             let total = settings.steps - start;
             for i in start..settings.steps {
                 let input: Vec<f32> = if do_cfg {
@@ -368,12 +391,22 @@ impl Pipeline {
                 } else {
                     run.step(gpu, &input, &t)?
                 };
-                let v = if do_cfg {
+                let mut pred = if do_cfg {
                     guide(&v[..n], &v[n..], settings.cfg)
                 } else {
-                    v
+                    v.clone()
                 };
-                schedule.step(i, &mut latents, &v);
+                if let Some(r) = &slg {
+                    // diffusers compares the integer step with fractions of the step count.
+                    let (fi, steps_f) = (i as f32, settings.steps as f32);
+                    if fi > steps_f * req.slg_start && fi < steps_f * req.slg_stop {
+                        let skipped = r.step(gpu, &latents, &t[..b])?;
+                        for ((p, c), s) in pred.iter_mut().zip(&v[n..]).zip(&skipped) {
+                            *p += (c - s) * req.slg_scale;
+                        }
+                    }
+                }
+                schedule.step(i, &mut latents, &pred);
                 progress(i + 1 - start, total);
             }
         }

@@ -99,6 +99,40 @@ fn sd35_medium_matches_diffusers() {
 }
 
 #[test]
+fn skip_layer_guidance_matches_diffusers() {
+    let dir = pipeline_folder("sd35m");
+    let io =
+        Checkpoint::open(&[fixtures().join("pipeline/sd35m/pipeline_io.safetensors")]).unwrap();
+    let pipe = Pipeline::load(&dir, f32_options()).unwrap();
+    let mut req = request();
+    req.init_latents = Some(io.read_f32("init_latents").unwrap().1);
+    req.slg_layers = vec![1];
+    req.slg_stop = 0.6;
+    let out = pipe.generate(&req, &mut |_, _| {}).unwrap();
+    let want: Vec<f64> = io
+        .read_f32("slg.latents")
+        .unwrap()
+        .1
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let plain: Vec<f64> = io
+        .read_f32("t5.latents")
+        .unwrap()
+        .1
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let e = common::rel_err(&out.latents, &want);
+    assert!(e <= 1e-3, "skip-layer guidance: relative error {e:.3e}");
+    assert!(
+        common::rel_err(&out.latents, &plain) > 1e-2,
+        "skip-layer guidance changed nothing"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn sd35_large_matches_diffusers() {
     check("sd35l", true);
     check("sd35l", false);

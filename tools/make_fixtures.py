@@ -552,6 +552,11 @@ def make_pipelines():
             io[f"{key}.latents"] = out_latents
             io[f"{key}.rgb8"] = torch.from_numpy((image * 255).round().astype("uint8"))
             assert torch.isfinite(out_latents).all()
+            if key == "t5" and name == "sd35m":
+                # Skip-layer guidance, on steps 1 and 2 of 4 (i < 0.6 · 4).
+                with torch.no_grad():
+                    io["slg.latents"] = pipe(**args, output_type="latent", skip_guidance_layers=[1],
+                                             skip_layer_guidance_stop=0.6).images
         save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(folder, "pipeline_io.safetensors"))
         print(name, "pipeline transformer params", sum(p.numel() for p in transformer.parameters()))
     with open(os.path.join(base, "request.json"), "w") as f:

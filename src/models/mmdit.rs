@@ -295,8 +295,31 @@ impl Mmdit {
         pooled: Value,
         t_emb: Value,
     ) -> Result<Value> {
+        self.forward_skipping(g, x, context, pooled, t_emb, &[])
+    }
+
+    /// [`Mmdit::forward`] with the joint blocks in `skip` bypassed (both streams
+    /// pass through unchanged), as skip-layer guidance needs.
+    pub fn forward_skipping(
+        &self,
+        g: &mut Graph,
+        x: Value,
+        context: Value,
+        pooled: Value,
+        t_emb: Value,
+        skip: &[usize],
+    ) -> Result<Value> {
+        if let Some(&bad) = skip.iter().find(|&&i| i >= self.config.depth) {
+            return Err(g.shape_error(
+                "mmdit",
+                format!(
+                    "cannot skip block {bad}: the model has {} blocks",
+                    self.config.depth
+                ),
+            ));
+        }
         g.scoped("mmdit", |g| {
-            self.forward_inner(g, x, context, pooled, t_emb)
+            self.forward_inner(g, x, context, pooled, t_emb, skip)
         })
     }
 
@@ -307,6 +330,7 @@ impl Mmdit {
         context: Value,
         pooled: Value,
         t_emb: Value,
+        skip: &[usize],
     ) -> Result<Value> {
         let c = &self.config;
         let xs = g.shape(x).to_vec();
@@ -354,6 +378,9 @@ impl Mmdit {
             self.context_embedder.forward(g, context)
         })?;
         for (i, block) in self.joint_blocks.iter().enumerate() {
+            if skip.contains(&i) {
+                continue;
+            }
             let (nx, nc) = g.scoped(&format!("block{i}"), |g| {
                 block.forward(g, x_tokens, ctx, cond_act, c)
             })?;
@@ -589,6 +616,19 @@ impl MmditRun {
         width: usize,
         tokens: usize,
     ) -> Result<MmditRun> {
+        Self::new_skipping(gpu, model, batch, height, width, tokens, &[])
+    }
+
+    /// [`MmditRun::new`] with the blocks in `skip` bypassed.
+    pub fn new_skipping(
+        gpu: &Gpu,
+        model: &Mmdit,
+        batch: usize,
+        height: usize,
+        width: usize,
+        tokens: usize,
+        skip: &[usize],
+    ) -> Result<MmditRun> {
         let c = &model.config;
         let mut g = Graph::new();
         let x = g.input(
@@ -599,7 +639,7 @@ impl MmditRun {
         let context = g.input("context", &[batch, tokens, c.context_dim], DType::F32);
         let pooled = g.input("pooled", &[batch, c.pooled_dim], DType::F32);
         let t_emb = g.input("t_emb", &[batch, TIMESTEP_DIM], DType::F32);
-        let out = model.forward(&mut g, x, context, pooled, t_emb)?;
+        let out = model.forward_skipping(&mut g, x, context, pooled, t_emb, skip)?;
         g.keep(out);
         Ok(MmditRun {
             plan: g.plan(gpu)?,
