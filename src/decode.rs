@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::image_io::{save_png, to_rgb8};
+use crate::image_io::{output_dir, save_png, to_rgb8, write_atomically};
 use crate::models::vae::{decode_tiled, fits, Vae, VaeRun};
 use crate::tensor::DType;
 use crate::weights::vae::VaeSource;
@@ -112,17 +112,7 @@ pub fn decode(gpu: &Gpu, o: &DecodeOptions) -> Result<Vec<PathBuf>> {
         .map(|i| numbered(&o.out, i, shape[0]))
         .collect();
     for p in &outs {
-        let dir = p
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        if !dir.is_dir() {
-            return Err(Error::Io(format!(
-                "{}: the folder {} does not exist",
-                p.display(),
-                dir.display()
-            )));
-        }
+        output_dir(p)?;
     }
     let vae = Vae::load(gpu, &src, o.matrix)?;
     let image = decode_auto(gpu, &vae, shape, &latents, o.tile, o.overlap, o.budget)?;
@@ -143,55 +133,22 @@ pub fn decode(gpu: &Gpu, o: &DecodeOptions) -> Result<Vec<PathBuf>> {
     Ok(outs)
 }
 
-/// Writes latents as a safetensors file with one f32 tensor `latents`, whole or
-/// not at all (written under a temporary name, then renamed).
+/// Writes latents as a safetensors file with one f32 tensor `latents`, whole or not at all.
 pub fn write_latents(path: &Path, shape: [usize; 4], data: &[f32]) -> Result<()> {
     let bytes: Vec<u8> = bytemuck::cast_slice(data).to_vec();
     let view =
         safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), &bytes)
             .map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Io(format!("{}: not a file path", path.display())))?;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        return Err(Error::Io(format!(
-            "{}: the folder {} does not exist",
-            path.display(),
-            dir.display()
-        )));
-    }
-    let tmp = dir.join(format!(".{}.partial", name.to_string_lossy()));
-    let r = safetensors::serialize_to_file(vec![("latents", view)], None, &tmp)
-        .map_err(|e| Error::Io(format!("{}: cannot write: {e}", path.display())))
-        .and_then(|_| {
-            std::fs::rename(&tmp, path)
-                .map_err(|e| Error::Io(format!("{}: cannot write: {e}", path.display())))
-        });
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
+    write_atomically(path, |tmp| {
+        safetensors::serialize_to_file(vec![("latents", view)], None, tmp)
+            .map_err(|e| Error::Io(format!("{}: cannot write: {e}", path.display())))
+    })
 }
 
 /// Fails unless `path`'s folder exists and accepts a new file (checked by
 /// creating and removing a probe), so a long run does not end in a failed write.
 pub fn check_writable(path: &Path) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        return Err(Error::Io(format!(
-            "{}: the folder {} does not exist",
-            path.display(),
-            dir.display()
-        )));
-    }
-    let probe = dir.join(format!(".sd3-write-probe-{}", std::process::id()));
+    let probe = output_dir(path)?.join(format!(".sd3-write-probe-{}", std::process::id()));
     std::fs::write(&probe, b"")
         .map_err(|e| Error::Io(format!("{}: cannot write there: {e}", path.display())))?;
     let _ = std::fs::remove_file(probe);

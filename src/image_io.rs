@@ -34,8 +34,38 @@ pub fn to_rgb8(x: &[f32], shape: [usize; 4]) -> Result<Vec<Vec<u8>>> {
         .collect())
 }
 
-/// Writes an RGB8 PNG with `tEXt` chunks. The file appears only once complete:
-/// it is written beside the target under a temporary name, then renamed.
+/// The folder a new file at `path` goes into; an error when it does not exist.
+pub fn output_dir(path: &Path) -> Result<PathBuf> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        return Err(Error::Io(format!(
+            "{}: the folder {} does not exist",
+            path.display(),
+            dir.display()
+        )));
+    }
+    Ok(dir)
+}
+
+/// Writes `path` whole or not at all: `write` fills a temporary file beside
+/// it, which is renamed into place only when complete.
+pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Io(format!("{}: not a file path", path.display())))?;
+    let tmp = output_dir(path)?.join(format!(".{}.partial", name.to_string_lossy()));
+    let result = write(&tmp)
+        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| io_error(path, "cannot write", e)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Writes an RGB8 PNG with `tEXt` chunks, whole or not at all.
 pub fn save_png(
     path: &Path,
     rgb: &[u8],
@@ -49,23 +79,8 @@ pub fn save_png(
             rgb.len()
         )));
     }
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Io(format!("{}: not a file path", path.display())))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if !dir.is_dir() {
-        return Err(Error::Io(format!(
-            "{}: the folder {} does not exist",
-            path.display(),
-            dir.display()
-        )));
-    }
-    let tmp = dir.join(format!(".{}.partial", name.to_string_lossy()));
-    let result = (|| {
-        let file = std::fs::File::create(&tmp).map_err(|e| io_error(path, "cannot write", e))?;
+    write_atomically(path, |tmp| {
+        let file = std::fs::File::create(tmp).map_err(|e| io_error(path, "cannot write", e))?;
         let mut enc = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
@@ -79,15 +94,8 @@ pub fn save_png(
         writer
             .write_image_data(rgb)
             .map_err(|e| io_error(path, "PNG data", e))?;
-        writer
-            .finish()
-            .map_err(|e| io_error(path, "PNG finish", e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io_error(path, "cannot write", e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+        writer.finish().map_err(|e| io_error(path, "PNG finish", e))
+    })
 }
 
 /// Reads the text chunks of a PNG (key, value).

@@ -43,6 +43,25 @@ fn token_str(v: &serde_json::Value) -> Option<String> {
         .or_else(|| v.get("content")?.as_str().map(str::to_string))
 }
 
+/// The id of the special token the config names `name` (or `default`).
+fn special_id(
+    t: &Tokenizer,
+    dir: &Path,
+    config: Option<&serde_json::Value>,
+    name: &str,
+    default: &str,
+) -> Result<u32> {
+    let tok = config
+        .and_then(|c| token_str(&c[name]))
+        .unwrap_or(default.to_string());
+    t.token_to_id(&tok).ok_or_else(|| {
+        Error::Io(format!(
+            "{}: {name} '{tok}' is not in the vocabulary",
+            dir.display()
+        ))
+    })
+}
+
 /// A prompt's token ids, padded to the tokenizer's length.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tokens {
@@ -132,18 +151,8 @@ impl PromptTokenizer {
             t
         };
         Self::finish(&mut inner, dir, CLIP_TOKENS)?;
-        let get = |name: &str, default: &str| -> Result<u32> {
-            let tok = config
-                .as_ref()
-                .and_then(|c| token_str(&c[name]))
-                .unwrap_or(default.to_string());
-            inner.token_to_id(&tok).ok_or_else(|| {
-                Error::Io(format!(
-                    "{}: {name} '{tok}' is not in the vocabulary",
-                    dir.display()
-                ))
-            })
-        };
+        let get =
+            |name: &str, default: &str| special_id(&inner, dir, config.as_ref(), name, default);
         let bos = get("bos_token", "<|startoftext|>")?;
         let eos = get("eos_token", "<|endoftext|>")?;
         let pad = get("pad_token", "<|endoftext|>")?;
@@ -174,18 +183,8 @@ impl PromptTokenizer {
         };
         let mut inner = Tokenizer::from_file(&json).map_err(|e| tok_err(&json, e))?;
         Self::finish(&mut inner, dir, length)?;
-        let get = |name: &str, default: &str| -> Result<u32> {
-            let tok = config
-                .as_ref()
-                .and_then(|c| token_str(&c[name]))
-                .unwrap_or(default.to_string());
-            inner.token_to_id(&tok).ok_or_else(|| {
-                Error::Io(format!(
-                    "{}: {name} '{tok}' is not in the vocabulary",
-                    dir.display()
-                ))
-            })
-        };
+        let get =
+            |name: &str, default: &str| special_id(&inner, dir, config.as_ref(), name, default);
         let eos = get("eos_token", "</s>")?;
         let pad = get("pad_token", "<pad>")?;
         Ok(PromptTokenizer {

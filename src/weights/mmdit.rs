@@ -177,17 +177,7 @@ impl MmditSource {
                 )));
             }
             let ck = Checkpoint::open_diffusers_component(&dir, "diffusion_pytorch_model")?;
-            let cfg_path = dir.join("config.json");
-            let cfg = match std::fs::read_to_string(&cfg_path) {
-                Ok(t) => Some(serde_json::from_str::<serde_json::Value>(&t).map_err(|e| {
-                    WeightsError::Format {
-                        path: cfg_path.clone(),
-                        msg: e.to_string(),
-                    }
-                })?),
-                Err(_) => None,
-            };
-            (ck, cfg)
+            (ck, super::read_config(&dir)?)
         } else {
             (Checkpoint::open(&[path.to_path_buf()])?, None)
         };

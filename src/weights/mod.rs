@@ -99,6 +99,20 @@ fn io_err(path: &Path, e: impl fmt::Display) -> WeightsError {
     }
 }
 
+/// The `config.json` of a diffusers component folder, if it has one.
+pub fn read_config(dir: &Path) -> Result<Option<serde_json::Value>, WeightsError> {
+    let path = dir.join("config.json");
+    match std::fs::read_to_string(&path) {
+        Ok(t) => serde_json::from_str(&t)
+            .map(Some)
+            .map_err(|e| WeightsError::Format {
+                path,
+                msg: e.to_string(),
+            }),
+        Err(_) => Ok(None),
+    }
+}
+
 /// Where one tensor lives.
 #[derive(Clone, Debug)]
 pub struct TensorEntry {
@@ -317,14 +331,22 @@ pub trait TensorProvider {
         shape: &[usize],
         dtype: crate::DType,
     ) -> crate::Result<crate::Tensor>;
-    /// Tensors concatenated along dim 0 (q, k, v → qkv).
+    /// Equal-sized tensors concatenated along dim 0 (q, k, v → qkv).
     fn tensor_concat(
         &self,
         gpu: &crate::gpu::Gpu,
         names: &[String],
         shape: &[usize],
         dtype: crate::DType,
-    ) -> crate::Result<crate::Tensor>;
+    ) -> crate::Result<crate::Tensor> {
+        let mut part = shape.to_vec();
+        part[0] /= names.len().max(1);
+        let mut data = Vec::with_capacity(shape.iter().product());
+        for n in names {
+            data.extend(self.host(n, &part)?);
+        }
+        crate::Tensor::from_f32(gpu, shape, dtype, &data)
+    }
     /// A (small) tensor on the CPU.
     fn host(&self, name: &str, shape: &[usize]) -> crate::Result<Vec<f32>>;
 }
@@ -341,15 +363,6 @@ macro_rules! provider_from_read {
             ) -> crate::Result<crate::Tensor> {
                 crate::Tensor::from_f32(gpu, shape, dtype, &self.read(name, shape)?)
             }
-            fn tensor_concat(
-                &self,
-                gpu: &crate::gpu::Gpu,
-                names: &[String],
-                shape: &[usize],
-                dtype: crate::DType,
-            ) -> crate::Result<crate::Tensor> {
-                crate::Tensor::from_f32(gpu, shape, dtype, &self.read_concat(names, shape)?)
-            }
             fn host(&self, name: &str, shape: &[usize]) -> crate::Result<Vec<f32>> {
                 Ok(self.read(name, shape)?)
             }
@@ -359,51 +372,6 @@ macro_rules! provider_from_read {
 provider_from_read!(mmdit::MmditSource);
 provider_from_read!(vae::VaeSource);
 provider_from_read!(text::TextSource);
-
-impl mmdit::MmditSource {
-    /// Concatenated canonical tensors (unused by the MMDiT, whose qkv is canonical).
-    pub fn read_concat(
-        &self,
-        names: &[String],
-        expected: &[usize],
-    ) -> Result<Vec<f32>, WeightsError> {
-        let mut out = Vec::new();
-        for n in names {
-            let s = self.shape(n)?;
-            out.extend(self.read(n, &s)?);
-        }
-        if out.len() != expected.iter().product::<usize>() {
-            return Err(WeightsError::Shape {
-                name: names.join("+"),
-                expected: expected.to_vec(),
-                found: vec![out.len()],
-            });
-        }
-        Ok(out)
-    }
-}
-
-impl vae::VaeSource {
-    /// Concatenated canonical tensors (unused by the VAE).
-    pub fn read_concat(
-        &self,
-        names: &[String],
-        expected: &[usize],
-    ) -> Result<Vec<f32>, WeightsError> {
-        let mut out = Vec::new();
-        for n in names {
-            out.extend(self.ck.read_f32(n)?.1);
-        }
-        if out.len() != expected.iter().product::<usize>() {
-            return Err(WeightsError::Shape {
-                name: names.join("+"),
-                expected: expected.to_vec(),
-                found: vec![out.len()],
-            });
-        }
-        Ok(out)
-    }
-}
 
 /// Seeded random weights generated on the GPU: matrices uniform with standard
 /// deviation 1/√fan-in, biases near 0, norm weights near 1 — activations stay

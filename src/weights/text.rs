@@ -25,14 +25,7 @@ impl TextSource {
     /// Opens a diffusers component folder (`model.safetensors`, or shards with an index json).
     pub fn open_folder(dir: &Path) -> Result<TextSource, WeightsError> {
         let ck = Checkpoint::open_diffusers_component(dir, "model")?;
-        let cfg_path = dir.join("config.json");
-        let config = match std::fs::read_to_string(&cfg_path) {
-            Ok(t) => Some(serde_json::from_str(&t).map_err(|e| WeightsError::Format {
-                path: cfg_path.clone(),
-                msg: e.to_string(),
-            })?),
-            Err(_) => None,
-        };
+        let config = super::read_config(dir)?;
         Ok(TextSource {
             ck,
             prefix: String::new(),
@@ -87,21 +80,6 @@ impl TextSource {
     /// Reads a tensor as f32, checking its shape.
     pub fn read(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, WeightsError> {
         self.ck.read_recipe(&self.recipe(name), expected)
-    }
-
-    /// Reads tensors concatenated along dim 0 (q, k, v → qkv).
-    pub fn read_concat(
-        &self,
-        names: &[String],
-        expected: &[usize],
-    ) -> Result<Vec<f32>, WeightsError> {
-        let r = Recipe::Concat(
-            names
-                .iter()
-                .map(|n| format!("{}{n}", self.prefix))
-                .collect(),
-        );
-        self.ck.read_recipe(&r, expected)
     }
 
     /// Number of distinct layer indices under `prefix` (e.g. `text_model.encoder.layers.`).

@@ -110,17 +110,7 @@ impl VaeSource {
                 path.to_path_buf()
             };
             let ck = Checkpoint::open_diffusers_component(&dir, "diffusion_pytorch_model")?;
-            let cfg = dir.join("config.json");
-            let json = match std::fs::read_to_string(&cfg) {
-                Ok(t) => Some(serde_json::from_str::<serde_json::Value>(&t).map_err(|e| {
-                    WeightsError::Format {
-                        path: cfg.clone(),
-                        msg: e.to_string(),
-                    }
-                })?),
-                Err(_) => None,
-            };
-            (ck, json)
+            (ck, super::read_config(&dir)?)
         } else {
             (Checkpoint::open(&[path.to_path_buf()])?, None)
         };
