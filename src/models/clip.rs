@@ -304,23 +304,7 @@ impl ClipLayer {
 /// Runs a CLIP encoder over tokenized prompts (each `positions` long):
 /// (penultimate hidden states [batch, tokens, hidden], pooled [batch, projection]).
 pub fn encode(gpu: &Gpu, clip: &Clip, prompts: &[Vec<u32>]) -> Result<(Vec<f32>, Vec<f32>)> {
-    let batch = prompts.len();
-    let tokens = prompts.first().map(|p| p.len()).unwrap_or(0);
-    if batch == 0 || prompts.iter().any(|p| p.len() != tokens) {
-        return Err(Error::Graph(
-            "CLIP: prompts must all have the same token count".into(),
-        ));
-    }
-    if let Some(bad) = prompts
-        .iter()
-        .flatten()
-        .find(|&&i| i as usize >= clip.config.vocab)
-    {
-        return Err(Error::Graph(format!(
-            "CLIP: token id {bad} is outside the vocabulary of {}",
-            clip.config.vocab
-        )));
-    }
+    let (batch, tokens) = super::check_prompts("CLIP", prompts, clip.config.vocab)?;
     let mut g = Graph::new();
     let ids = g.input("ids", &[batch * tokens], DType::U32);
     let rows = g.input("pool_rows", &[batch], DType::U32);

@@ -244,23 +244,7 @@ impl T5Block {
 
 /// Runs T5 over tokenized prompts (all the same length) → [batch, tokens, d_model].
 pub fn encode(gpu: &Gpu, t5: &T5, prompts: &[Vec<u32>]) -> Result<Vec<f32>> {
-    let batch = prompts.len();
-    let tokens = prompts.first().map(|p| p.len()).unwrap_or(0);
-    if batch == 0 || prompts.iter().any(|p| p.len() != tokens) {
-        return Err(Error::Graph(
-            "T5: prompts must all have the same token count".into(),
-        ));
-    }
-    if let Some(bad) = prompts
-        .iter()
-        .flatten()
-        .find(|&&i| i as usize >= t5.config.vocab)
-    {
-        return Err(Error::Graph(format!(
-            "T5: token id {bad} is outside the vocabulary of {}",
-            t5.config.vocab
-        )));
-    }
+    let (batch, tokens) = super::check_prompts("T5", prompts, t5.config.vocab)?;
     let mut g = Graph::new();
     let ids = g.input("ids", &[batch * tokens], DType::U32);
     let bias = g.input(

@@ -139,48 +139,13 @@ fn diffusers_recipe(canonical: &str, depth: usize) -> Recipe {
     }
 }
 
-fn block_indices(ck: &Checkpoint, prefix: &str) -> Vec<usize> {
-    let mut v: Vec<usize> = ck
-        .with_prefix(prefix)
-        .filter_map(|(k, _)| k[prefix.len()..].split('.').next()?.parse().ok())
-        .collect();
-    v.sort_unstable();
-    v.dedup();
-    v
-}
-
 impl MmditSource {
     /// Opens a single `.safetensors` file (Stability layout, or a bare
     /// diffusers transformer file) or a diffusers folder (the model folder or
     /// its `transformer/` subfolder).
     pub fn open(path: &Path) -> Result<MmditSource, WeightsError> {
-        let meta = std::fs::metadata(path).map_err(|e| super::io_err(path, e))?;
-        let (ck, config_json) = if meta.is_dir() {
-            let dir = if path.join("transformer").is_dir() {
-                path.join("transformer")
-            } else {
-                path.to_path_buf()
-            };
-            let has_weights = std::fs::read_dir(&dir)
-                .map(|rd| {
-                    rd.flatten().any(|e| {
-                        e.file_name()
-                            .to_string_lossy()
-                            .starts_with("diffusion_pytorch_model")
-                    })
-                })
-                .unwrap_or(false);
-            if !has_weights {
-                return Err(WeightsError::Unsupported(format!(
-                    "{}: not an SD3 model folder (no transformer/ with diffusion_pytorch_model*.safetensors)",
-                    path.display()
-                )));
-            }
-            let ck = Checkpoint::open_diffusers_component(&dir, "diffusion_pytorch_model")?;
-            (ck, super::read_config(&dir)?)
-        } else {
-            (Checkpoint::open(&[path.to_path_buf()])?, None)
-        };
+        let (ck, config_json) =
+            super::open_component(path, "transformer", "diffusion_pytorch_model")?;
         let layout = if ck.with_prefix(SINGLE_FILE_PREFIX).next().is_some() {
             Layout::SingleFile {
                 prefix: SINGLE_FILE_PREFIX.into(),
@@ -240,7 +205,7 @@ impl MmditSource {
             Layout::SingleFile { prefix } => format!("{prefix}joint_blocks."),
             Layout::Diffusers => "transformer_blocks.".to_string(),
         };
-        let blocks = block_indices(&self.ck, &block_prefix);
+        let blocks = self.ck.indices_under(&block_prefix);
         let depth = blocks.len();
         if blocks.iter().enumerate().any(|(i, &b)| i != b) {
             return Err(WeightsError::Unsupported(format!(

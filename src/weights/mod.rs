@@ -99,6 +99,40 @@ fn io_err(path: &Path, e: impl fmt::Display) -> WeightsError {
     }
 }
 
+/// A model component from `path`: a single file, or the folder `path/<sub>`
+/// (or `path` itself) holding `<stem>*.safetensors` and maybe a config.json.
+pub fn open_component(
+    path: &Path,
+    sub: &str,
+    stem: &str,
+) -> Result<(Checkpoint, Option<serde_json::Value>), WeightsError> {
+    let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
+    if !meta.is_dir() {
+        return Ok((Checkpoint::open(&[path.to_path_buf()])?, None));
+    }
+    let dir = if path.join(sub).is_dir() {
+        path.join(sub)
+    } else {
+        path.to_path_buf()
+    };
+    let has_weights = std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(stem))
+        })
+        .unwrap_or(false);
+    if !has_weights {
+        return Err(WeightsError::Unsupported(format!(
+            "{}: not an SD3 model folder (no {sub}/ with {stem}*.safetensors)",
+            path.display()
+        )));
+    }
+    Ok((
+        Checkpoint::open_diffusers_component(&dir, stem)?,
+        read_config(&dir)?,
+    ))
+}
+
 /// The `config.json` of a diffusers component folder, if it has one.
 pub fn read_config(dir: &Path) -> Result<Option<serde_json::Value>, WeightsError> {
     let path = dir.join("config.json");
@@ -232,6 +266,18 @@ impl Checkpoint {
         self.tensors
             .range(prefix.to_string()..)
             .take_while(move |(k, _)| k.starts_with(prefix))
+    }
+
+    /// The distinct numbers that follow `prefix` in tensor names
+    /// (`joint_blocks.` → block indices), sorted.
+    pub fn indices_under(&self, prefix: &str) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .with_prefix(prefix)
+            .filter_map(|(k, _)| k[prefix.len()..].split('.').next()?.parse().ok())
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
     }
 
     /// The raw bytes of a tensor.

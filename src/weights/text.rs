@@ -84,15 +84,9 @@ impl TextSource {
 
     /// Number of distinct layer indices under `prefix` (e.g. `text_model.encoder.layers.`).
     pub fn count_layers(&self, prefix: &str) -> usize {
-        let full = format!("{}{prefix}", self.prefix);
-        let mut v: Vec<usize> = self
-            .ck
-            .with_prefix(&full)
-            .filter_map(|(k, _)| k[full.len()..].split('.').next()?.parse().ok())
-            .collect();
-        v.sort_unstable();
-        v.dedup();
-        v.len()
+        self.ck
+            .indices_under(&format!("{}{prefix}", self.prefix))
+            .len()
     }
 
     /// A number from config.json.

@@ -87,33 +87,12 @@ fn ldm_name(canonical: &str, levels: usize) -> String {
     format!("{coder}.{mapped}")
 }
 
-fn count_indices(ck: &Checkpoint, prefix: &str) -> usize {
-    let mut v: Vec<usize> = ck
-        .with_prefix(prefix)
-        .filter_map(|(k, _)| k[prefix.len()..].split('.').next()?.parse().ok())
-        .collect();
-    v.sort_unstable();
-    v.dedup();
-    v.len()
-}
-
 impl VaeSource {
     /// Opens a VAE: a single file (all-in-one with `first_stage_model.`, a bare
     /// LDM VAE, or a diffusers-named file), a diffusers model folder (its
     /// `vae/`) or a diffusers VAE folder.
     pub fn open(path: &Path) -> Result<VaeSource, WeightsError> {
-        let meta = std::fs::metadata(path).map_err(|e| super::io_err(path, e))?;
-        let (ck, json) = if meta.is_dir() {
-            let dir = if path.join("vae").is_dir() {
-                path.join("vae")
-            } else {
-                path.to_path_buf()
-            };
-            let ck = Checkpoint::open_diffusers_component(&dir, "diffusion_pytorch_model")?;
-            (ck, super::read_config(&dir)?)
-        } else {
-            (Checkpoint::open(&[path.to_path_buf()])?, None)
-        };
+        let (ck, json) = super::open_component(path, "vae", "diffusion_pytorch_model")?;
         let ldm_prefix = if ck.with_prefix("first_stage_model.").next().is_some() {
             Some("first_stage_model.".to_string())
         } else if ck.with_prefix("decoder.up_blocks.").next().is_some() {
@@ -173,7 +152,7 @@ impl VaeSource {
             Some(p) => format!("{p}decoder.up."),
             None => "decoder.up_blocks.".to_string(),
         };
-        let levels = count_indices(&self.ck, &prefix);
+        let levels = self.ck.indices_under(&prefix).len();
         if levels == 0 {
             return Err(WeightsError::Missing {
                 name: prefix + "0.*",
@@ -188,7 +167,7 @@ impl VaeSource {
             Some(p) => format!("{p}decoder.up.{}.block.", levels - 1),
             None => "decoder.up_blocks.0.resnets.".to_string(),
         };
-        let per_level = count_indices(&self.ck, &resnets_prefix);
+        let per_level = self.ck.indices_under(&resnets_prefix).len();
         if per_level < 1 {
             return Err(WeightsError::Missing {
                 name: resnets_prefix + "0.*",
