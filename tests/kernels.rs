@@ -43,6 +43,7 @@ cases!(
     gather_f32_f16_and_bad_ids,
     patchify_layouts,
     random_fill_f32_and_f16,
+    residual_adaln_fused_and_composed,
 );
 
 #[test]
@@ -1027,5 +1028,56 @@ mod cases {
         assert_close("random f16", &got[1], &r16, 0.0);
         let mean = got[0].iter().map(|&v| v as f64).sum::<f64>() / n as f64;
         assert!((mean - 1.0).abs() < 0.05, "mean {mean}");
+    }
+
+    pub fn residual_adaln_fused_and_composed(gpu: &Gpu) {
+        for (b, t, c) in [(2, 9, 40), (1, 3, 300), (2, 1, 7)] {
+            let xd: Vec<f32> = rand(90, b * t * c).iter().map(|v| 2.0 * v + 0.3).collect();
+            let yd = rand(91, b * t * c);
+            let md = rand(92, b * 6 * c);
+            let mut g = Graph::new();
+            let x = weight(gpu, &mut g, "x", &[b, t, c], DType::F32, &xd);
+            let y = weight(gpu, &mut g, "y", &[b, t, c], DType::F32, &yd);
+            let m = weight(gpu, &mut g, "m", &[b, 6 * c], DType::F32, &md);
+            let ch = |index| ModChunk { m, index };
+            let (xo, ho) = norm::residual_adaln(&mut g, x, ch(2), y, ch(3), ch(4), 1e-6).unwrap();
+            let xc = elementwise::gated_residual(&mut g, x, ch(2), y).unwrap();
+            let hc = norm::adaln_modulate(&mut g, xc, ch(3), ch(4), 1e-6).unwrap();
+            for v in [xo, ho, hc] {
+                g.keep(v);
+            }
+            let got = run(gpu, g, &[xo, ho, hc]);
+            let mut rx = Vec::new();
+            let mut rh = Vec::new();
+            for row in 0..b * t {
+                let bi = row / t;
+                let r: Vec<f64> = (0..c)
+                    .map(|i| {
+                        xd[row * c + i] as f64
+                            + md[bi * 6 * c + 2 * c + i] as f64 * yd[row * c + i] as f64
+                    })
+                    .collect();
+                let (mean, rstd) = reference::stats(&r, 1e-6);
+                for (i, v) in r.iter().enumerate() {
+                    let sh = md[bi * 6 * c + 3 * c + i] as f64;
+                    let sc = md[bi * 6 * c + 4 * c + i] as f64;
+                    rh.push((v - mean) * rstd * (1.0 + sc) + sh);
+                }
+                rx.extend(r);
+            }
+            assert_close(
+                &format!("residual_adaln x {b}x{t}x{c}"),
+                &got[0],
+                &rx,
+                TOL_F32,
+            );
+            assert_close(
+                &format!("residual_adaln h {b}x{t}x{c}"),
+                &got[1],
+                &rh,
+                TOL_F32,
+            );
+            assert_close(&format!("composed h {b}x{t}x{c}"), &got[2], &rh, TOL_F32);
+        }
     }
 }

@@ -30,6 +30,10 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("conv.wgsl", include_str!("../../shaders/conv.wgsl")),
     ("layout.wgsl", include_str!("../../shaders/layout.wgsl")),
     ("random.wgsl", include_str!("../../shaders/random.wgsl")),
+    (
+        "residual_norm.wgsl",
+        include_str!("../../shaders/residual_norm.wgsl"),
+    ),
 ];
 
 /// The raw text of a shader file.

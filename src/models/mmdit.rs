@@ -476,44 +476,57 @@ impl JointBlock {
             .as_ref()
             .expect("image stream has a projection");
         let out_x = g.scoped("x.attn.proj", |g| proj.forward(g, attn_x))?;
-        let mut x = elementwise::gated_residual(g, x, mx.gate_msa(), out_x)?;
-        if let (Some(attn2), Some(hx2)) = (&self.x_block.attn2, hx2) {
-            x = g.scoped("x.attn2", |g| {
-                let qkv = g.scoped("qkv", |g| attn2.qkv.forward(g, hx2))?;
-                let mut o = AttentionOptions::new(c.heads);
-                if let Some((q, k)) = &attn2.ln_qk {
-                    o.qk_norm = Some((g.weight("ln_q", q), g.weight("ln_k", k)));
-                }
-                let view = |col_offset| Heads {
-                    value: qkv,
-                    col_offset,
-                };
-                let a = attention::attention(g, view(0), view(hidden), view(2 * hidden), &o)?;
-                let p = attn2.proj.as_ref().expect("attn2 has a projection");
-                let out = g.scoped("proj", |g| p.forward(g, a))?;
-                elementwise::gated_residual(g, x, mx.gate_msa2(), out)
-            })?;
-        }
-        let x = g.scoped("x.mlp", |g| {
-            mlp_residual(g, x, mx, self.x_block.mlp.as_ref())
-        })?;
-        let Some(cproj) = &self.context_block.attn.proj else {
+        let mlp_x = self.x_block.mlp.as_ref().expect("image stream has an MLP");
+        // The last residual before the MLP is fused with the MLP's adaLN.
+        let x = match (&self.x_block.attn2, hx2) {
+            (Some(attn2), Some(hx2)) => {
+                let x = elementwise::gated_residual(g, x, mx.gate_msa(), out_x)?;
+                let out2 = g.scoped("x.attn2", |g| {
+                    let qkv = g.scoped("qkv", |g| attn2.qkv.forward(g, hx2))?;
+                    let mut o = AttentionOptions::new(c.heads);
+                    if let Some((q, k)) = &attn2.ln_qk {
+                        o.qk_norm = Some((g.weight("ln_q", q), g.weight("ln_k", k)));
+                    }
+                    let view = |col_offset| Heads {
+                        value: qkv,
+                        col_offset,
+                    };
+                    let a = attention::attention(g, view(0), view(hidden), view(2 * hidden), &o)?;
+                    let p = attn2.proj.as_ref().expect("attn2 has a projection");
+                    g.scoped("proj", |g| p.forward(g, a))
+                })?;
+                g.scoped("x.mlp", |g| {
+                    residual_then_mlp(g, x, mx.gate_msa2(), out2, mx, mlp_x)
+                })?
+            }
+            _ => g.scoped("x.mlp", |g| {
+                residual_then_mlp(g, x, mx.gate_msa(), out_x, mx, mlp_x)
+            })?,
+        };
+        let (Some(cproj), Some(mlp_c)) = (&self.context_block.attn.proj, &self.context_block.mlp)
+        else {
             return Ok((x, None));
         };
         let attn_c = layout::slice(g, joint, 1, nx, nc)?;
         let out_c = g.scoped("context.attn.proj", |g| cproj.forward(g, attn_c))?;
-        let ctx = elementwise::gated_residual(g, ctx, mc.gate_msa(), out_c)?;
         let ctx = g.scoped("context.mlp", |g| {
-            mlp_residual(g, ctx, mc, self.context_block.mlp.as_ref())
+            residual_then_mlp(g, ctx, mc.gate_msa(), out_c, mc, mlp_c)
         })?;
         Ok((x, Some(ctx)))
     }
 }
 
-/// s + gate_mlp · MLP(LN(s)·(1 + scale_mlp) + shift_mlp).
-fn mlp_residual(g: &mut Graph, s: Value, m: Modulation, mlp: Option<&Mlp>) -> Result<Value> {
-    let Some(mlp) = mlp else { return Ok(s) };
-    let h = norm::adaln_modulate(g, s, m.shift_mlp(), m.scale_mlp(), EPS)?;
+/// s' = s + gate · branch, then s' + gate_mlp · MLP(LN(s')·(1 + scale_mlp) + shift_mlp),
+/// the residual and the MLP's adaLN fused into one kernel.
+fn residual_then_mlp(
+    g: &mut Graph,
+    s: Value,
+    gate: ModChunk,
+    branch: Value,
+    m: Modulation,
+    mlp: &Mlp,
+) -> Result<Value> {
+    let (s, h) = norm::residual_adaln(g, s, gate, branch, m.shift_mlp(), m.scale_mlp(), EPS)?;
     let y = mlp.forward(g, h, Act::GeluTanh)?;
     elementwise::gated_residual(g, s, m.gate_mlp(), y)
 }

@@ -40,7 +40,13 @@ norm_kernel!(ADALN_MODULATE, "adaln_modulate");
 norm_kernel!(GROUP_NORM, "group_norm");
 
 /// Kernels of this family.
-pub static KERNELS: &[&Kernel] = &[&LAYER_NORM, &RMS_NORM, &ADALN_MODULATE, &GROUP_NORM];
+pub static KERNELS: &[&Kernel] = &[
+    &LAYER_NORM,
+    &RMS_NORM,
+    &ADALN_MODULATE,
+    &GROUP_NORM,
+    &RESIDUAL_ADALN,
+];
 
 /// Params of `norm.wgsl`.
 #[repr(C)]
@@ -270,4 +276,103 @@ pub fn group_norm(
         ..Default::default()
     };
     record(g, kind, &GROUP_NORM, x, weight, bias, p)
+}
+
+/// The fused adaLN-Zero residual (`shaders/residual_norm.wgsl`).
+pub static RESIDUAL_ADALN: Kernel = Kernel {
+    file: "residual_norm.wgsl",
+    entry: "residual_adaln",
+    params_size: std::mem::size_of::<ResidualNormParams>(),
+    bindings: &[
+        Binding::read("x"),
+        Binding::read("branch"),
+        Binding::read("modv"),
+        Binding::write("x_out"),
+        Binding::write("h_out"),
+    ],
+    flags: &[],
+    constants: &[],
+};
+
+/// Params of `residual_norm.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct ResidualNormParams {
+    /// Rows (batch · tokens).
+    pub rows: u32,
+    /// Channels.
+    pub cols: u32,
+    /// Tokens per batch entry.
+    pub inner: u32,
+    /// Elements between batch rows of the modulation vector.
+    pub mod_stride: u32,
+    /// Offset of the gate chunk.
+    pub gate_off: u32,
+    /// Offset of the shift chunk.
+    pub shift_off: u32,
+    /// Offset of the scale chunk.
+    pub scale_off: u32,
+    /// LayerNorm epsilon.
+    pub eps: f32,
+}
+
+/// x' = x + gate · branch and h = LN(x')·(1 + scale) + shift in one pass over
+/// x, branch [batch, tokens, c]; gate, shift, scale chunks of one modulation
+/// vector. Returns (x', h). Same result as `gated_residual` then `adaln_modulate`.
+pub fn residual_adaln(
+    g: &mut Graph,
+    x: Value,
+    gate: ModChunk,
+    branch: Value,
+    shift: ModChunk,
+    scale: ModChunk,
+    eps: f32,
+) -> Result<(Value, Value)> {
+    let kind = "residual_adaln";
+    expect_dtype(g, kind, "x", x, &[DType::F32])?;
+    expect_dtype(g, kind, "branch", branch, &[DType::F32])?;
+    let xs = super::expect_rank(g, kind, "x", x, 3, "[batch, tokens, c]")?;
+    expect_shape(g, kind, "branch", branch, &xs)?;
+    if gate.m != shift.m || gate.m != scale.m {
+        return Err(g.shape_error(
+            kind,
+            "gate, shift and scale must be chunks of one modulation vector",
+        ));
+    }
+    check_index_space(g, kind, numel(&xs))?;
+    let (stride, gate_off) = chunk_offset(g, kind, "gate", gate, xs[0], xs[2])?;
+    let (_, shift_off) = chunk_offset(g, kind, "shift", shift, xs[0], xs[2])?;
+    let (_, scale_off) = chunk_offset(g, kind, "scale", scale, xs[0], xs[2])?;
+    let p = ResidualNormParams {
+        rows: (xs[0] * xs[1]) as u32,
+        cols: xs[2] as u32,
+        inner: xs[1].max(1) as u32,
+        mod_stride: stride,
+        gate_off,
+        shift_off,
+        scale_off,
+        eps,
+    };
+    let x_out = g.alloc(&xs, DType::F32);
+    let h_out = g.alloc(&xs, DType::F32);
+    let n = numel(&xs) as u64;
+    let call = OpCall {
+        key: PipelineKey::new(&RESIDUAL_ADALN),
+        params: bytes_of(&p),
+        args: vec![
+            Some(x),
+            Some(branch),
+            Some(gate.m),
+            Some(x_out),
+            Some(h_out),
+        ],
+        workgroups: grid(p.rows as u64),
+        // Three passes over x and branch, two writes.
+        cost: Cost {
+            flops: 12 * n,
+            bytes: 32 * n,
+        },
+    };
+    g.record(kind, call)?;
+    Ok((x_out, h_out))
 }

@@ -1,0 +1,64 @@
+// The adaLN-Zero step between two sublayers, fused:
+//   x_out = x + gate · branch
+//   h_out = LN(x_out) · (1 + scale) + shift
+// for x, branch: [batch, inner, cols] and gate, shift, scale chunks of a
+// modulation vector [batch, mod_stride]. One workgroup per row; the row sum is
+// recomputed per pass instead of re-read, so no invocation reads another's
+// writes. Composed equivalent: gated_residual then adaln_modulate.
+
+#include "common.wgsl"
+
+struct Params {
+    rows: u32, cols: u32, inner: u32, mod_stride: u32,
+    gate_off: u32, shift_off: u32, scale_off: u32, eps: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> branch: array<f32>;
+@group(0) @binding(3) var<storage, read> modv: array<f32>;
+@group(0) @binding(4) var<storage, read_write> x_out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> h_out: array<f32>;
+
+var<workgroup> red: array<f32, 256>;
+
+fn workgroup_sum(v: f32, lid: u32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            red[lid] += red[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let total = red[0];
+    workgroupBarrier();
+    return total;
+}
+
+@compute @workgroup_size(256)
+fn residual_adaln(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let row = wid.y * nwg.x + wid.x;
+    if (row >= p.rows) {
+        return;
+    }
+    let base = row * p.cols;
+    let m = (row / p.inner) * p.mod_stride;
+    var s = 0.0;
+    for (var i = lid; i < p.cols; i += WG) {
+        s += x[base + i] + modv[m + p.gate_off + i] * branch[base + i];
+    }
+    let mean = workgroup_sum(s, lid) / f32(p.cols);
+    var ss = 0.0;
+    for (var i = lid; i < p.cols; i += WG) {
+        let d = x[base + i] + modv[m + p.gate_off + i] * branch[base + i] - mean;
+        ss += d * d;
+    }
+    let rstd = inverseSqrt(workgroup_sum(ss, lid) / f32(p.cols) + p.eps);
+    for (var i = lid; i < p.cols; i += WG) {
+        let r = x[base + i] + modv[m + p.gate_off + i] * branch[base + i];
+        x_out[base + i] = r;
+        h_out[base + i] = (r - mean) * rstd * (1.0 + modv[m + p.scale_off + i]) + modv[m + p.shift_off + i];
+    }
+}
