@@ -20,21 +20,7 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> x_out: array<f32>;
 @group(0) @binding(5) var<storage, read_write> h_out: array<f32>;
 
-var<workgroup> red: array<f32, 256>;
-
-fn workgroup_sum(v: f32, lid: u32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            red[lid] += red[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let total = red[0];
-    workgroupBarrier();
-    return total;
-}
+#include "reduce.wgsl"
 
 @compute @workgroup_size(256)
 fn residual_adaln(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

@@ -16,6 +16,7 @@ use super::GpuError;
 pub const SOURCES: &[(&str, &str)] = &[
     ("common.wgsl", include_str!("../../shaders/common.wgsl")),
     ("weights.wgsl", include_str!("../../shaders/weights.wgsl")),
+    ("reduce.wgsl", include_str!("../../shaders/reduce.wgsl")),
     ("linear.wgsl", include_str!("../../shaders/linear.wgsl")),
     ("norm.wgsl", include_str!("../../shaders/norm.wgsl")),
     ("softmax.wgsl", include_str!("../../shaders/softmax.wgsl")),
