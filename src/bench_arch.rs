@@ -15,10 +15,10 @@ use crate::models::t5::{T5Config, T5};
 use crate::models::vae::{Vae, VaeRun};
 use crate::ops::elementwise::Act;
 use crate::sampler::{guide, noise, FlowMatchEuler, Rng};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::DType;
 use crate::weights::mmdit::MmditConfig;
 use crate::weights::vae::{VaeConfig, SD3_SCALING_FACTOR, SD3_SHIFT_FACTOR};
-use crate::weights::{RandomWeights, TensorProvider};
+use crate::weights::RandomWeights;
 
 /// A benchmarkable architecture.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,42 +165,7 @@ impl Arch {
     }
 }
 
-/// Weights that only carry shapes (one shared 16-byte buffer): for recording
-/// and validating graphs of architectures too large to run here.
-pub struct ShapeOnlyWeights {
-    buffer: std::sync::Arc<crate::gpu::TrackedBuffer>,
-}
-
-impl ShapeOnlyWeights {
-    /// A provider on `gpu`.
-    pub fn new(gpu: &Gpu) -> Result<ShapeOnlyWeights> {
-        Ok(ShapeOnlyWeights {
-            buffer: std::sync::Arc::new(crate::tensor::create_storage(gpu, "shape-only", 16)?),
-        })
-    }
-}
-
-impl TensorProvider for ShapeOnlyWeights {
-    fn tensor(&self, _: &Gpu, _: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        Ok(Tensor {
-            buffer: self.buffer.clone(),
-            shape: shape.to_vec(),
-            dtype,
-        })
-    }
-    fn tensor_concat(
-        &self,
-        gpu: &Gpu,
-        names: &[String],
-        shape: &[usize],
-        dtype: DType,
-    ) -> Result<Tensor> {
-        self.tensor(gpu, &names.join("+"), shape, dtype)
-    }
-    fn host(&self, _: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        Ok(vec![0.0; shape.iter().product()])
-    }
-}
+pub use crate::weights::ShapeOnlyWeights;
 
 /// The graphs one generation records: text encoders, one MMDiT step, VAE decode.
 pub struct ArchGraphs {

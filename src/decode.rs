@@ -5,9 +5,11 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::files::{check_output, check_outputs_apart};
 use crate::gpu::Gpu;
-use crate::image_io::{output_dir, save_png, to_rgb8, write_atomically};
+use crate::image_io::{save_png, to_rgb8};
 use crate::models::vae::{decode_tiled, fits, Vae, VaeRun};
+use crate::pipeline::MAX_BATCH;
 use crate::tensor::DType;
 use crate::weights::vae::VaeSource;
 use crate::weights::Checkpoint;
@@ -31,17 +33,36 @@ pub struct DecodeOptions {
     pub matrix: DType,
 }
 
+/// Longest latent side accepted (16384 pixels).
+pub const MAX_LATENT_SIDE: usize = 2048;
+
 /// Reads the `latents` tensor of a safetensors file: ([b, c, h, w], values).
 pub fn read_latents(path: &Path, channels: usize) -> Result<([usize; 4], Vec<f32>)> {
     let ck = Checkpoint::open(&[path.to_path_buf()])?;
     let (shape, data) = ck.read_f32("latents")?;
-    match shape.as_slice() {
-        &[b, c, h, w] if c == channels && b > 0 && h > 0 && w > 0 => Ok(([b, c, h, w], data)),
-        _ => Err(Error::Io(format!(
-            "{}: tensor 'latents' must be [batch, {channels}, height/8, width/8], found {shape:?}",
+    let [b, c, h, w] = match shape.as_slice() {
+        &[b, c, h, w]
+            if c == channels
+                && (1..=MAX_BATCH).contains(&b)
+                && (1..=MAX_LATENT_SIDE).contains(&h)
+                && (1..=MAX_LATENT_SIDE).contains(&w) =>
+        {
+            [b, c, h, w]
+        }
+        _ => {
+            return Err(Error::Io(format!(
+                "{}: tensor 'latents' must be [batch ≤ {MAX_BATCH}, {channels}, height/8, width/8] with sides ≤ {MAX_LATENT_SIDE}, found {shape:?}",
+                path.display()
+            )))
+        }
+    };
+    if data.iter().any(|v| !v.is_finite()) {
+        return Err(Error::Io(format!(
+            "{}: tensor 'latents' holds NaN or infinite values",
             path.display()
-        ))),
+        )));
     }
+    Ok(([b, c, h, w], data))
 }
 
 /// The output path of image `i` of `n`.
@@ -60,6 +81,11 @@ pub fn numbered(out: &Path, i: usize, n: usize) -> PathBuf {
     out.with_file_name(format!("{stem}-{i}.{ext}"))
 }
 
+/// Smallest VAE tile accepted, in latent pixels.
+pub const MIN_TILE: usize = 4;
+/// Largest VAE tile accepted, in latent pixels.
+pub const MAX_TILE: usize = 4096;
+
 /// Decodes with tiles when needed: the full frame when it fits `budget` and
 /// the adapter's limits, else the largest power-of-two tile (from 64) that does.
 pub fn decode_auto(
@@ -72,6 +98,18 @@ pub fn decode_auto(
     budget: Option<u64>,
 ) -> Result<Vec<f32>> {
     let [b, _, h, w] = shape;
+    if overlap >= MAX_TILE {
+        return Err(Error::Graph(format!(
+            "--tile-overlap must be below {MAX_TILE} latent pixels, got {overlap}"
+        )));
+    }
+    if let Some(t) = tile {
+        if !(MIN_TILE..=MAX_TILE).contains(&t) {
+            return Err(Error::Graph(format!(
+                "--vae-tile must be in {MIN_TILE}..={MAX_TILE} latent pixels, got {t}"
+            )));
+        }
+    }
     let tile = match tile {
         Some(t) => Some(t),
         None if fits(gpu, vae, b, h, w, budget)? => None,
@@ -104,16 +142,21 @@ pub fn decode_auto(
     }
 }
 
-/// Runs `sd3 decode`; returns the PNGs written.
-pub fn decode(gpu: &Gpu, o: &DecodeOptions) -> Result<Vec<PathBuf>> {
+/// Runs `sd3 decode`; returns the PNGs written and warnings about metadata
+/// left out of them.
+pub fn decode(gpu: &Gpu, o: &DecodeOptions) -> Result<(Vec<PathBuf>, Vec<String>)> {
     let src = VaeSource::open(&o.model)?;
     let (shape, latents) = read_latents(&o.latents, src.config.latent_channels)?;
     let outs: Vec<PathBuf> = (0..shape[0])
         .map(|i| numbered(&o.out, i, shape[0]))
         .collect();
     for p in &outs {
-        output_dir(p)?;
+        check_output(p)?;
     }
+    let mut inputs = src.ck.files.clone();
+    inputs.push(o.latents.clone());
+    let named: Vec<(&str, PathBuf)> = outs.iter().map(|p| ("--out", p.clone())).collect();
+    check_outputs_apart(&named, &inputs)?;
     let vae = Vae::load(gpu, &src, o.matrix)?;
     let image = decode_auto(gpu, &vae, shape, &latents, o.tile, o.overlap, o.budget)?;
     let f = vae.scale();
@@ -127,10 +170,11 @@ pub fn decode(gpu: &Gpu, o: &DecodeOptions) -> Result<Vec<PathBuf>> {
         ("sd3:model", o.model.display().to_string()),
         ("sd3:latents", o.latents.display().to_string()),
     ];
+    let mut warnings = Vec::new();
     for (img, p) in rgb.iter().zip(&outs) {
-        save_png(p, img, w * f, h * f, &text)?;
+        warnings.extend(save_png(p, img, w * f, h * f, &text)?);
     }
-    Ok(outs)
+    Ok((outs, warnings))
 }
 
 /// Writes latents as a safetensors file with one f32 tensor `latents`, whole or not at all.
@@ -139,18 +183,7 @@ pub fn write_latents(path: &Path, shape: [usize; 4], data: &[f32]) -> Result<()>
     let view =
         safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), &bytes)
             .map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
-    write_atomically(path, |tmp| {
-        safetensors::serialize_to_file(vec![("latents", view)], None, tmp)
-            .map_err(|e| Error::Io(format!("{}: cannot write: {e}", path.display())))
-    })
-}
-
-/// Fails unless `path`'s folder exists and accepts a new file (checked by
-/// creating and removing a probe), so a long run does not end in a failed write.
-pub fn check_writable(path: &Path) -> Result<()> {
-    let probe = output_dir(path)?.join(format!(".sd3-write-probe-{}", std::process::id()));
-    std::fs::write(&probe, b"")
-        .map_err(|e| Error::Io(format!("{}: cannot write there: {e}", path.display())))?;
-    let _ = std::fs::remove_file(probe);
-    Ok(())
+    let file = safetensors::serialize(vec![("latents", view)], None)
+        .map_err(|e| Error::Io(format!("{}: cannot write: {e}", path.display())))?;
+    crate::files::write_bytes(path, &file)
 }

@@ -410,13 +410,15 @@ impl Graph {
             params.resize(params.len().div_ceil(align) * align, 0);
         }
         params.resize(params.len().max(16), 0);
-        let params_buf = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("params"),
-            size: params.len() as u64,
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        gpu.queue.write_buffer(&params_buf, 0, &params);
+        let params_buf = gpu.guarded("the params buffer", params.len() as u64, || {
+            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("params"),
+                size: params.len() as u64,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })?;
+        gpu.write_buffer("the params buffer", &params_buf, &params)?;
         let dummy = create_storage(gpu, "unused", 16)?;
 
         let mut ops = Vec::with_capacity(self.nodes.len());
@@ -451,11 +453,13 @@ impl Graph {
                     resource: buf.as_entire_binding(),
                 });
             }
-            let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(&n.label),
-                layout: &layout,
-                entries: &entries,
-            });
+            let bind_group = gpu.guarded(&format!("the bind group of {}", n.label), 0, || {
+                gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some(&n.label),
+                    layout: &layout,
+                    entries: &entries,
+                })
+            })?;
             ops.push(PlannedOp {
                 label: n.label.clone(),
                 family: n.call.key.kernel.entry,
@@ -557,7 +561,7 @@ impl Plan {
             .as_ref()
             .ok_or_else(|| Error::Graph("input has no buffer".into()))?;
         bytes.resize(bytes.len().div_ceil(4) * 4, 0);
-        gpu.queue.write_buffer(buf, 0, &bytes);
+        gpu.write_buffer("an input upload", buf, &bytes)?;
         Ok(())
     }
 
@@ -660,8 +664,7 @@ impl Plan {
             let mut pass = enc.begin_compute_pass(&Default::default());
             self.encode(&mut pass, 0..self.ops.len(), None);
         }
-        gpu.queue.submit([enc.finish()]);
-        gpu.wait();
+        gpu.submit_and_wait("a graph run", enc.finish())?;
         Ok(())
     }
 
@@ -689,11 +692,13 @@ impl Plan {
             for start in (0..self.ops.len()).step_by(per_set) {
                 let end = (start + per_set).min(self.ops.len());
                 let count = 2 * (end - start) as u32;
-                let qs = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
-                    label: Some("op timestamps"),
-                    ty: wgpu::QueryType::Timestamp,
-                    count,
-                });
+                let qs = gpu.guarded("a timestamp query set", count as u64 * 8, || {
+                    gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+                        label: Some("op timestamps"),
+                        ty: wgpu::QueryType::Timestamp,
+                        count,
+                    })
+                })?;
                 if source == TimingSource::InsidePass {
                     let mut pass = enc.begin_compute_pass(&Default::default());
                     self.encode(&mut pass, start..end, Some(&qs));
@@ -710,17 +715,18 @@ impl Plan {
                         self.encode(&mut pass, start + j..start + j + 1, None);
                     }
                 }
-                let resolve = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("timestamps"),
-                    size: count as u64 * 8,
-                    usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-                    mapped_at_creation: false,
-                });
+                let resolve = gpu.guarded("a timestamp buffer", count as u64 * 8, || {
+                    gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("timestamps"),
+                        size: count as u64 * 8,
+                        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                        mapped_at_creation: false,
+                    })
+                })?;
                 enc.resolve_query_set(&qs, 0..count, &resolve, 0);
                 sets.push((qs, resolve, count));
             }
-            gpu.queue.submit([enc.finish()]);
-            gpu.wait();
+            gpu.submit_and_wait("a profiled graph run", enc.finish())?;
             for (_, resolve, count) in &sets {
                 let bytes = gpu.read_bytes(resolve, *count as u64 * 8)?;
                 ticks.extend(bytemuck::pod_collect_to_vec::<u8, u64>(&bytes));

@@ -1,9 +1,10 @@
 //! Images in and out: PNG with text metadata (so an image remembers how it was
 //! made), written whole or not at all; input images for the encoder.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::files::write_atomically;
 use crate::models::vae::{from_u8, to_u8};
 
 fn io_error(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
@@ -34,89 +35,125 @@ pub fn to_rgb8(x: &[f32], shape: [usize; 4]) -> Result<Vec<Vec<u8>>> {
         .collect())
 }
 
-/// The folder a new file at `path` goes into; an error when it does not exist.
-pub fn output_dir(path: &Path) -> Result<PathBuf> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if !dir.is_dir() {
-        return Err(Error::Io(format!(
-            "{}: the folder {} does not exist",
-            path.display(),
-            dir.display()
-        )));
-    }
-    Ok(dir)
+/// Whether `key` can be a PNG text keyword: 1–79 printable Latin-1
+/// characters without leading or trailing spaces.
+fn valid_keyword(key: &str) -> bool {
+    let n = key.chars().count();
+    (1..=79).contains(&n)
+        && !key.starts_with(' ')
+        && !key.ends_with(' ')
+        && key
+            .chars()
+            .all(|c| matches!(c as u32, 0x20..=0x7e | 0xa1..=0xff))
 }
 
-/// Writes `path` whole or not at all: `write` fills a temporary file beside
-/// it, which is renamed into place only when complete.
-pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Io(format!("{}: not a file path", path.display())))?;
-    let tmp = output_dir(path)?.join(format!(".{}.partial", name.to_string_lossy()));
-    let result = write(&tmp)
-        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| io_error(path, "cannot write", e)));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+/// Whether a value can go into a `tEXt` chunk as it is: printable Latin-1
+/// and line feeds. Anything else (CJK, emoji, RTL, control characters) goes
+/// into a UTF-8 `iTXt` chunk, as PIL and the A1111 web UI do.
+fn plain_latin1(text: &str) -> bool {
+    text.chars()
+        .all(|c| matches!(c as u32, 0x0a | 0x20..=0x7e | 0xa0..=0xff))
 }
 
-/// Writes an RGB8 PNG with `tEXt` chunks, whole or not at all.
+/// Writes an RGB8 PNG with text metadata, whole or not at all. Values that
+/// are printable Latin-1 go into `tEXt`, all others into UTF-8 `iTXt`, so
+/// every value reads back equal. A field that cannot be stored at all (a
+/// keyword PNG does not allow) is dropped, and if the metadata still fails
+/// the image is written without it: the image is never lost to its
+/// metadata. Returns a warning for each thing dropped.
 pub fn save_png(
     path: &Path,
     rgb: &[u8],
     width: usize,
     height: usize,
     text: &[(&str, String)],
-) -> Result<()> {
-    if rgb.len() != width * height * 3 {
-        return Err(Error::Graph(format!(
-            "{} bytes for a {width}×{height} RGB image",
-            rgb.len()
-        )));
-    }
-    write_atomically(path, |tmp| {
-        let file = std::fs::File::create(tmp).map_err(|e| io_error(path, "cannot write", e))?;
-        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        for (k, v) in text {
-            enc.add_text_chunk(k.to_string(), v.clone())
-                .map_err(|e| io_error(path, "PNG text", e))?;
+) -> Result<Vec<String>> {
+    let dims = width.checked_mul(height).and_then(|p| p.checked_mul(3));
+    let (w32, h32) = match (u32::try_from(width), u32::try_from(height)) {
+        (Ok(w), Ok(h)) if w > 0 && h > 0 && dims == Some(rgb.len()) => (w, h),
+        _ => {
+            return Err(Error::Graph(format!(
+                "{} bytes for a {width}×{height} RGB image",
+                rgb.len()
+            )))
         }
-        let mut writer = enc
-            .write_header()
-            .map_err(|e| io_error(path, "PNG header", e))?;
-        writer
-            .write_image_data(rgb)
-            .map_err(|e| io_error(path, "PNG data", e))?;
-        writer.finish().map_err(|e| io_error(path, "PNG finish", e))
-    })
+    };
+    let mut warnings = Vec::new();
+    let mut fields = Vec::new();
+    for (k, v) in text {
+        if valid_keyword(k) {
+            fields.push((*k, v.as_str()));
+        } else {
+            warnings.push(format!(
+                "{}: metadata key {k:?} is not a valid PNG keyword; that field is left out",
+                path.display()
+            ));
+        }
+    }
+    let write = |fields: &[(&str, &str)]| {
+        write_atomically(path, |w| {
+            let mut enc = png::Encoder::new(w, w32, h32);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            for (k, v) in fields {
+                let r = if plain_latin1(v) {
+                    enc.add_text_chunk(k.to_string(), v.to_string())
+                } else {
+                    enc.add_itxt_chunk(k.to_string(), v.to_string())
+                };
+                r.map_err(|e| io_error(path, "PNG text", e))?;
+            }
+            let mut writer = enc
+                .write_header()
+                .map_err(|e| io_error(path, "PNG header", e))?;
+            writer
+                .write_image_data(rgb)
+                .map_err(|e| io_error(path, "PNG data", e))?;
+            writer.finish().map_err(|e| io_error(path, "PNG finish", e))
+        })
+    };
+    match write(&fields) {
+        Err(e) if !fields.is_empty() => {
+            warnings.push(format!(
+                "{}: the metadata could not be written ({e}); the image is saved without it",
+                path.display()
+            ));
+            write(&[])?;
+        }
+        r => r?,
+    }
+    Ok(warnings)
 }
 
-/// Reads the text chunks of a PNG (key, value).
+/// Reads the text chunks of a PNG (key, value): `tEXt`, `zTXt` and `iTXt`.
 pub fn png_text(path: &Path) -> Result<Vec<(String, String)>> {
-    let file = std::fs::File::open(path).map_err(|e| io_error(path, "cannot read", e))?;
+    let file = crate::files::open_regular(path).map_err(|e| io_error(path, "cannot read", e))?;
     let decoder = png::Decoder::new(std::io::BufReader::new(file));
     let reader = decoder
         .read_info()
         .map_err(|e| io_error(path, "not a PNG", e))?;
-    Ok(reader
-        .info()
+    let info = reader.info();
+    let mut out: Vec<(String, String)> = info
         .uncompressed_latin1_text
         .iter()
         .map(|t| (t.keyword.clone(), t.text.clone()))
-        .collect())
+        .collect();
+    for t in &info.compressed_latin1_text {
+        let text = t.get_text().map_err(|e| io_error(path, "PNG zTXt", e))?;
+        out.push((t.keyword.clone(), text));
+    }
+    for t in &info.utf8_text {
+        let text = t.get_text().map_err(|e| io_error(path, "PNG iTXt", e))?;
+        out.push((t.keyword.clone(), text));
+    }
+    Ok(out)
 }
 
 /// Loads an image for the encoder: RGB, centre-cropped so that both sides are
 /// multiples of `multiple` (16 for SD3), as [1, 3, h, w] values in [-1, 1].
 pub fn load_image(path: &Path, multiple: usize) -> Result<(Vec<f32>, usize, usize)> {
-    let img = image::open(path)
+    let bytes = crate::files::read_bounded(path, crate::files::MAX_IMAGE_BYTES)?;
+    let img = image::load_from_memory(&bytes)
         .map_err(|e| io_error(path, "cannot read the image", e))?
         .to_rgb8();
     let (w0, h0) = (img.width() as usize, img.height() as usize);

@@ -7,8 +7,10 @@
 
 pub mod bench;
 pub mod bench_arch;
+pub mod cli;
 pub mod decode;
 pub mod error;
+pub mod files;
 pub mod gpu;
 pub mod graph;
 pub mod image_io;

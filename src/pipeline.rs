@@ -10,19 +10,47 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::decode::decode_auto;
+use crate::decode::{decode_auto, MAX_TILE, MIN_TILE};
 use crate::error::{Error, Result};
 use crate::gpu::profile::Profile;
 use crate::gpu::{Gpu, GpuOptions};
+use crate::graph::Graph;
 use crate::image_io::{load_image, to_rgb8};
-use crate::models::mmdit::{Mmdit, MmditRun};
+use crate::models::clip::{Clip, ClipConfig};
+use crate::models::mmdit::{Mmdit, MmditRun, TIMESTEP_DIM};
+use crate::models::t5::{T5Config, T5};
 use crate::models::vae::{Vae, VaeRun};
+use crate::ops::elementwise::Act;
 use crate::sampler::{guide, noise, FlowMatchEuler, Rng};
 use crate::tensor::DType;
-use crate::text::{encode_prompts, TextPaths, Truncation};
+use crate::text::{encode_prompts, open_encoder, TextPaths, Truncation};
+use crate::tokenize::CLIP_TOKENS;
 use crate::weights::mmdit::{MmditConfig, MmditSource};
 use crate::weights::text::TextSource;
 use crate::weights::vae::VaeSource;
+use crate::weights::{config_f64, ShapeOnlyWeights, WeightsError};
+
+/// Most denoising steps a request may ask for.
+pub const MAX_STEPS: usize = 1000;
+/// Most images one request may generate.
+pub const MAX_BATCH: usize = 64;
+/// Most T5 tokens (diffusers' limit for SD3's `max_sequence_length`).
+pub const MAX_T5_TOKENS: usize = 512;
+/// Largest guidance scale (CFG or skip-layer) accepted.
+pub const MAX_GUIDANCE: f32 = 100.0;
+/// Largest time shift accepted.
+pub const MAX_SHIFT: f64 = 100.0;
+/// Longest prompt accepted, in bytes (the encoders keep 77 / 512 tokens).
+pub const MAX_PROMPT_BYTES: usize = 1 << 20;
+
+/// Latents with their shape, e.g. the initial noise of a generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Latents {
+    /// [batch, channels, height/8, width/8].
+    pub shape: Vec<usize>,
+    /// The values, row-major.
+    pub data: Vec<f32>,
+}
 
 /// How to load a model.
 #[derive(Clone, Debug)]
@@ -99,7 +127,7 @@ pub struct GenerateRequest {
     /// img2img strength (1 = all noise).
     pub strength: f32,
     /// Initial noise [batch, 16, h/8, w/8] instead of the seeded noise.
-    pub init_latents: Option<Vec<f32>>,
+    pub init_latents: Option<Latents>,
     /// Time the first MMDiT step per op.
     pub profile: bool,
     /// Skip-layer guidance: blocks skipped in the extra pass (off when empty,
@@ -187,9 +215,26 @@ pub struct Pipeline {
     mmdit: MmditSource,
     vae: VaeSource,
     text: TextPaths,
+    encoders: EncoderConfigs,
     default_shift: f64,
     options: PipelineOptions,
     loaded: Mutex<Loaded>,
+}
+
+/// The text encoders' architectures, read from their files at load.
+struct EncoderConfigs {
+    clip_l: ClipConfig,
+    clip_g: ClipConfig,
+    t5: Option<T5Config>,
+}
+
+/// A request checked against the model and the adapter, with its inputs read.
+struct Prepared {
+    settings: Settings,
+    /// Latent height and width.
+    latent: (usize, usize),
+    /// img2img source [1, 3, h, w].
+    init_image: Option<Vec<f32>>,
 }
 
 /// Steps and guidance the model's authors recommend.
@@ -201,8 +246,26 @@ pub fn default_steps_cfg(c: &MmditConfig) -> (usize, f32) {
     }
 }
 
+fn invalid(msg: String) -> Error {
+    Error::Graph(msg)
+}
+
+/// `value` must be finite and within `lo..=hi`.
+fn check_range(flag: &str, value: f64, lo: f64, hi: f64) -> Result<()> {
+    if value.is_finite() && (lo..=hi).contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "{flag} must be a number in [{lo}, {hi}], got {value}"
+        )))
+    }
+}
+
 impl Pipeline {
     /// Opens a diffusers folder or a single file and prepares the device.
+    /// Only headers and configs are read here (every component's architecture
+    /// is checked, and that the components fit one another); weights are
+    /// uploaded when a generation needs them.
     pub fn load(path: &Path, options: PipelineOptions) -> Result<Pipeline> {
         if !path.exists() {
             return Err(Error::Io(format!(
@@ -212,18 +275,37 @@ impl Pipeline {
         }
         let mmdit = MmditSource::open(path)?;
         let vae = VaeSource::open(path)?;
+        if vae.config.latent_channels != mmdit.config.in_channels {
+            return Err(Error::Weights(WeightsError::Unsupported(format!(
+                "{}: the VAE makes {} latent channels but the transformer takes {}",
+                path.display(),
+                vae.config.latent_channels,
+                mmdit.config.in_channels
+            ))));
+        }
         let text = text_paths(path, &options)?;
-        let shift = std::fs::read_to_string(path.join("scheduler/scheduler_config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|j| j.get("shift")?.as_f64())
-            .unwrap_or(3.0);
+        let encoders = encoder_configs(&text, &mmdit.config)?;
+        let scheduler = path.join("scheduler/scheduler_config.json");
+        let shift = if path.is_dir() && scheduler.exists() {
+            let json = crate::files::read_json(&scheduler)?;
+            config_f64(
+                Some(&json),
+                &scheduler,
+                "shift",
+                f64::MIN_POSITIVE,
+                MAX_SHIFT,
+            )?
+            .unwrap_or(3.0)
+        } else {
+            3.0
+        };
         let gpu = Gpu::new(&options.gpu)?;
         Ok(Pipeline {
             gpu,
             mmdit,
             vae,
             text,
+            encoders,
             default_shift: shift,
             options,
             loaded: Mutex::new(Loaded::default()),
@@ -240,40 +322,240 @@ impl Pipeline {
         &self.text
     }
 
-    fn resolve(&self, req: &GenerateRequest) -> Result<(Settings, usize)> {
-        let (steps, cfg) = default_steps_cfg(&self.mmdit.config);
-        let scale =
-            (1usize << (self.vae.config.block_out_channels.len() - 1)) * self.mmdit.config.patch;
-        let s = Settings {
-            steps: req.steps.unwrap_or(steps),
-            cfg: req.cfg.unwrap_or(cfg),
-            shift: req.shift.unwrap_or(self.default_shift),
-            width: req.width.unwrap_or(1024),
-            height: req.height.unwrap_or(1024),
-        };
-        if s.steps == 0 {
-            return Err(Error::Graph("--steps must be at least 1".into()));
+    /// Every file a generation reads: weights, configs and tokenizers (so a
+    /// caller can make sure no output overwrites one).
+    pub fn input_files(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = self.mmdit.ck.files.clone();
+        out.extend(self.vae.ck.files.iter().cloned());
+        let t = &self.text;
+        let mut roots = vec![
+            t.clip_l.clone(),
+            t.clip_g.clone(),
+            t.tokenizer_l.clone(),
+            t.tokenizer_g.clone(),
+        ];
+        roots.extend(t.t5.iter().cloned());
+        roots.extend(t.tokenizer_t5.iter().cloned());
+        for r in &roots {
+            out.extend(crate::files::files_under(r, 1));
         }
-        if req.batch == 0 {
-            return Err(Error::Graph("--batch must be at least 1".into()));
+        if self.mmdit.path.is_dir() {
+            out.extend(crate::files::files_under(&self.mmdit.path, 2));
         }
-        if s.width == 0
-            || s.height == 0
-            || !s.width.is_multiple_of(scale)
-            || !s.height.is_multiple_of(scale)
-        {
-            return Err(Error::Graph(format!(
-                "width and height must be positive multiples of {scale}, got {}×{}",
-                s.width, s.height
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Checks a request against the model and the adapter without running
+    /// anything heavy: every value in range, the size against the model's
+    /// position grid and every graph against the adapter's limits, the init
+    /// image and latents readable and of the right shape. `generate` does the
+    /// same first; call this to fail before other work of your own.
+    pub fn check(&self, req: &GenerateRequest) -> Result<Settings> {
+        Ok(self.prepare(req)?.settings)
+    }
+
+    fn prepare(&self, req: &GenerateRequest) -> Result<Prepared> {
+        let c = &self.mmdit.config;
+        for (flag, p) in [
+            ("--prompt", &req.prompt),
+            ("--negative-prompt", &req.negative_prompt),
+        ] {
+            if p.len() > MAX_PROMPT_BYTES {
+                return Err(invalid(format!(
+                    "{flag} is {} bytes long; at most {MAX_PROMPT_BYTES} are accepted",
+                    p.len()
+                )));
+            }
+        }
+        let (steps, cfg) = default_steps_cfg(c);
+        let steps = req.steps.unwrap_or(steps);
+        if !(1..=MAX_STEPS).contains(&steps) {
+            return Err(invalid(format!(
+                "--steps must be in 1..={MAX_STEPS}, got {steps}"
             )));
         }
-        if !(0.0..=1.0).contains(&req.strength) {
-            return Err(Error::Graph(format!(
-                "--strength must be in [0, 1], got {}",
+        if !(1..=MAX_BATCH).contains(&req.batch) {
+            return Err(invalid(format!(
+                "--batch must be in 1..={MAX_BATCH}, got {}",
+                req.batch
+            )));
+        }
+        if !(1..=MAX_T5_TOKENS).contains(&req.max_t5_tokens) {
+            return Err(invalid(format!(
+                "--max-t5-tokens must be in 1..={MAX_T5_TOKENS}, got {}",
+                req.max_t5_tokens
+            )));
+        }
+        let cfg = req.cfg.unwrap_or(cfg);
+        check_range("--cfg", cfg as f64, 0.0, MAX_GUIDANCE as f64)?;
+        let shift = req.shift.unwrap_or(self.default_shift);
+        if !(shift.is_finite() && shift > 0.0 && shift <= MAX_SHIFT) {
+            return Err(invalid(format!(
+                "--shift must be a number in (0, {MAX_SHIFT}], got {shift}"
+            )));
+        }
+        check_range("--strength", req.strength as f64, 0.0, 1.0)?;
+        check_range(
+            "--slg-scale",
+            req.slg_scale as f64,
+            0.0,
+            MAX_GUIDANCE as f64,
+        )?;
+        check_range("--slg-start", req.slg_start as f64, 0.0, 1.0)?;
+        check_range("--slg-stop", req.slg_stop as f64, 0.0, 1.0)?;
+        if req.slg_start > req.slg_stop {
+            return Err(invalid(format!(
+                "--slg-start {} is after --slg-stop {}",
+                req.slg_start, req.slg_stop
+            )));
+        }
+        if let Some(&bad) = req.slg_layers.iter().find(|&&l| l >= c.depth) {
+            return Err(invalid(format!(
+                "--slg-layers {bad}: this model has blocks 0..={}",
+                c.depth - 1
+            )));
+        }
+        if let Some(t) = self.options.vae_tile {
+            if !(MIN_TILE..=MAX_TILE).contains(&t) {
+                return Err(invalid(format!(
+                    "--vae-tile must be in {MIN_TILE}..={MAX_TILE} latent pixels, got {t}"
+                )));
+            }
+        }
+        if self.options.tile_overlap >= MAX_TILE {
+            return Err(invalid(format!(
+                "the tile overlap must be below {MAX_TILE} latent pixels, got {}",
+                self.options.tile_overlap
+            )));
+        }
+        let init_image = match &req.init_image {
+            Some(p) => Some(load_image(p, 16)?),
+            None => None,
+        };
+        let scale = (1usize << (self.vae.config.block_out_channels.len() - 1)) * c.patch;
+        let dims = init_image.as_ref().map(|(_, h, w)| (*w, *h));
+        let width = req.width.or(dims.map(|d| d.0)).unwrap_or(1024);
+        let height = req.height.or(dims.map(|d| d.1)).unwrap_or(1024);
+        for (flag, v) in [("--width", width), ("--height", height)] {
+            if v == 0 || !v.is_multiple_of(scale) {
+                return Err(invalid(format!(
+                    "width and height must be positive multiples of {scale}: {flag} is {v}"
+                )));
+            }
+            let grid = v / scale;
+            if grid > c.pos_embed_max {
+                return Err(invalid(format!(
+                    "{flag} {v} needs a position grid of {grid}, but this model's grid is {} (at most {} pixels)",
+                    c.pos_embed_max,
+                    c.pos_embed_max * scale
+                )));
+            }
+        }
+        if init_image.is_some()
+            && FlowMatchEuler::new(steps, shift).start_for_strength(req.strength) >= steps
+        {
+            return Err(invalid(format!(
+                "--strength {} leaves no denoising step of {steps}",
                 req.strength
             )));
         }
-        Ok((s, scale / self.mmdit.config.patch))
+        if let Some((w, h)) = dims {
+            if (w, h) != (width, height) {
+                return Err(invalid(format!(
+                    "the init image is {w}×{h} after cropping to multiples of 16, but {width}×{height} was asked for"
+                )));
+            }
+        }
+        let vae_scale = scale / c.patch;
+        let (lh, lw) = (height / vae_scale, width / vae_scale);
+        let want = [req.batch, c.in_channels, lh, lw];
+        if let Some(l) = &req.init_latents {
+            if l.shape != want || l.data.len() != want.iter().product::<usize>() {
+                return Err(invalid(format!(
+                    "the init latents are {:?} ({} values); this request needs {want:?}",
+                    l.shape,
+                    l.data.len()
+                )));
+            }
+            if l.data.iter().any(|v| !v.is_finite()) {
+                return Err(invalid(
+                    "the init latents hold NaN or infinite values".into(),
+                ));
+            }
+        }
+        let settings = Settings {
+            steps,
+            cfg,
+            shift,
+            width,
+            height,
+        };
+        self.check_limits(req, &settings, (lh, lw), init_image.is_some())?;
+        Ok(Prepared {
+            settings,
+            latent: (lh, lw),
+            init_image: init_image.map(|(img, _, _)| img),
+        })
+    }
+
+    /// Records every graph the request will run with shape-only weights and
+    /// validates it against the adapter's limits (no GPU work).
+    fn check_limits(
+        &self,
+        req: &GenerateRequest,
+        s: &Settings,
+        (lh, lw): (usize, usize),
+        img2img: bool,
+    ) -> Result<()> {
+        let gpu = &self.gpu;
+        let w = ShapeOnlyWeights::new(gpu)?;
+        let dt = self.options.dtype;
+        let b = req.batch;
+        let batch2 = if s.cfg > 1.0 { 2 * b } else { b };
+        let mut graphs = Vec::new();
+        for cfg in [&self.encoders.clip_l, &self.encoders.clip_g] {
+            let m = Clip::load_from(gpu, cfg, &w, dt)?;
+            let mut g = Graph::new();
+            let ids = g.input("ids", &[batch2 * CLIP_TOKENS], DType::U32);
+            let rows = g.input("pool_rows", &[batch2], DType::U32);
+            m.forward(&mut g, ids, rows, batch2)?;
+            graphs.push(g);
+        }
+        if let Some(cfg) = &self.encoders.t5 {
+            let m = T5::load_from(gpu, cfg, "shared.weight", &w, dt)?;
+            let n = req.max_t5_tokens;
+            let mut g = Graph::new();
+            let ids = g.input("ids", &[batch2 * n], DType::U32);
+            let bias = g.input("position_bias", &[cfg.heads, n, n], DType::F32);
+            m.forward(&mut g, ids, bias, batch2)?;
+            graphs.push(g);
+        }
+        let c = &self.mmdit.config;
+        let m = Mmdit::load_from(gpu, c, &w, dt)?;
+        let mut g = Graph::new();
+        let x = g.input("latents", &[batch2, c.in_channels, lh, lw], DType::F32);
+        let ctx = g.input(
+            "context",
+            &[batch2, CLIP_TOKENS + req.max_t5_tokens, c.context_dim],
+            DType::F32,
+        );
+        let pooled = g.input("pooled", &[batch2, c.pooled_dim], DType::F32);
+        let t = g.input("t_emb", &[batch2, TIMESTEP_DIM], DType::F32);
+        m.forward(&mut g, x, ctx, pooled, t)?;
+        graphs.push(g);
+        if img2img {
+            let v = Vae::load_from(gpu, &self.vae.config, &w, dt)?;
+            let mut g = Graph::new();
+            let x = g.input("image", &[1, 3, s.height, s.width], DType::F32);
+            v.encode(&mut g, x)?;
+            graphs.push(g);
+        }
+        for g in &graphs {
+            g.validate(gpu)?;
+        }
+        Ok(())
     }
 
     /// Generates `req.batch` images; `progress(step, total)` is called after each step.
@@ -284,40 +566,13 @@ impl Pipeline {
     ) -> Result<GenerateOutput> {
         let gpu = &self.gpu;
         gpu.memory.reset_peak();
-        let init_image = match &req.init_image {
-            Some(p) => Some(load_image(p, 16)?),
-            None => None,
-        };
-        let mut req = req.clone();
-        if let Some((_, h, w)) = &init_image {
-            req.width = req.width.or(Some(*w));
-            req.height = req.height.or(Some(*h));
-        }
-        let (settings, vae_scale) = self.resolve(&req)?;
-        if let Some((_, h, w)) = &init_image {
-            if (*w, *h) != (settings.width, settings.height) {
-                return Err(Error::Graph(format!(
-                    "the init image is {w}×{h} after cropping to multiples of 16, but {}×{} was asked for",
-                    settings.width, settings.height
-                )));
-            }
-        }
+        let prepared = self.prepare(req)?;
+        let settings = prepared.settings;
         let c = &self.mmdit.config;
-        let (b, lh, lw) = (
-            req.batch,
-            settings.height / vae_scale,
-            settings.width / vae_scale,
-        );
+        let (b, (lh, lw)) = (req.batch, prepared.latent);
         let n = b * c.in_channels * lh * lw;
         let mut latents = match &req.init_latents {
-            Some(l) if l.len() != n => {
-                return Err(Error::Graph(format!(
-                    "init latents hold {} values; [{b}, {}, {lh}, {lw}] needs {n}",
-                    l.len(),
-                    c.in_channels
-                )))
-            }
-            Some(l) => l.clone(),
+            Some(l) => l.data.clone(),
             None => noise(req.rng, req.seed, n),
         };
         let do_cfg = settings.cfg > 1.0;
@@ -340,17 +595,11 @@ impl Pipeline {
             .lock()
             .map_err(|_| Error::Graph("pipeline lock poisoned".into()))?;
         let mut start = 0;
-        if let Some((img, h, w)) = &init_image {
+        if let Some(img) = &prepared.init_image {
             let vae = self.vae(&mut loaded)?;
-            let enc = VaeRun::encoder(gpu, vae, 1, *h, *w)?;
+            let enc = VaeRun::encoder(gpu, vae, 1, settings.height, settings.width)?;
             let image_latents = enc.run(gpu, img)?;
             start = schedule.start_for_strength(req.strength);
-            if start >= settings.steps {
-                return Err(Error::Graph(format!(
-                    "--strength {} leaves no denoising step",
-                    req.strength
-                )));
-            }
             let sigma = schedule.sigmas[start];
             let per = image_latents.len();
             for (i, v) in latents.iter_mut().enumerate() {
@@ -407,6 +656,13 @@ impl Pipeline {
                     }
                 }
                 schedule.step(i, &mut latents, &pred);
+                if latents.iter().any(|v| !v.is_finite()) {
+                    return Err(Error::Graph(format!(
+                        "step {} of {}: the latents became NaN or infinite (the model's numbers overflowed); no image is written",
+                        i + 1,
+                        settings.steps
+                    )));
+                }
                 progress(i + 1 - start, total);
             }
         }
@@ -447,6 +703,49 @@ impl Pipeline {
         }
         Ok(loaded.vae.as_ref().expect("loaded above"))
     }
+}
+
+/// The text encoders' architectures, checked against one another and the
+/// transformer as diffusers' `encode_prompt` combines them.
+fn encoder_configs(t: &TextPaths, c: &MmditConfig) -> Result<EncoderConfigs> {
+    let clip_l = crate::models::clip::detect(&open_encoder(&t.clip_l, "clip_l")?, Act::QuickGelu)?;
+    let clip_g = crate::models::clip::detect(&open_encoder(&t.clip_g, "clip_g")?, Act::GeluErf)?;
+    let t5 = match &t.t5 {
+        Some(p) => Some(T5::detect(&open_encoder(p, "t5xxl")?)?.0),
+        None => None,
+    };
+    let mismatch = |msg: String| Err(Error::Weights(WeightsError::Unsupported(msg)));
+    if clip_l.hidden + clip_g.hidden > c.context_dim {
+        return mismatch(format!(
+            "the CLIP widths {} ({}) + {} ({}) exceed the transformer's context width {}: these encoders do not belong to this model",
+            clip_l.hidden,
+            t.clip_l.display(),
+            clip_g.hidden,
+            t.clip_g.display(),
+            c.context_dim
+        ));
+    }
+    if clip_l.projection + clip_g.projection != c.pooled_dim {
+        return mismatch(format!(
+            "the CLIP projections {} ({}) + {} ({}) do not make the transformer's pooled width {}",
+            clip_l.projection,
+            t.clip_l.display(),
+            clip_g.projection,
+            t.clip_g.display(),
+            c.pooled_dim
+        ));
+    }
+    if let (Some(t5), Some(p)) = (&t5, &t.t5) {
+        if t5.d_model != c.context_dim {
+            return mismatch(format!(
+                "{}: T5 width {} differs from the transformer's context width {}",
+                p.display(),
+                t5.d_model,
+                c.context_dim
+            ));
+        }
+    }
+    Ok(EncoderConfigs { clip_l, clip_g, t5 })
 }
 
 /// Text encoders and tokenizers for a model path and the options' overrides.
@@ -517,4 +816,60 @@ fn text_paths(path: &Path, o: &PipelineOptions) -> Result<TextPaths> {
         clip_g,
         t5,
     })
+}
+
+/// A value in the A1111 `parameters` line: quoted (JSON-style, as the web UI
+/// does) when it holds a separator.
+fn a1111_value(v: &str) -> String {
+    if v.contains([',', ':', '"', '\n']) {
+        serde_json::Value::String(v.to_string()).to_string()
+    } else {
+        v.to_string()
+    }
+}
+
+/// The PNG metadata of a generated image: our own keys (`prompt`, `seed`, …)
+/// and `parameters` in the A1111 web UI's format, which image browsers and
+/// other UIs read.
+pub fn image_metadata(
+    req: &GenerateRequest,
+    s: &Settings,
+    model: &Path,
+) -> Vec<(&'static str, String)> {
+    let version = format!("sd3-wgpu {}", env!("CARGO_PKG_VERSION"));
+    let rng = format!("{:?}", req.rng).to_lowercase();
+    let model_name = model
+        .file_stem()
+        .unwrap_or(model.as_os_str())
+        .to_string_lossy()
+        .into_owned();
+    let mut parameters = req.prompt.clone();
+    if !req.negative_prompt.is_empty() {
+        parameters.push_str("\nNegative prompt: ");
+        parameters.push_str(&req.negative_prompt);
+    }
+    parameters.push_str(&format!(
+        "\nSteps: {}, Sampler: Euler, Schedule type: Flow-match shift {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, RNG: {rng}, Version: {}",
+        s.steps,
+        s.shift,
+        s.cfg,
+        req.seed,
+        s.width,
+        s.height,
+        a1111_value(&model_name),
+        a1111_value(&version)
+    ));
+    vec![
+        ("parameters", parameters),
+        ("Software", version),
+        ("prompt", req.prompt.clone()),
+        ("negative_prompt", req.negative_prompt.clone()),
+        ("seed", req.seed.to_string()),
+        ("rng", rng),
+        ("steps", s.steps.to_string()),
+        ("cfg", s.cfg.to_string()),
+        ("shift", s.shift.to_string()),
+        ("model", model.display().to_string()),
+        ("size", format!("{}x{}", s.width, s.height)),
+    ]
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use half::f16;
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, GpuError, TrackedBuffer};
+use crate::gpu::{Gpu, TrackedBuffer};
 
 /// Element type of a tensor in GPU memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -68,20 +68,14 @@ pub(crate) const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
 pub fn create_storage(gpu: &Gpu, label: &str, bytes: u64) -> Result<TrackedBuffer> {
     let bytes = bytes.max(4);
     gpu.check_buffer_size(label, bytes)?;
-    let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-    let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some(label),
-        size: bytes,
-        usage: STORAGE_USAGE,
-        mapped_at_creation: false,
-    });
-    if let Some(e) = pollster::block_on(scope.pop()) {
-        return Err(Error::Gpu(GpuError::Limit {
-            what: format!("GPU memory for {label} ({e})"),
-            needed: bytes,
-            limit: gpu.limits.max_buffer_size,
-        }));
-    }
+    let buffer = gpu.guarded(&format!("a buffer for {label}"), bytes, || {
+        gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes,
+            usage: STORAGE_USAGE,
+            mapped_at_creation: false,
+        })
+    })?;
     Ok(TrackedBuffer::new(buffer, gpu.memory.clone()))
 }
 
@@ -130,7 +124,7 @@ impl Tensor {
     fn from_bytes(gpu: &Gpu, shape: &[usize], dtype: DType, mut bytes: Vec<u8>) -> Result<Tensor> {
         bytes.resize(dtype.bytes(numel(shape)).max(4) as usize, 0);
         let buffer = create_storage(gpu, "tensor", bytes.len() as u64)?;
-        gpu.queue.write_buffer(&buffer, 0, &bytes);
+        gpu.write_buffer("a tensor upload", &buffer, &bytes)?;
         Ok(Tensor {
             buffer: Arc::new(buffer),
             shape: shape.to_vec(),

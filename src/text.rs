@@ -65,7 +65,9 @@ impl TextPaths {
     }
 }
 
-fn open(path: &Path, name: &str) -> Result<TextSource> {
+/// Opens one text encoder's weights: a diffusers component folder, a
+/// separate file, or the `text_encoders.<name>.` part of an all-in-one file.
+pub fn open_encoder(path: &Path, name: &str) -> Result<TextSource> {
     Ok(if path.is_dir() {
         TextSource::open_folder(path)?
     } else {
@@ -148,7 +150,7 @@ pub fn encode_prompts(
      -> Result<(Vec<f32>, Vec<f32>, usize, usize)> {
         let tok = PromptTokenizer::clip(tok_dir)?;
         let ids = tokenize(&tok, name, prompts, &mut truncated)?;
-        let model = clip::Clip::load(gpu, &open(weights, name)?, matrix, act)?;
+        let model = clip::Clip::load(gpu, &open_encoder(weights, name)?, matrix, act)?;
         let (seq, pooled) = clip::encode(gpu, &model, &ids)?;
         Ok((seq, pooled, model.config.hidden, model.config.projection))
     };
@@ -165,7 +167,7 @@ pub fn encode_prompts(
         (Some(w), Some(tdir)) => {
             let tok = PromptTokenizer::t5(tdir, t5_tokens)?;
             let ids = tokenize(&tok, "t5", prompts, &mut truncated)?;
-            let model = t5::T5::load(gpu, &open(w, "t5xxl")?, matrix)?;
+            let model = t5::T5::load(gpu, &open_encoder(w, "t5xxl")?, matrix)?;
             if model.config.d_model != width {
                 return Err(Error::Graph(format!(
                     "T5 width {} differs from the transformer's context width {width}",

@@ -32,8 +32,101 @@ fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| tok_err(path, e))?;
-    serde_json::from_str(&text).map_err(|e| tok_err(path, e))
+    crate::files::read_json(path)
+}
+
+/// A `tokenizer.json`, read with a size bound (never from a FIFO or device).
+fn read_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let bytes = crate::files::read_bounded(path, crate::files::MAX_TEXT_BYTES)?;
+    Tokenizer::from_bytes(bytes).map_err(|e| tok_err(path, e))
+}
+
+/// A BPE `vocab.json` (token → id) and `merges.txt` (one "a b" pair per line,
+/// after an optional `#version` line), as transformers reads them.
+fn read_vocab_merges(
+    vocab: &Path,
+    merges: &Path,
+) -> Result<(
+    tokenizers::models::bpe::Vocab,
+    tokenizers::models::bpe::Merges,
+)> {
+    let json = read_json(vocab)?;
+    let map = json
+        .as_object()
+        .ok_or_else(|| tok_err(vocab, "not a JSON object of token → id"))?;
+    let v = map
+        .iter()
+        .map(|(tok, id)| {
+            id.as_u64()
+                .and_then(|i| u32::try_from(i).ok())
+                .map(|id| (tok.clone(), id))
+                .ok_or_else(|| {
+                    tok_err(
+                        vocab,
+                        format!("the id of {tok:?} is not a 32-bit whole number"),
+                    )
+                })
+        })
+        .collect::<Result<_>>()?;
+    let text = crate::files::read_text(merges)?;
+    let mut m = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.starts_with("#version") || line.is_empty() {
+            continue;
+        }
+        match line.split(' ').collect::<Vec<_>>().as_slice() {
+            [a, b] => m.push((a.to_string(), b.to_string())),
+            _ => {
+                return Err(tok_err(
+                    merges,
+                    format!("line {}: expected two tokens separated by a space", i + 1),
+                ))
+            }
+        }
+    }
+    Ok((v, m))
+}
+
+thread_local! {
+    /// Set while [`contained`] runs third-party code on this thread.
+    static CONTAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The message of a panic caught there.
+    static CAUGHT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs tokenizer-crate code, turning a panic inside it into an error. The
+/// `tokenizers` crate panics on some malformed files (e.g. a bad
+/// `Precompiled` normalizer in a T5 tokenizer.json) instead of returning an
+/// error; a user's file must never crash us, so such a panic is caught here
+/// and reported as "cannot read", without the panic message on stderr.
+fn contained<T>(path: &Path, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if CONTAINING.with(|c| c.get()) {
+                let p = info.payload();
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                CAUGHT.with(|m| *m.borrow_mut() = Some(msg));
+            } else {
+                previous(info);
+            }
+        }));
+    });
+    let outer = CONTAINING.with(|c| c.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CONTAINING.with(|c| c.set(outer));
+    result.map_err(|_| {
+        let msg = CAUGHT.with(|m| m.borrow_mut().take()).unwrap_or_default();
+        tok_err(
+            path,
+            format!("{what} failed: the tokenizer files are malformed ({msg})"),
+        )
+    })
 }
 
 /// A token named in a config: either a string or `{"content": …}`.
@@ -86,6 +179,10 @@ pub struct PromptTokenizer {
 impl PromptTokenizer {
     /// Loads a CLIP tokenizer folder (tokenizer.json, or vocab.json + merges.txt).
     pub fn clip(dir: &Path) -> Result<PromptTokenizer> {
+        contained(dir, "loading the tokenizer", || Self::clip_inner(dir))?
+    }
+
+    fn clip_inner(dir: &Path) -> Result<PromptTokenizer> {
         let config_path = dir.join("tokenizer_config.json");
         let config = if config_path.exists() {
             Some(read_json(&config_path)?)
@@ -94,7 +191,7 @@ impl PromptTokenizer {
         };
         let json = dir.join("tokenizer.json");
         let mut inner = if json.exists() {
-            Tokenizer::from_file(&json).map_err(|e| tok_err(&json, e))?
+            read_tokenizer(&json)?
         } else {
             let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
             for p in [&vocab, &merges] {
@@ -109,7 +206,9 @@ impl PromptTokenizer {
                 .as_ref()
                 .and_then(|c| token_str(&c["unk_token"]))
                 .unwrap_or("<|endoftext|>".into());
-            let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+            let (v, m) = read_vocab_merges(&vocab, &merges)?;
+            let bpe = BPE::builder()
+                .vocab_and_merges(v, m)
                 .end_of_word_suffix("</w>".into())
                 .unk_token(unk)
                 .build()
@@ -168,6 +267,10 @@ impl PromptTokenizer {
 
     /// Loads a T5 tokenizer folder (tokenizer.json); `length` tokens per prompt.
     pub fn t5(dir: &Path, length: usize) -> Result<PromptTokenizer> {
+        contained(dir, "loading the tokenizer", || Self::t5_inner(dir, length))?
+    }
+
+    fn t5_inner(dir: &Path, length: usize) -> Result<PromptTokenizer> {
         let json = dir.join("tokenizer.json");
         if !json.exists() {
             return Err(Error::Io(format!(
@@ -181,7 +284,7 @@ impl PromptTokenizer {
         } else {
             None
         };
-        let mut inner = Tokenizer::from_file(&json).map_err(|e| tok_err(&json, e))?;
+        let mut inner = read_tokenizer(&json)?;
         Self::finish(&mut inner, dir, length)?;
         let get =
             |name: &str, default: &str| special_id(&inner, dir, config.as_ref(), name, default);
@@ -201,7 +304,7 @@ impl PromptTokenizer {
         // We add special tokens, truncate and pad ourselves.
         t.with_truncation(None).map_err(|e| tok_err(dir, e))?;
         t.with_padding(None);
-        if length < 2 {
+        if length < 1 {
             return Err(Error::Io(format!(
                 "{}: a length of {length} tokens leaves no room for the prompt",
                 dir.display()
@@ -212,7 +315,10 @@ impl PromptTokenizer {
 
     /// Tokenizes `prompt`: [BOS] + tokens + EOS, truncated to `length`, padded.
     pub fn encode(&self, prompt: &str) -> Result<Tokens> {
-        let enc = self.inner.encode(prompt, false).map_err(|e| {
+        let enc = contained(&self.path, "tokenizing", || {
+            self.inner.encode(prompt, false)
+        })?
+        .map_err(|e| {
             Error::Io(format!(
                 "{}: cannot tokenize {prompt:?}: {e}",
                 self.path.display()

@@ -97,7 +97,7 @@ fn decode_writes_pngs_that_match_diffusers() {
     let ck =
         sd3_wgpu::weights::Checkpoint::open(&[fixture("vae/vae_io.safetensors").into()]).unwrap();
     let e = &ck.tensors["rgb8"];
-    let want = ck.bytes(e);
+    let want = ck.bytes(e).unwrap();
     let per = want.len() / 2;
     for i in 0..2 {
         let img = image::open(dir.join(format!("img-{i}.png")))
@@ -166,7 +166,10 @@ fn decode_bad_inputs_are_clear_and_write_nothing() {
         bad.to_str().unwrap(),
         out.to_str().unwrap(),
     );
-    assert!(!ok && err.contains("'latents' must be [batch, 16"), "{err}");
+    assert!(
+        !ok && err.contains("'latents' must be [batch") && err.contains("found [1, 4, 5, 5]"),
+        "{err}"
+    );
     let (ok, _, err) = run(
         &fixture("mmdit/sd3.safetensors"),
         &fixture("vae/vae_io.safetensors"),
@@ -199,6 +202,10 @@ fn decode_bad_inputs_are_clear_and_write_nothing() {
 
 mod common;
 
+/// A prompt as users write them: CJK, emoji (with a ZWJ sequence), RTL.
+const PROMPT: &str = "一只红狐狸 🦊 in fresh snow, 👩‍🎨 style, «mañana»";
+const NEGATIVE: &str = "ضبابي, размытый";
+
 #[test]
 fn generate_writes_image_metadata_and_latents() {
     let model = common::pipeline_folder("sd35l");
@@ -210,9 +217,9 @@ fn generate_writes_image_metadata_and_latents() {
         "--model",
         model.to_str().unwrap(),
         "--prompt",
-        "a red fox",
+        PROMPT,
         "--negative-prompt",
-        "blurry",
+        NEGATIVE,
         "--steps",
         "2",
         "--cfg",
@@ -248,7 +255,8 @@ fn generate_writes_image_metadata_and_latents() {
     assert_eq!((img.width(), img.height()), (20, 12));
     let text = sd3_wgpu::image_io::png_text(&out).unwrap();
     for (k, v) in [
-        ("prompt", "a red fox"),
+        ("prompt", PROMPT),
+        ("negative_prompt", NEGATIVE),
         ("seed", "7"),
         ("steps", "2"),
         ("cfg", "4"),
@@ -259,6 +267,13 @@ fn generate_writes_image_metadata_and_latents() {
             "{k}={v} missing from {text:?}"
         );
     }
+    let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(
+        params.starts_with(&format!(
+            "{PROMPT}\nNegative prompt: {NEGATIVE}\nSteps: 2, "
+        )),
+        "{params}"
+    );
     // The saved latents decode to the same image.
     let again = dir.join("again.png");
     let (ok, _, err) = sd3(&[
@@ -333,7 +348,132 @@ fn generate_bad_inputs_are_clear_and_write_nothing() {
             "/no/latents.safetensors",
         ),
     ];
+    let model_file = model.join("transformer/diffusion_pytorch_model.safetensors");
+    let model_bytes = std::fs::read(&model_file).unwrap();
+    let mf = model_file.to_str().unwrap();
+    let elsewhere = temp_dir("generate-bad-inputs");
+    // Latents with the element count of [1, 16, 8, 8] but another shape.
+    let lat = elsewhere.join("lat.safetensors");
+    sd3_wgpu::decode::write_latents(&lat, [1, 16, 4, 16], &[0.0; 1024]).unwrap();
+    let fifo = elsewhere.join("fifo.png");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let d = dir.to_str().unwrap();
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<String>>();
+    let more: Vec<(Vec<String>, &str)> = vec![
+        (s(&["--model", m, "--out", o, "--cfg", "nan"]), "--cfg"),
+        (s(&["--model", m, "--out", o, "--shift", "0"]), "--shift"),
+        (
+            s(&["--model", m, "--out", o, "--steps", "18446744073709551615"]),
+            "--steps",
+        ),
+        (
+            s(&["--model", m, "--out", o, "--batch", "18446744073709551615"]),
+            "--batch",
+        ),
+        (
+            s(&[
+                "--model",
+                m,
+                "--out",
+                o,
+                "--max-t5-tokens",
+                "18446744073709551615",
+            ]),
+            "--max-t5-tokens",
+        ),
+        (
+            s(&[
+                "--model", m, "--out", o, "--width", "4096", "--height", "32",
+            ]),
+            "position grid",
+        ),
+        (
+            s(&["--model", m, "--out", o, "--slg-layers", "7"]),
+            "--slg-layers",
+        ),
+        (
+            s(&["--model", m, "--out", o, "--vae-tile", "0"]),
+            "--vae-tile",
+        ),
+        (s(&["--model", m, "--out", d]), "is a folder"),
+        (
+            s(&["--model", m, "--out", mf, "--width", "32", "--height", "32"]),
+            "would overwrite the input",
+        ),
+        (
+            s(&[
+                "--model",
+                m,
+                "--out",
+                o,
+                "--width",
+                "32",
+                "--height",
+                "32",
+                "--trace",
+                &format!("{m}/transformer/config.json"),
+            ]),
+            "would overwrite the input",
+        ),
+        (
+            s(&["--model", m, "--out", o, "--save-latents", o]),
+            "name the same file",
+        ),
+        (
+            s(&[
+                "--model",
+                m,
+                "--out",
+                o,
+                "--width",
+                "16",
+                "--height",
+                "16",
+                "--init-latents",
+                lat.to_str().unwrap(),
+            ]),
+            "[1, 16, 8, 8]",
+        ),
+        (
+            s(&[
+                "--model",
+                m,
+                "--out",
+                o,
+                "--save-latents",
+                lat.to_str().unwrap(),
+                "--init-latents",
+                lat.to_str().unwrap(),
+                "--width",
+                "16",
+                "--height",
+                "64",
+            ]),
+            "would overwrite the input",
+        ),
+        (
+            s(&[
+                "--model",
+                m,
+                "--out",
+                o,
+                "--init-image",
+                fifo.to_str().unwrap(),
+            ]),
+            "not a regular file",
+        ),
+    ];
+    let cases: Vec<(Vec<String>, &str)> = cases
+        .into_iter()
+        .map(|(v, w)| (s(&v), w))
+        .chain(more)
+        .collect();
     for (extra, want) in cases {
+        let extra: Vec<&str> = extra.iter().map(|x| x.as_str()).collect();
         let (ok, _, err) = run(&extra);
         assert!(!ok, "{extra:?} succeeded");
         assert!(
@@ -345,6 +485,11 @@ fn generate_bad_inputs_are_clear_and_write_nothing() {
         std::fs::read_dir(&dir).unwrap().count(),
         0,
         "nothing written"
+    );
+    assert_eq!(
+        std::fs::read(&model_file).unwrap(),
+        model_bytes,
+        "the model is untouched"
     );
 }
 

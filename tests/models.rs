@@ -123,7 +123,7 @@ mod vae {
             let e = &ck.tensors[name];
             (
                 e.shape.clone(),
-                ck.bytes(e).iter().map(|&b| b as f32).collect(),
+                ck.bytes(e).unwrap().iter().map(|&b| b as f32).collect(),
             )
         })
     }

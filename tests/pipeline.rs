@@ -5,7 +5,7 @@ mod common;
 use std::path::PathBuf;
 
 use common::pipeline_folder;
-use sd3_wgpu::pipeline::{GenerateRequest, Pipeline, PipelineOptions};
+use sd3_wgpu::pipeline::{GenerateRequest, Latents, Pipeline, PipelineOptions};
 use sd3_wgpu::weights::Checkpoint;
 use sd3_wgpu::DType;
 
@@ -50,7 +50,8 @@ fn check(variant: &str, with_t5: bool) {
     )
     .unwrap();
     let mut req = request();
-    req.init_latents = Some(io.read_f32("init_latents").unwrap().1);
+    let (shape, data) = io.read_f32("init_latents").unwrap();
+    req.init_latents = Some(Latents { shape, data });
     let mut steps = Vec::new();
     let out = pipe.generate(&req, &mut |s, n| steps.push((s, n))).unwrap();
     assert_eq!(steps.last(), Some(&(4, 4)));
@@ -70,7 +71,7 @@ fn check(variant: &str, with_t5: bool) {
     let rgb = io
         .tensors
         .get(&format!("{key}.rgb8"))
-        .map(|t| io.bytes(t).to_vec())
+        .map(|t| io.bytes(t).unwrap())
         .unwrap();
     let ours = &out.images[0];
     assert_eq!(ours.len(), rgb.len());
@@ -105,7 +106,8 @@ fn skip_layer_guidance_matches_diffusers() {
         Checkpoint::open(&[fixtures().join("pipeline/sd35m/pipeline_io.safetensors")]).unwrap();
     let pipe = Pipeline::load(&dir, f32_options()).unwrap();
     let mut req = request();
-    req.init_latents = Some(io.read_f32("init_latents").unwrap().1);
+    let (shape, data) = io.read_f32("init_latents").unwrap();
+    req.init_latents = Some(Latents { shape, data });
     req.slg_layers = vec![1];
     req.slg_stop = 0.6;
     let out = pipe.generate(&req, &mut |_, _| {}).unwrap();

@@ -37,6 +37,7 @@ fn id_rows(name: &str) -> Vec<Vec<u32>> {
     let e = &ck.tensors[name];
     let flat: Vec<u32> = ck
         .bytes(e)
+        .unwrap()
         .chunks_exact(4)
         .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u32)
         .collect();
@@ -108,6 +109,7 @@ mod encoders {
         let e = &ck.tensors["t5.buckets"];
         let want: Vec<i32> = ck
             .bytes(e)
+            .unwrap()
             .chunks_exact(4)
             .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();

@@ -34,7 +34,7 @@ fn edited_fixture(
     let mut list: Vec<_> = ck
         .tensors
         .iter()
-        .map(|(n, e)| (n.clone(), e.dtype, e.shape.clone(), ck.bytes(e).to_vec()))
+        .map(|(n, e)| (n.clone(), e.dtype, e.shape.clone(), ck.bytes(e).unwrap()))
         .collect();
     edit(&mut list);
     let views: Vec<(String, TensorView)> = list

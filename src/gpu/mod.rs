@@ -36,6 +36,21 @@ pub enum GpuError {
     Readback(String),
     /// A shader failed to preprocess (missing include, unbalanced `#if`).
     Shader(String),
+    /// The device was lost (driver reset, GPU removed, or destroyed).
+    DeviceLost(String),
+    /// An allocation did not fit the GPU's memory.
+    OutOfMemory {
+        /// What was being created.
+        what: String,
+        /// Bytes asked for.
+        bytes: u64,
+        /// Bytes the engine held in storage buffers at the time.
+        held: u64,
+        /// The adapter's largest buffer.
+        max_buffer: u64,
+    },
+    /// The device reported a validation or internal error.
+    Device(String),
 }
 
 impl fmt::Display for GpuError {
@@ -66,6 +81,21 @@ impl fmt::Display for GpuError {
             ),
             GpuError::Readback(e) => write!(f, "reading a buffer back from the GPU failed: {e}"),
             GpuError::Shader(e) => write!(f, "shader preprocessing failed: {e}"),
+            GpuError::DeviceLost(e) => write!(
+                f,
+                "the GPU device was lost ({e}); nothing more can run on it (restart to retry)"
+            ),
+            GpuError::OutOfMemory {
+                what,
+                bytes,
+                held,
+                max_buffer,
+            } => write!(
+                f,
+                "out of GPU memory creating {what}: asked for {bytes} bytes while the engine held {held}; \
+                 this adapter allows buffers of up to {max_buffer} bytes (try a smaller size or batch, or --dtype f16)"
+            ),
+            GpuError::Device(e) => write!(f, "the GPU reported an error: {e}"),
         }
     }
 }
@@ -262,6 +292,20 @@ impl Drop for TrackedBuffer {
     }
 }
 
+/// What the device reported outside our error scopes: uncaptured errors
+/// (wgpu's default would panic) and the loss of the device.
+#[derive(Debug, Default)]
+struct Faults {
+    errors: std::sync::Mutex<Vec<String>>,
+    lost: std::sync::Mutex<Option<String>>,
+}
+
+impl Faults {
+    fn lost(&self) -> Option<String> {
+        self.lost.lock().map(|l| l.clone()).unwrap_or(None)
+    }
+}
+
 /// The device the engine runs on.
 pub struct Gpu {
     /// The wgpu device.
@@ -279,6 +323,7 @@ pub struct Gpu {
     pipelines: PipelineCache,
     /// Storage-buffer memory held by the engine.
     pub memory: std::sync::Arc<MemoryCounter>,
+    faults: std::sync::Arc<Faults>,
 }
 
 impl Gpu {
@@ -343,6 +388,23 @@ impl Gpu {
             trace: wgpu::Trace::Off,
         }))
         .map_err(|e| GpuError::RequestDevice(e.to_string()))?;
+        let faults = std::sync::Arc::new(Faults::default());
+        let f = faults.clone();
+        device.on_uncaptured_error(std::sync::Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut v) = f.errors.lock() {
+                v.push(e.to_string());
+            }
+        }));
+        let f = faults.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            if let Ok(mut l) = f.lost.lock() {
+                *l = Some(if msg.is_empty() {
+                    format!("{reason:?}")
+                } else {
+                    format!("{reason:?}: {msg}")
+                });
+            }
+        });
         let caps = Capabilities {
             f16: features.contains(wgpu::Features::SHADER_F16),
             subgroup: features.contains(wgpu::Features::SUBGROUP),
@@ -364,6 +426,71 @@ impl Gpu {
             runtime_checks: opts.runtime_checks,
             pipelines: PipelineCache::default(),
             memory: Default::default(),
+            faults,
+        })
+    }
+
+    /// An error if the device was lost or reported an error outside our
+    /// error scopes since the last call.
+    pub fn check_health(&self) -> Result<(), GpuError> {
+        if let Some(l) = self.faults.lost() {
+            return Err(GpuError::DeviceLost(l));
+        }
+        let first = self
+            .faults
+            .errors
+            .lock()
+            .ok()
+            .and_then(|mut v| (!v.is_empty()).then(|| v.drain(..).next()).flatten());
+        match first {
+            Some(e) => Err(GpuError::Device(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `f`, which creates or submits GPU work, inside error scopes for
+    /// out-of-memory, validation and internal errors: what they catch, and a
+    /// lost device, become errors naming `what` (and `bytes`, for memory).
+    pub fn guarded<T>(&self, what: &str, bytes: u64, f: impl FnOnce() -> T) -> Result<T, GpuError> {
+        self.check_health()?;
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let internal = self.device.push_error_scope(wgpu::ErrorFilter::Internal);
+        let out = f();
+        // Scopes pop innermost first.
+        let internal = pollster::block_on(internal.pop());
+        let validation = pollster::block_on(validation.pop());
+        let oom = pollster::block_on(oom.pop());
+        self.check_health()?;
+        if oom.is_some() {
+            return Err(GpuError::OutOfMemory {
+                what: what.to_string(),
+                bytes,
+                held: self.memory.current(),
+                max_buffer: self.limits.max_buffer_size,
+            });
+        }
+        if let Some(e) = validation.or(internal) {
+            return Err(GpuError::Device(format!("{what}: {e}")));
+        }
+        Ok(out)
+    }
+
+    /// Submits one command buffer (inside error scopes) and waits for it.
+    pub fn submit_and_wait(&self, what: &str, cmd: wgpu::CommandBuffer) -> Result<(), GpuError> {
+        self.guarded(what, 0, || self.queue.submit([cmd]))?;
+        self.wait()
+    }
+
+    /// Writes `bytes` into `buffer` at offset 0 (inside error scopes).
+    pub fn write_buffer(
+        &self,
+        what: &str,
+        buffer: &wgpu::Buffer,
+        bytes: &[u8],
+    ) -> Result<(), GpuError> {
+        self.guarded(what, bytes.len() as u64, || {
+            self.queue.write_buffer(buffer, 0, bytes)
         })
     }
 
@@ -401,32 +528,42 @@ impl Gpu {
         Ok(())
     }
 
-    /// Waits until all submitted work has finished.
-    pub fn wait(&self) {
-        // A poll error means the device was lost; the next operation reports it.
-        let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
+    /// Waits until all submitted work has finished; an error if the device
+    /// was lost or reported an error meanwhile.
+    pub fn wait(&self) -> Result<(), GpuError> {
+        let polled = self.device.poll(wgpu::PollType::wait_indefinitely());
+        self.check_health()?;
+        polled
+            .map(|_| ())
+            .map_err(|e| GpuError::DeviceLost(e.to_string()))
     }
 
     /// Reads a whole buffer (or its first `bytes`) back to the CPU.
     pub fn read_bytes(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, GpuError> {
         let size = bytes.div_ceil(4) * 4;
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let staging = self.guarded("a readback buffer", size, || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })?;
         let mut enc = self.device.create_command_encoder(&Default::default());
         enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
-        self.queue.submit([enc.finish()]);
+        self.submit_and_wait("a copy for readback", enc.finish())?;
         let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
         });
-        self.wait();
-        rx.recv()
-            .map_err(|e| GpuError::Readback(e.to_string()))?
-            .map_err(|e| GpuError::Readback(e.to_string()))?;
+        self.wait()?;
+        let mapped = rx
+            .try_recv()
+            .map_err(|_| GpuError::Readback("the buffer was never mapped".into()))?;
+        if let Err(e) = mapped {
+            self.check_health()?;
+            return Err(GpuError::Readback(e.to_string()));
+        }
         let view = staging
             .get_mapped_range(..)
             .map_err(|e| GpuError::Readback(e.to_string()))?;

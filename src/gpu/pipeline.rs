@@ -179,6 +179,8 @@ impl PipelineCache {
                 cache: None,
             });
         if let Some(e) = pollster::block_on(scope.pop()) {
+            // A lost device fails every creation: say so rather than blame the shader.
+            gpu.check_health()?;
             self.modules.lock().map_err(|_| poisoned())?.clear();
             return Err(GpuError::Shader(format!(
                 "{} ({}) flags {:?} constants {:?}: {e}",

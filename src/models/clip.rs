@@ -92,27 +92,53 @@ pub struct Clip {
 
 const P: &str = "text_model.";
 
-fn detect(src: &TextSource, default_act: Act) -> Result<ClipConfig> {
-    let emb = src.shape(&format!("{P}embeddings.token_embedding.weight"))?;
-    let pos = src.shape(&format!("{P}embeddings.position_embedding.weight"))?;
-    let proj = src.shape("text_projection.weight")?;
-    let hidden = emb[1];
+/// The architecture of a CLIP text encoder, from its tensors (and
+/// config.json where there is one), every size checked against sane bounds.
+pub fn detect(src: &TextSource, default_act: Act) -> Result<ClipConfig> {
+    use crate::weights::{check_dim, config_f64, config_usize};
+    let origin = src.path.as_path();
+    let cfg = src.config.as_ref();
+    let [vocab, hidden] = src.dims::<2>(
+        &format!("{P}embeddings.token_embedding.weight"),
+        "[vocab, hidden]",
+    )?;
+    let [positions, _] = src.dims::<2>(
+        &format!("{P}embeddings.position_embedding.weight"),
+        "[positions, hidden]",
+    )?;
+    let [projection, _] = src.dims::<2>("text_projection.weight", "[projection, hidden]")?;
+    let [intermediate, _] = src.dims::<2>(
+        &format!("{P}encoder.layers.0.mlp.fc1.weight"),
+        "[intermediate, hidden]",
+    )?;
+    check_dim(origin, "the CLIP vocabulary", vocab, 1, 1 << 24)?;
+    check_dim(origin, "the CLIP width", hidden, HEAD_DIM, 1 << 14)?;
+    check_dim(
+        origin,
+        "the CLIP positions",
+        positions,
+        crate::tokenize::CLIP_TOKENS,
+        1 << 16,
+    )?;
+    check_dim(origin, "the CLIP projection width", projection, 1, 1 << 14)?;
+    check_dim(origin, "the CLIP MLP width", intermediate, 1, 1 << 18)?;
     if hidden % HEAD_DIM != 0 {
         return Err(Error::Weights(WeightsError::Unsupported(format!(
             "{}: CLIP width {hidden} is not a multiple of the head dim 64",
-            src.path.display()
+            origin.display()
         ))));
     }
-    let heads = src
-        .config_num("num_attention_heads")
-        .map(|h| h as usize)
-        .unwrap_or(hidden / HEAD_DIM);
+    let heads =
+        config_usize(cfg, origin, "num_attention_heads", 1, 1024)?.unwrap_or(hidden / HEAD_DIM);
     if heads * HEAD_DIM != hidden {
         return Err(Error::Weights(WeightsError::Unsupported(format!(
             "{}: {heads} heads of {hidden} give a head dim other than 64",
-            src.path.display()
+            origin.display()
         ))));
     }
+    let layers = src.count_layers(&format!("{P}encoder.layers."));
+    // SD3 reads the penultimate layer's states.
+    check_dim(origin, "the number of CLIP layers", layers, 2, 1024)?;
     // Without a config the caller's role decides: CLIP-L uses quick-GELU, OpenCLIP bigG GELU.
     let act = match src.config_str("hidden_act").as_deref() {
         Some("quick_gelu") => Act::QuickGelu,
@@ -121,22 +147,23 @@ fn detect(src: &TextSource, default_act: Act) -> Result<ClipConfig> {
         Some(other) => {
             return Err(Error::Weights(WeightsError::Unsupported(format!(
                 "{}: hidden_act '{other}' is not supported",
-                src.path.display()
+                origin.display()
             ))))
         }
         None => default_act,
     };
-    let eos = src.config_num("eos_token_id").unwrap_or(2.0) as u32;
+    let eos = config_usize(cfg, origin, "eos_token_id", 0, u32::MAX as usize)?.unwrap_or(2) as u32;
+    let eps = config_f64(cfg, origin, "layer_norm_eps", 1e-12, 0.1)?.unwrap_or(1e-5) as f32;
     Ok(ClipConfig {
         hidden,
         heads,
-        layers: src.count_layers(&format!("{P}encoder.layers.")),
-        vocab: emb[0],
-        positions: pos[0],
-        projection: proj[0],
-        intermediate: src.shape(&format!("{P}encoder.layers.0.mlp.fc1.weight"))?[0],
+        layers,
+        vocab,
+        positions,
+        projection,
+        intermediate,
         act,
-        eps: src.config_num("layer_norm_eps").unwrap_or(1e-5) as f32,
+        eps,
         pool_at_max_id: eos == 2,
         eos_token_id: eos,
     })
@@ -147,13 +174,6 @@ impl Clip {
     /// applies when there is no config.json (quick-GELU for CLIP-L, GELU for CLIP-G).
     pub fn load(gpu: &Gpu, src: &TextSource, matrix: DType, default_act: Act) -> Result<Clip> {
         let c = detect(src, default_act)?;
-        if c.layers < 2 {
-            return Err(Error::Weights(WeightsError::Unsupported(format!(
-                "{}: {} layers; SD3 needs a penultimate layer",
-                src.path.display(),
-                c.layers
-            ))));
-        }
         Self::load_from(gpu, &c, src, matrix)
     }
 

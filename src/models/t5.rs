@@ -87,44 +87,89 @@ pub fn relative_position_bucket(relative: i64, buckets: usize, max_distance: usi
 impl T5 {
     /// Loads a T5 encoder; matrices stored as `matrix`.
     pub fn load(gpu: &Gpu, src: &TextSource, matrix: DType) -> Result<T5> {
+        let (c, shared_name) = Self::detect(src)?;
+        Self::load_from(gpu, &c, shared_name, src, matrix)
+    }
+
+    /// The architecture of a T5 encoder from its tensors (and config.json
+    /// where there is one), every size checked against sane bounds; also the
+    /// name of its embedding table.
+    pub fn detect(src: &TextSource) -> Result<(T5Config, &'static str)> {
+        use crate::weights::{check_dim, config_f64, config_usize};
+        let origin = src.path.as_path();
+        let cfg = src.config.as_ref();
         let shared_name = if src.has("shared.weight") {
             "shared.weight"
         } else {
             "encoder.embed_tokens.weight"
         };
-        let emb = src.shape(shared_name)?;
-        let (vocab, d) = (emb[0], emb[1]);
+        let [vocab, d] = src.dims::<2>(shared_name, "[vocab, d_model]")?;
         let b0 = "encoder.block.0.layer.0.SelfAttention";
-        let rel = src.shape(&format!("{b0}.relative_attention_bias.weight"))?;
-        let heads = rel[1];
-        let inner = src.shape(&format!("{b0}.q.weight"))?[0];
+        let rel_name = format!("{b0}.relative_attention_bias.weight");
+        let [buckets, heads] = src.dims::<2>(&rel_name, "[buckets, heads]")?;
+        let [inner, _] = src.dims::<2>(&format!("{b0}.q.weight"), "[heads·64, d_model]")?;
+        check_dim(origin, "the T5 vocabulary", vocab, 1, 1 << 24)?;
+        check_dim(origin, "the T5 width", d, 1, 1 << 16)?;
+        check_dim(origin, "the T5 heads", heads, 1, 1024)?;
         if inner != heads * HEAD_DIM {
             return Err(Error::Weights(WeightsError::Unsupported(format!(
                 "{}: T5 attention of width {inner} in {heads} heads is not 64 per head",
-                src.path.display()
+                origin.display()
             ))));
         }
-        let d_ff = src
-            .shape("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")
+        let [d_ff, _] = src
+            .dims::<2>(
+                "encoder.block.0.layer.1.DenseReluDense.wi_0.weight",
+                "[d_ff, d_model]",
+            )
             .map_err(|e| {
                 Error::Weights(WeightsError::Unsupported(format!(
                     "{}: not a gated-GELU T5 v1.1 encoder ({e})",
-                    src.path.display()
+                    origin.display()
                 )))
-            })?[0];
+            })?;
+        check_dim(origin, "the T5 feed-forward width", d_ff, 1, 1 << 18)?;
+        let layers = src.count_layers("encoder.block.");
+        check_dim(origin, "the number of T5 layers", layers, 1, 1024)?;
+        // The bucket arithmetic needs at least one exact bucket per direction.
+        check_dim(origin, "the T5 relative-position buckets", buckets, 4, 4096)?;
+        if let Some(n) = config_usize(cfg, origin, "relative_attention_num_buckets", 0, usize::MAX)?
+        {
+            if n != buckets {
+                return Err(Error::Weights(WeightsError::Shape {
+                    file: src.ck.file_of(&format!("{}{rel_name}", src.prefix)),
+                    name: format!("{}{rel_name}", src.prefix),
+                    expected: format!(
+                        "{n} rows, as config.json's relative_attention_num_buckets says: [{n}, {heads}]"
+                    ),
+                    found: vec![buckets, heads],
+                }));
+            }
+        }
+        // Distances beyond the exact buckets are spread logarithmically up to
+        // max_distance, which must therefore lie beyond them.
+        let max_distance =
+            config_usize(cfg, origin, "relative_attention_max_distance", 0, 1 << 20)?
+                .unwrap_or(128);
+        check_dim(
+            origin,
+            "relative_attention_max_distance (128 unless config.json says otherwise)",
+            max_distance,
+            buckets / 4 + 1,
+            1 << 20,
+        )?;
+        let eps = config_f64(cfg, origin, "layer_norm_epsilon", 1e-12, 0.1)?.unwrap_or(1e-6) as f32;
         let c = T5Config {
             d_model: d,
             heads,
             d_ff,
-            layers: src.count_layers("encoder.block."),
+            layers,
             vocab,
-            buckets: rel[0],
-            max_distance: src
-                .config_num("relative_attention_max_distance")
-                .unwrap_or(128.0) as usize,
-            eps: src.config_num("layer_norm_epsilon").unwrap_or(1e-6) as f32,
+            buckets,
+            max_distance,
+            eps,
         };
-        Self::load_from(gpu, &c, shared_name, src, matrix)
+        Ok((c, shared_name))
     }
 
     /// Builds the encoder of architecture `c` with tensors from `src`; the

@@ -224,57 +224,113 @@ impl MmditSource {
             config: cfg.clone(),
             path: self.path.clone(),
         };
-        let shape = |c: &str| self.ck.recipe_shape(&tmp.recipe(c));
         let has = |c: &str| self.ck.has_recipe(&tmp.recipe(c));
-        let proj = shape("x_embedder.proj.weight")?;
-        if proj.len() != 4 || proj[2] != proj[3] {
-            return Err(WeightsError::Shape {
-                name: tmp.stored_name("x_embedder.proj.weight"),
-                expected: vec![0, 16, 2, 2],
-                found: proj,
-            });
-        }
-        cfg.hidden = proj[0];
-        cfg.in_channels = proj[1];
-        cfg.patch = proj[2];
-        if !cfg.hidden.is_multiple_of(64) || cfg.hidden == 0 {
-            return Err(WeightsError::Unsupported(format!(
-                "hidden width {} is not a multiple of the head dim 64",
-                cfg.hidden
-            )));
-        }
-        cfg.heads = cfg.hidden / 64;
-        cfg.context_dim = *shape("context_embedder.weight")?.get(1).unwrap_or(&0);
-        cfg.pooled_dim = *shape("y_embedder.mlp.0.weight")?.get(1).unwrap_or(&0);
-        let out = shape("final_layer.linear.weight")?[0];
-        cfg.out_channels = out / (cfg.patch * cfg.patch).max(1);
-        let pe = shape("pos_embed")?;
-        let n = pe.get(1).copied().unwrap_or(0);
-        let side = (n as f64).sqrt().round() as usize;
-        if pe.len() != 3 || side * side != n || pe[2] != cfg.hidden {
-            return Err(WeightsError::Shape {
-                name: tmp.stored_name("pos_embed"),
-                expected: vec![1, side * side, cfg.hidden],
-                found: pe,
-            });
-        }
-        cfg.pos_embed_max = side;
-        cfg.qk_norm = has("joint_blocks.0.x_block.attn.ln_q.weight");
-        cfg.dual_attention_layers = (0..depth)
-            .filter(|i| has(&format!("joint_blocks.{i}.x_block.attn2.qkv.weight")))
-            .collect();
+        let dims2 = |c: &str, layout: &str| self.ck.recipe_dims::<2>(&tmp.recipe(c), layout);
+        let origin = self.path.as_path();
+        let dim =
+            |what: &str, v: usize, lo: usize, hi: usize| super::check_dim(origin, what, v, lo, hi);
         if depth == 0 {
             return Err(WeightsError::Missing {
                 name: format!("{block_prefix}0.*"),
                 source: self.ck.describe(),
             });
         }
+        dim("the number of joint blocks", depth, 1, MAX_DEPTH)?;
+        let proj_name = tmp.stored_name("x_embedder.proj.weight");
+        let [hidden, in_channels, p, q] = self.ck.recipe_dims::<4>(
+            &tmp.recipe("x_embedder.proj.weight"),
+            "[hidden, in_channels, patch, patch]",
+        )?;
+        if p != q {
+            return Err(WeightsError::Shape {
+                file: self.ck.file_of(&proj_name),
+                name: proj_name,
+                expected: "a square patch [hidden, in_channels, patch, patch]".into(),
+                found: vec![hidden, in_channels, p, q],
+            });
+        }
+        cfg.hidden = dim("the hidden width (x_embedder)", hidden, 64, MAX_WIDTH)?;
+        cfg.in_channels = dim(
+            "the latent channels (x_embedder)",
+            in_channels,
+            1,
+            MAX_CHANNELS,
+        )?;
+        cfg.patch = dim("the patch size (x_embedder)", p, 1, MAX_PATCH)?;
+        if !cfg.hidden.is_multiple_of(64) {
+            return Err(WeightsError::Unsupported(format!(
+                "{}: hidden width {} ({proj_name}) is not a multiple of the head dim 64",
+                origin.display(),
+                cfg.hidden
+            )));
+        }
+        cfg.heads = cfg.hidden / 64;
+        let [_, context_dim] = dims2("context_embedder.weight", "[hidden, context_dim]")?;
+        cfg.context_dim = dim(
+            "the context width (context_embedder)",
+            context_dim,
+            1,
+            MAX_WIDTH,
+        )?;
+        let [_, pooled_dim] = dims2("y_embedder.mlp.0.weight", "[hidden, pooled_dim]")?;
+        cfg.pooled_dim = dim("the pooled width (y_embedder)", pooled_dim, 1, MAX_WIDTH)?;
+        let final_name = tmp.stored_name("final_layer.linear.weight");
+        let [out, _] = dims2(
+            "final_layer.linear.weight",
+            "[patch·patch·out_channels, hidden]",
+        )?;
+        let pp = cfg.patch * cfg.patch;
+        if !out.is_multiple_of(pp) || out / pp != cfg.in_channels {
+            return Err(WeightsError::Shape {
+                file: self.ck.file_of(&final_name),
+                name: final_name,
+                expected: format!(
+                    "[{}, {}] (patch² · the {} latent channels in, as SD3 predicts a velocity of the latent's shape)",
+                    pp * cfg.in_channels,
+                    cfg.hidden,
+                    cfg.in_channels
+                ),
+                found: self.ck.recipe_shape(&tmp.recipe("final_layer.linear.weight"))?,
+            });
+        }
+        cfg.out_channels = out / pp;
+        let pe_name = tmp.stored_name("pos_embed");
+        let [one, n, pe_hidden] = self
+            .ck
+            .recipe_dims::<3>(&tmp.recipe("pos_embed"), "[1, grid², hidden]")?;
+        let side = (n as f64).sqrt().round() as usize;
+        if one != 1 || side.checked_mul(side) != Some(n) || pe_hidden != cfg.hidden {
+            return Err(WeightsError::Shape {
+                file: self.ck.file_of(&pe_name),
+                name: pe_name,
+                expected: format!("[1, grid², {}] with a square grid", cfg.hidden),
+                found: vec![one, n, pe_hidden],
+            });
+        }
+        cfg.pos_embed_max = dim("the position grid side (pos_embed)", side, 1, MAX_GRID)?;
+        cfg.qk_norm = has("joint_blocks.0.x_block.attn.ln_q.weight");
+        cfg.dual_attention_layers = (0..depth)
+            .filter(|i| has(&format!("joint_blocks.{i}.x_block.attn2.qkv.weight")))
+            .collect();
         if let Some(j) = config_json {
-            check_config(&cfg, j, &self.path)?;
+            check_config(&cfg, j, &self.path, &format!("{block_prefix}N.*"), &|c| {
+                tmp.stored_name(c)
+            })?;
         }
         Ok(cfg)
     }
 }
+
+/// Most joint blocks accepted (SD3.5 large has 38).
+const MAX_DEPTH: usize = 256;
+/// Widest hidden, context or pooled width accepted (SD3.5 large: 2432, 4096, 2048).
+const MAX_WIDTH: usize = 1 << 16;
+/// Most latent channels accepted (SD3: 16).
+const MAX_CHANNELS: usize = 1024;
+/// Largest patch accepted (SD3: 2).
+const MAX_PATCH: usize = 16;
+/// Largest position grid side accepted (SD3.5 medium: 384).
+const MAX_GRID: usize = 4096;
 
 fn placeholder_config() -> MmditConfig {
     MmditConfig {
@@ -292,59 +348,88 @@ fn placeholder_config() -> MmditConfig {
     }
 }
 
-/// A diffusers config.json must describe the same architecture as the tensors.
-fn check_config(cfg: &MmditConfig, j: &serde_json::Value, path: &Path) -> Result<(), WeightsError> {
-    let num = |k: &str| j.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
-    let mut checks: Vec<(&str, Option<usize>, usize)> = vec![
-        ("num_layers", num("num_layers"), cfg.depth),
-        ("patch_size", num("patch_size"), cfg.patch),
-        ("in_channels", num("in_channels"), cfg.in_channels),
+/// A diffusers config.json must describe the same architecture as the
+/// tensors; a disagreement names the key and the tensor it was compared with.
+fn check_config(
+    cfg: &MmditConfig,
+    j: &serde_json::Value,
+    path: &Path,
+    blocks: &str,
+    stored: &dyn Fn(&str) -> String,
+) -> Result<(), WeightsError> {
+    let num = |k: &str| super::config_usize(Some(j), path, k, 0, usize::MAX);
+    let proj = stored("x_embedder.proj.weight");
+    let mut checks: Vec<(&str, Option<usize>, usize, String)> = vec![
+        (
+            "num_layers",
+            num("num_layers")?,
+            cfg.depth,
+            blocks.to_string(),
+        ),
+        ("patch_size", num("patch_size")?, cfg.patch, proj.clone()),
+        (
+            "in_channels",
+            num("in_channels")?,
+            cfg.in_channels,
+            proj.clone(),
+        ),
+        (
+            "out_channels",
+            num("out_channels")?,
+            cfg.out_channels,
+            stored("final_layer.linear.weight"),
+        ),
         (
             "joint_attention_dim",
-            num("joint_attention_dim"),
+            num("joint_attention_dim")?,
             cfg.context_dim,
+            stored("context_embedder.weight"),
         ),
         (
             "pooled_projection_dim",
-            num("pooled_projection_dim"),
+            num("pooled_projection_dim")?,
             cfg.pooled_dim,
+            stored("y_embedder.mlp.0.weight"),
         ),
         (
             "pos_embed_max_size",
-            num("pos_embed_max_size"),
+            num("pos_embed_max_size")?,
             cfg.pos_embed_max,
+            stored("pos_embed"),
         ),
     ];
-    if let (Some(h), Some(d)) = (num("num_attention_heads"), num("attention_head_dim")) {
-        checks.push((
-            "num_attention_heads × attention_head_dim",
-            Some(h * d),
-            cfg.hidden,
-        ));
+    if let (Some(h), Some(d)) = (num("num_attention_heads")?, num("attention_head_dim")?) {
         if d != 64 {
             return Err(WeightsError::Unsupported(format!(
-                "{}: attention_head_dim {d} is not supported (SD3 uses 64)",
+                "{}: config.json's attention_head_dim {d} is not supported (SD3 uses 64)",
                 path.display()
             )));
         }
+        checks.push((
+            "num_attention_heads × attention_head_dim",
+            Some(h.saturating_mul(d)),
+            cfg.hidden,
+            proj,
+        ));
     }
-    for (k, said, found) in checks {
+    for (k, said, found, tensor) in checks {
         if let Some(said) = said {
             if said != found {
                 return Err(WeightsError::Unsupported(format!(
-                    "{}: config.json says {k} = {said} but the tensors give {found}",
+                    "{}: config.json says {k} = {said} but the tensors give {found} (from '{tensor}')",
                     path.display()
                 )));
             }
         }
     }
-    let qk = j.get("qk_norm").and_then(|v| v.as_str());
-    if let Some(q) = qk {
-        if q != "rms_norm" {
+    match j.get("qk_norm") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(q) if q.as_str() == Some("rms_norm") => {}
+        Some(q) => {
             return Err(WeightsError::Unsupported(format!(
-                "{}: qk_norm '{q}' is not supported",
+                "{}: config.json's qk_norm {q} is not supported (SD3.5 uses \"rms_norm\")",
                 path.display()
-            )));
+            )))
         }
     }
     Ok(())

@@ -1,6 +1,6 @@
-//! Checkpoints as users download them: memory-mapped safetensors files (one
-//! file, or a diffusers folder of shards with an index json), tensors
-//! converted from f32/f16/bf16/fp8 at load.
+//! Checkpoints as users download them: safetensors files (one file, or a
+//! diffusers folder of shards with an index json) read with positioned reads,
+//! tensors converted from f32/f16/bf16/fp8 at load.
 
 pub mod inspect;
 pub mod mmdit;
@@ -25,7 +25,7 @@ pub enum WeightsError {
         /// The OS error.
         err: String,
     },
-    /// Not a safetensors file, or a truncated one.
+    /// Not a safetensors file, or a truncated one, or a bad index.
     Format {
         /// The file.
         path: PathBuf,
@@ -39,23 +39,27 @@ pub enum WeightsError {
         /// Where it was looked for.
         source: String,
     },
-    /// A tensor has the wrong shape.
+    /// A tensor has the wrong rank or shape.
     Shape {
+        /// The file (or shards) holding it.
+        file: String,
         /// Tensor name.
         name: String,
-        /// Expected shape.
-        expected: Vec<usize>,
+        /// What was expected, e.g. `[64]` or `rank 2 [out, in]`.
+        expected: String,
         /// Shape found.
         found: Vec<usize>,
     },
     /// A tensor is stored in a dtype we cannot convert.
     Dtype {
+        /// The file (or shards) holding it.
+        file: String,
         /// Tensor name.
         name: String,
         /// The stored dtype.
         found: String,
     },
-    /// The layout or model is not one we know.
+    /// The layout or model is not one we know, or a config value is out of range.
     Unsupported(String),
 }
 
@@ -74,16 +78,17 @@ impl fmt::Display for WeightsError {
                 write!(f, "tensor '{name}' is missing from {source}")
             }
             WeightsError::Shape {
+                file,
                 name,
                 expected,
                 found,
             } => write!(
                 f,
-                "tensor '{name}' has shape {found:?}, expected {expected:?}"
+                "{file}: tensor '{name}' has shape {found:?}, expected {expected}"
             ),
-            WeightsError::Dtype { name, found } => write!(
+            WeightsError::Dtype { file, name, found } => write!(
                 f,
-                "tensor '{name}' is stored as {found}; supported: F32, F16, BF16, F8_E4M3, F8_E5M2"
+                "{file}: tensor '{name}' is stored as {found}; supported: F32, F16, BF16, F8_E4M3, F8_E5M2"
             ),
             WeightsError::Unsupported(m) => f.write_str(m),
         }
@@ -136,15 +141,25 @@ pub fn open_component(
 /// The `config.json` of a diffusers component folder, if it has one.
 pub fn read_config(dir: &Path) -> Result<Option<serde_json::Value>, WeightsError> {
     let path = dir.join("config.json");
-    match std::fs::read_to_string(&path) {
-        Ok(t) => serde_json::from_str(&t)
-            .map(Some)
-            .map_err(|e| WeightsError::Format {
-                path,
-                msg: e.to_string(),
-            }),
-        Err(_) => Ok(None),
+    if !path.exists() {
+        return Ok(None);
     }
+    let text = crate::files::read_text(&path).map_err(|e| WeightsError::Format {
+        path: path.clone(),
+        msg: e.to_string(),
+    })?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| WeightsError::Format {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+    if !json.is_object() {
+        return Err(WeightsError::Format {
+            path,
+            msg: "config.json is not a JSON object".into(),
+        });
+    }
+    Ok(Some(json))
 }
 
 /// Where one tensor lives.
@@ -157,93 +172,246 @@ pub struct TensorEntry {
     /// Shape.
     pub shape: Vec<usize>,
     /// Byte range in the file.
-    pub range: (usize, usize),
+    pub range: (u64, u64),
 }
 
-/// One or more memory-mapped safetensors files seen as one name → tensor map.
+/// The largest safetensors header we parse (the format's own limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// One or more safetensors files seen as one name → tensor map. Tensors are
+/// read with positioned reads (never memory-mapped), so a file truncated or
+/// changed while open gives an error, not a SIGBUS.
 pub struct Checkpoint {
     /// The files, in the order they were opened.
     pub files: Vec<PathBuf>,
-    maps: Vec<memmap2::Mmap>,
+    handles: Vec<std::fs::File>,
     /// Every tensor, by name.
     pub tensors: BTreeMap<String, TensorEntry>,
 }
 
+/// Reads exactly `buf.len()` bytes at `offset`.
+fn read_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(buf, offset)
+    }
+    #[cfg(windows)]
+    {
+        use std::os::windows::fs::FileExt;
+        let mut done = 0;
+        while done < buf.len() {
+            let n = file.seek_read(&mut buf[done..], offset + done as u64)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// Reads a safetensors file's header and parses it with [`parse_header`].
+fn read_header(
+    path: &Path,
+    file: &std::fs::File,
+    index: usize,
+) -> Result<Vec<(String, TensorEntry)>, WeightsError> {
+    let len = file.metadata().map_err(|e| io_err(path, e))?.len();
+    let mut n8 = [0u8; 8];
+    if len >= 8 {
+        read_at(file, &mut n8, 0).map_err(|e| io_err(path, e))?;
+    }
+    let n = u64::from_le_bytes(n8).min(MAX_HEADER_BYTES + 1);
+    let mut header = vec![0u8; (n.min(len.saturating_sub(8))) as usize];
+    read_at(file, &mut header, 8).map_err(|e| io_err(path, e))?;
+    let mut start = n8.to_vec();
+    start.extend(header);
+    parse_header(path, &start, len, index)
+}
+
+/// Parses a safetensors header — `start` holds the file's first bytes (the
+/// 8-byte length and at least the header), `len` is the file's length — into
+/// every tensor's dtype, shape and byte range, each checked against the
+/// file's length with checked arithmetic. `index` is the file's place in its
+/// checkpoint. Never panics, whatever the bytes.
+pub fn parse_header(
+    path: &Path,
+    start: &[u8],
+    len: u64,
+    index: usize,
+) -> Result<Vec<(String, TensorEntry)>, WeightsError> {
+    let fmt_err = |msg: String| WeightsError::Format {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let Some(n8) = start.get(..8).filter(|_| len >= 8) else {
+        return Err(fmt_err(format!("{len} bytes, too short for a header")));
+    };
+    let n = u64::from_le_bytes(n8.try_into().unwrap_or([0xff; 8]));
+    if n > MAX_HEADER_BYTES || n > len - 8 {
+        return Err(fmt_err(format!(
+            "header length {n} does not fit the file's {len} bytes (truncated?)"
+        )));
+    }
+    let header = start
+        .get(8..8 + n as usize)
+        .ok_or_else(|| fmt_err("the header is incomplete".into()))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(header).map_err(|e| fmt_err(format!("header: {e}")))?;
+    let map = json
+        .as_object()
+        .ok_or_else(|| fmt_err("the header is not a JSON object".into()))?;
+    let base = 8 + n;
+    let data_len = len - base;
+    let mut out = Vec::with_capacity(map.len());
+    for (name, info) in map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let bad = |what: &str| fmt_err(format!("tensor '{name}': {what}"));
+        let dtype: Dtype = info
+            .get("dtype")
+            .and_then(|d| serde_json::from_value(d.clone()).ok())
+            .ok_or_else(|| bad("no known \"dtype\""))?;
+        let shape: Vec<usize> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .ok_or_else(|| bad("no \"shape\" array"))?
+            .iter()
+            .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("a shape entry is not a non-negative integer"))?;
+        let offsets = info
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .filter(|o| o.len() == 2)
+            .and_then(|o| Some((o[0].as_u64()?, o[1].as_u64()?)))
+            .ok_or_else(|| bad("no \"data_offsets\" pair of integers"))?;
+        let bits = shape
+            .iter()
+            .try_fold(dtype.bitsize() as u64, |acc, &d| acc.checked_mul(d as u64))
+            .ok_or_else(|| bad(&format!("shape {shape:?} overflows")))?;
+        let (a, b) = offsets;
+        if a > b || b - a != bits.div_ceil(8) {
+            return Err(bad(&format!(
+                "data offsets {a}..{b} do not hold {shape:?} of {dtype:?}"
+            )));
+        }
+        if b > data_len {
+            return Err(bad(&format!(
+                "ends at byte {} but the file has {len} (truncated?)",
+                base + b
+            )));
+        }
+        out.push((
+            name.clone(),
+            TensorEntry {
+                file: index,
+                dtype,
+                shape,
+                range: (base + a, base + b),
+            },
+        ));
+    }
+    Ok(out)
+}
+
 impl Checkpoint {
     /// Opens safetensors files (shards of one checkpoint, or a single file).
+    /// A tensor name found in two files is an error.
     pub fn open(paths: &[PathBuf]) -> Result<Checkpoint, WeightsError> {
         let mut ck = Checkpoint {
             files: Vec::new(),
-            maps: Vec::new(),
+            handles: Vec::new(),
             tensors: BTreeMap::new(),
         };
         for path in paths {
-            let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
-            // SAFETY: the file is only read; a checkpoint changed on disk while
-            // we read it gives wrong values, not memory unsafety in our code.
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(path, e))?;
-            let fmt_err = |msg: String| WeightsError::Format {
-                path: path.clone(),
-                msg,
-            };
-            let (n, meta) = safetensors::SafeTensors::read_metadata(&map)
-                .map_err(|e| fmt_err(e.to_string()))?;
-            let base = 8 + n;
-            for (name, info) in meta.tensors() {
-                let (a, b) = info.data_offsets;
-                if base + b > map.len() {
-                    return Err(fmt_err(format!(
-                        "tensor '{name}' ends at byte {} but the file has {} (truncated?)",
-                        base + b,
-                        map.len()
-                    )));
+            let file = crate::files::open_regular(path).map_err(|e| io_err(path, e))?;
+            for (name, entry) in read_header(path, &file, ck.files.len())? {
+                if let Some(prev) = ck.tensors.insert(name.clone(), entry) {
+                    return Err(WeightsError::Format {
+                        path: path.clone(),
+                        msg: format!(
+                            "tensor '{name}' is also in {}; a checkpoint holds each tensor once",
+                            ck.files[prev.file].display()
+                        ),
+                    });
                 }
-                ck.tensors.insert(
-                    name,
-                    TensorEntry {
-                        file: ck.files.len(),
-                        dtype: info.dtype,
-                        shape: info.shape.clone(),
-                        range: (base + a, base + b),
-                    },
-                );
             }
             ck.files.push(path.clone());
-            ck.maps.push(map);
+            ck.handles.push(file);
         }
         Ok(ck)
     }
 
-    /// Opens `<dir>/<stem>.safetensors`, or the shards its `.safetensors.index.json` lists.
+    /// Opens `<dir>/<stem>.safetensors`, or the shards its
+    /// `.safetensors.index.json` lists. Every shard must be a bare file name
+    /// in `dir` naming a regular file (a symlink to one, as in the Hugging Face
+    /// cache, is fine); all are checked before any is opened, and each tensor
+    /// must be in the shard the index names.
     pub fn open_diffusers_component(dir: &Path, stem: &str) -> Result<Checkpoint, WeightsError> {
         let index = dir.join(format!("{stem}.safetensors.index.json"));
         if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|e| io_err(&index, e))?;
+            let bad = |msg: String| WeightsError::Format {
+                path: index.clone(),
+                msg,
+            };
+            let text = crate::files::read_text(&index).map_err(|e| bad(e.to_string()))?;
             let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| WeightsError::Format {
-                    path: index.clone(),
-                    msg: e.to_string(),
-                })?;
-            let map = json["weight_map"]
-                .as_object()
-                .ok_or_else(|| WeightsError::Format {
-                    path: index.clone(),
-                    msg: "no \"weight_map\" object".into(),
-                })?;
-            let mut files: Vec<PathBuf> = map
-                .values()
-                .filter_map(|v| v.as_str())
-                .map(|f| dir.join(f))
-                .collect();
+                serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
+            let mut shard_of = BTreeMap::new();
+            for (name, v) in map {
+                let f = v
+                    .as_str()
+                    .ok_or_else(|| bad(format!("weight_map entry '{name}' is not a file name")))?;
+                let mut parts = Path::new(f).components();
+                let bare = matches!(
+                    (parts.next(), parts.next()),
+                    (Some(std::path::Component::Normal(_)), None)
+                ) && !f.contains(['/', '\\']);
+                if !bare {
+                    return Err(bad(format!(
+                        "weight_map entry '{name}' names '{f}', which is not a file name inside {}",
+                        dir.display()
+                    )));
+                }
+                let p = dir.join(f);
+                if !crate::files::is_regular_file(&p) {
+                    return Err(bad(format!(
+                        "weight_map entry '{name}' names '{f}', which is not a regular file in {}",
+                        dir.display()
+                    )));
+                }
+                shard_of.insert(name.clone(), p);
+            }
+            let mut files: Vec<PathBuf> = shard_of.values().cloned().collect();
             files.sort();
             files.dedup();
+            if files.is_empty() {
+                return Err(bad("the weight_map is empty".into()));
+            }
             let ck = Self::open(&files)?;
-            for name in map.keys() {
-                if !ck.tensors.contains_key(name) {
-                    return Err(WeightsError::Missing {
-                        name: name.clone(),
-                        source: format!("the shards listed by {}", index.display()),
-                    });
+            for (name, shard) in &shard_of {
+                match ck.tensors.get(name) {
+                    None => {
+                        return Err(WeightsError::Missing {
+                            name: name.clone(),
+                            source: format!("{} (listed by {})", shard.display(), index.display()),
+                        })
+                    }
+                    Some(e) if ck.files[e.file] != *shard => {
+                        return Err(bad(format!(
+                            "tensor '{name}' is listed in {} but stored in {}",
+                            shard.display(),
+                            ck.files[e.file].display()
+                        )))
+                    }
+                    Some(_) => {}
                 }
             }
             return Ok(ck);
@@ -280,9 +448,20 @@ impl Checkpoint {
         v
     }
 
-    /// The raw bytes of a tensor.
-    pub fn bytes(&self, e: &TensorEntry) -> &[u8] {
-        &self.maps[e.file][e.range.0..e.range.1]
+    /// The raw bytes of a tensor, read from its file now; an error (not a
+    /// crash) when the file has changed or shrunk since it was opened.
+    pub fn bytes(&self, e: &TensorEntry) -> Result<Vec<u8>, WeightsError> {
+        let path = &self.files[e.file];
+        let mut buf = vec![0u8; (e.range.1 - e.range.0) as usize];
+        read_at(&self.handles[e.file], &mut buf, e.range.0).map_err(|err| WeightsError::Io {
+            path: path.clone(),
+            err: if err.kind() == std::io::ErrorKind::UnexpectedEof {
+                "the file is shorter than when it was opened (truncated while in use?)".into()
+            } else {
+                err.to_string()
+            },
+        })?;
+        Ok(buf)
     }
 
     /// A tensor as f32 values.
@@ -294,7 +473,18 @@ impl Checkpoint {
                 name: name.to_string(),
                 source: self.describe(),
             })?;
-        Ok((e.shape.clone(), to_f32(name, e.dtype, self.bytes(e))?))
+        let bytes = self.bytes(e)?;
+        Ok((
+            e.shape.clone(),
+            to_f32(name, e.dtype, &bytes).map_err(|err| match err {
+                WeightsError::Dtype { name, found, .. } => WeightsError::Dtype {
+                    file: self.files[e.file].display().to_string(),
+                    name,
+                    found,
+                },
+                other => other,
+            })?,
+        ))
     }
 
     /// "file.safetensors" or "N shards in dir".
@@ -333,6 +523,7 @@ pub fn to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, Weight
             .collect(),
         other => {
             return Err(WeightsError::Dtype {
+                file: String::new(),
                 name: name.to_string(),
                 found: format!("{other:?}"),
             })
@@ -360,7 +551,7 @@ impl Checkpoint {
     fn empty() -> Checkpoint {
         Checkpoint {
             files: Vec::new(),
-            maps: Vec::new(),
+            handles: Vec::new(),
             tensors: BTreeMap::new(),
         }
     }
@@ -477,5 +668,110 @@ impl TensorProvider for RandomWeights {
             .iter()
             .map(|v| shift + scale * v)
             .collect())
+    }
+}
+
+/// Weights that only carry shapes (one shared 16-byte buffer): for recording
+/// and validating graphs of architectures too large to run here.
+pub struct ShapeOnlyWeights {
+    buffer: std::sync::Arc<crate::gpu::TrackedBuffer>,
+}
+
+impl ShapeOnlyWeights {
+    /// A provider on `gpu`.
+    pub fn new(gpu: &crate::gpu::Gpu) -> crate::Result<ShapeOnlyWeights> {
+        Ok(ShapeOnlyWeights {
+            buffer: std::sync::Arc::new(crate::tensor::create_storage(gpu, "shape-only", 16)?),
+        })
+    }
+}
+
+impl TensorProvider for ShapeOnlyWeights {
+    fn tensor(
+        &self,
+        _: &crate::gpu::Gpu,
+        _: &str,
+        shape: &[usize],
+        dtype: crate::DType,
+    ) -> crate::Result<crate::Tensor> {
+        Ok(crate::Tensor {
+            buffer: self.buffer.clone(),
+            shape: shape.to_vec(),
+            dtype,
+        })
+    }
+    fn tensor_concat(
+        &self,
+        gpu: &crate::gpu::Gpu,
+        names: &[String],
+        shape: &[usize],
+        dtype: crate::DType,
+    ) -> crate::Result<crate::Tensor> {
+        self.tensor(gpu, &names.join("+"), shape, dtype)
+    }
+    fn host(&self, _: &str, shape: &[usize]) -> crate::Result<Vec<f32>> {
+        Ok(vec![0.0; shape.iter().product()])
+    }
+}
+
+/// Checks that a model dimension read from a file or config lies in
+/// `lo..=hi`: every size the models compute from such values is then far
+/// from overflowing, and an absurd value is refused with its name.
+pub fn check_dim(
+    origin: &Path,
+    what: &str,
+    value: usize,
+    lo: usize,
+    hi: usize,
+) -> Result<usize, WeightsError> {
+    if (lo..=hi).contains(&value) {
+        Ok(value)
+    } else {
+        Err(WeightsError::Unsupported(format!(
+            "{}: {what} is {value}; this engine accepts {lo}..={hi}",
+            origin.display()
+        )))
+    }
+}
+
+/// A whole number from a config.json, when the key is present: it must be a
+/// non-negative integer in `lo..=hi`.
+pub fn config_usize(
+    config: Option<&serde_json::Value>,
+    origin: &Path,
+    key: &str,
+    lo: usize,
+    hi: usize,
+) -> Result<Option<usize>, WeightsError> {
+    let Some(v) = config.and_then(|c| c.get(key)).filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    match v.as_u64().and_then(|n| usize::try_from(n).ok()) {
+        Some(n) => check_dim(origin, &format!("config.json's {key}"), n, lo, hi).map(Some),
+        None => Err(WeightsError::Unsupported(format!(
+            "{}: config.json's {key} is {v}; expected a whole number in {lo}..={hi}",
+            origin.display()
+        ))),
+    }
+}
+
+/// A real number from a config.json, when the key is present: it must be
+/// finite and in `lo..=hi`.
+pub fn config_f64(
+    config: Option<&serde_json::Value>,
+    origin: &Path,
+    key: &str,
+    lo: f64,
+    hi: f64,
+) -> Result<Option<f64>, WeightsError> {
+    let Some(v) = config.and_then(|c| c.get(key)).filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    match v.as_f64() {
+        Some(x) if x.is_finite() && (lo..=hi).contains(&x) => Ok(Some(x)),
+        _ => Err(WeightsError::Unsupported(format!(
+            "{}: config.json's {key} is {v}; expected a number in [{lo:e}, {hi:e}]",
+            origin.display()
+        ))),
     }
 }

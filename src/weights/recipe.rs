@@ -49,12 +49,22 @@ impl Checkpoint {
         }
     }
 
+    /// The file holding `name` (or the checkpoint's description), for messages.
+    pub fn file_of(&self, name: &str) -> String {
+        self.tensors
+            .get(name)
+            .and_then(|e| self.files.get(e.file))
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| self.describe())
+    }
+
     /// Whether every stored part of `r` is present.
     pub fn has_recipe(&self, r: &Recipe) -> bool {
         r.names().iter().all(|n| self.tensors.contains_key(n))
     }
 
-    /// The shape `r` yields.
+    /// The shape `r` yields. Concatenated parts must share their rank (≥ 1)
+    /// and every axis but the first.
     pub fn recipe_shape(&self, r: &Recipe) -> Result<Vec<usize>, WeightsError> {
         let mut shape: Option<Vec<usize>> = None;
         for n in r.names() {
@@ -66,12 +76,57 @@ impl Checkpoint {
             shape = Some(match shape {
                 None => s,
                 Some(mut acc) => {
-                    acc[0] += s.first().copied().unwrap_or(0);
-                    acc
+                    let fits = !s.is_empty() && s.len() == acc.len() && s[1..] == acc[1..];
+                    let rows = acc
+                        .first()
+                        .zip(s.first())
+                        .and_then(|(a, b)| a.checked_add(*b));
+                    match (fits, rows) {
+                        (true, Some(rows)) => {
+                            acc[0] = rows;
+                            acc
+                        }
+                        _ => {
+                            return Err(WeightsError::Shape {
+                                file: self.file_of(n),
+                                name: n.clone(),
+                                expected: format!(
+                                    "[rows, {}] to stack under '{}'",
+                                    acc.get(1..)
+                                        .unwrap_or(&[])
+                                        .iter()
+                                        .map(|d| d.to_string())
+                                        .collect::<Vec<_>>()
+                                        .join(", "),
+                                    r.first()
+                                ),
+                                found: s,
+                            })
+                        }
+                    }
                 }
             });
         }
         shape.ok_or_else(|| self.missing("(empty recipe)"))
+    }
+
+    /// The shape of `r` as exactly `N` positive dimensions; `layout` says
+    /// what they are (e.g. `[out, in]`) for the error message.
+    pub fn recipe_dims<const N: usize>(
+        &self,
+        r: &Recipe,
+        layout: &str,
+    ) -> Result<[usize; N], WeightsError> {
+        let found = self.recipe_shape(r)?;
+        match <[usize; N]>::try_from(found.as_slice()) {
+            Ok(d) if d.iter().all(|&x| x > 0) => Ok(d),
+            _ => Err(WeightsError::Shape {
+                file: self.file_of(r.first()),
+                name: r.first().to_string(),
+                expected: format!("{N} positive dimensions {layout}"),
+                found,
+            }),
+        }
     }
 
     /// Reads `r` as f32, checking that it has shape `expected` (trailing size-1
@@ -80,8 +135,9 @@ impl Checkpoint {
         let found = self.recipe_shape(r)?;
         if found != expected && squeezed(&found) != squeezed(expected) {
             return Err(WeightsError::Shape {
+                file: self.file_of(r.first()),
                 name: r.first().to_string(),
-                expected: expected.to_vec(),
+                expected: format!("{expected:?}"),
                 found,
             });
         }

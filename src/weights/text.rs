@@ -77,6 +77,16 @@ impl TextSource {
         self.ck.recipe_shape(&self.recipe(name))
     }
 
+    /// The shape of a tensor as exactly `N` positive dimensions (`layout`
+    /// names them for the error message).
+    pub fn dims<const N: usize>(
+        &self,
+        name: &str,
+        layout: &str,
+    ) -> Result<[usize; N], WeightsError> {
+        self.ck.recipe_dims::<N>(&self.recipe(name), layout)
+    }
+
     /// Reads a tensor as f32, checking its shape.
     pub fn read(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, WeightsError> {
         self.ck.read_recipe(&self.recipe(name), expected)

@@ -146,7 +146,9 @@ impl VaeSource {
     }
 
     fn detect(&mut self, json: Option<&serde_json::Value>) -> Result<(), WeightsError> {
-        let shape = |s: &Self, c: &str| s.ck.recipe_shape(&s.recipe(c));
+        let origin = self.path.clone();
+        let dim =
+            |what: &str, v: usize, lo: usize, hi: usize| super::check_dim(&origin, what, v, lo, hi);
         // The level count is needed to map LDM up-block indices: count first.
         let prefix = match &self.ldm_prefix {
             Some(p) => format!("{p}decoder.up."),
@@ -159,10 +161,25 @@ impl VaeSource {
                 source: self.ck.describe(),
             });
         }
+        dim("the number of decoder levels", levels, 1, MAX_LEVELS)?;
         self.config.block_out_channels = vec![0; levels];
-        let conv_in = shape(self, "decoder.conv_in.weight")?;
-        self.config.latent_channels = conv_in.get(1).copied().unwrap_or(0);
-        self.config.image_channels = shape(self, "decoder.conv_out.weight")?[0];
+        let conv = "[out, in, 3, 3]";
+        let [_, latent, _, _] = self
+            .ck
+            .recipe_dims::<4>(&self.recipe("decoder.conv_in.weight"), conv)?;
+        self.config.latent_channels =
+            dim("the latent channels (decoder.conv_in)", latent, 1, 1024)?;
+        let [image, _, _, _] = self
+            .ck
+            .recipe_dims::<4>(&self.recipe("decoder.conv_out.weight"), conv)?;
+        if image != 3 {
+            return Err(WeightsError::Unsupported(format!(
+                "{}: the decoder makes {image} image channels ('{}'); SD3's VAE makes RGB (3)",
+                origin.display(),
+                self.recipe("decoder.conv_out.weight").first()
+            )));
+        }
+        self.config.image_channels = image;
         let resnets_prefix = match &self.ldm_prefix {
             Some(p) => format!("{p}decoder.up.{}.block.", levels - 1),
             None => "decoder.up_blocks.0.resnets.".to_string(),
@@ -174,46 +191,60 @@ impl VaeSource {
                 source: self.ck.describe(),
             });
         }
+        dim("the resnets per decoder level", per_level, 1, 16)?;
         self.config.layers_per_block = per_level - 1;
         for i in 0..levels {
             // Decoder up block i works at level levels-1-i.
-            let c = shape(
-                self,
-                &format!("decoder.up_blocks.{i}.resnets.0.conv2.weight"),
-            )?[0];
-            self.config.block_out_channels[levels - 1 - i] = c;
+            let name = format!("decoder.up_blocks.{i}.resnets.0.conv2.weight");
+            let [c, _, _, _] = self.ck.recipe_dims::<4>(&self.recipe(&name), conv)?;
+            self.config.block_out_channels[levels - 1 - i] = dim(
+                &format!("the channels of '{}'", self.recipe(&name).first()),
+                c,
+                1,
+                8192,
+            )?;
         }
         self.config.has_encoder = self.has("encoder.conv_in.weight");
-        if let Some(j) = json {
-            let f = |k: &str| j.get(k).and_then(|v| v.as_f64());
-            if let Some(v) = f("scaling_factor") {
-                self.config.scaling_factor = v as f32;
+        let j = json;
+        if let Some(v) = super::config_f64(j, &origin, "scaling_factor", 1e-6, 1e6)? {
+            self.config.scaling_factor = v as f32;
+        }
+        if let Some(v) = super::config_f64(j, &origin, "shift_factor", -1e6, 1e6)? {
+            self.config.shift_factor = v as f32;
+        }
+        if let Some(v) = super::config_usize(j, &origin, "norm_num_groups", 1, 1024)? {
+            self.config.norm_groups = v;
+        }
+        for (i, &c) in self.config.block_out_channels.iter().enumerate() {
+            if !c.is_multiple_of(self.config.norm_groups) {
+                return Err(WeightsError::Unsupported(format!(
+                    "{}: level {i} has {c} channels (from the decoder's conv weights), not a multiple of the {} GroupNorm groups",
+                    origin.display(),
+                    self.config.norm_groups
+                )));
             }
-            if let Some(v) = f("shift_factor") {
-                self.config.shift_factor = v as f32;
-            }
-            if let Some(v) = f("norm_num_groups") {
-                self.config.norm_groups = v as usize;
-            }
-            let said: Option<Vec<usize>> = j
-                .get("block_out_channels")
-                .and_then(|v| v.as_array())
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_u64())
-                        .map(|x| x as usize)
-                        .collect()
-                });
-            if let Some(said) = said {
-                if said != self.config.block_out_channels {
-                    return Err(WeightsError::Unsupported(format!(
-                        "{}: config.json says block_out_channels {said:?} but the tensors give {:?}",
-                        self.path.display(),
-                        self.config.block_out_channels
-                    )));
-                }
+        }
+        let said = j
+            .and_then(|j| j.get("block_out_channels"))
+            .filter(|v| !v.is_null());
+        if let Some(said) = said {
+            let list: Option<Vec<usize>> = said.as_array().and_then(|a| {
+                a.iter()
+                    .map(|x| x.as_u64().and_then(|x| usize::try_from(x).ok()))
+                    .collect()
+            });
+            if list.as_ref() != Some(&self.config.block_out_channels) {
+                return Err(WeightsError::Unsupported(format!(
+                    "{}: config.json says block_out_channels {said} but the tensors (each level's first decoder resnet, e.g. '{}') give {:?}",
+                    self.path.display(),
+                    self.recipe("decoder.up_blocks.0.resnets.0.conv2.weight").first(),
+                    self.config.block_out_channels
+                )));
             }
         }
         Ok(())
     }
 }
+
+/// Most resolution levels accepted (SD3: 4).
+const MAX_LEVELS: usize = 8;

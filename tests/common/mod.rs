@@ -104,11 +104,13 @@ pub fn assert_close(what: &str, out: &[f32], reference: &[f64], tol: f64) {
     );
 }
 
-fn fixtures_dir() -> std::path::PathBuf {
+/// `tests/fixtures`.
+pub fn fixtures_dir() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+/// Copies a folder tree.
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
@@ -142,4 +144,51 @@ pub fn pipeline_folder(variant: &str) -> std::path::PathBuf {
     copy_dir(&fixtures_dir().join("vae/vae"), &dir.join("vae"));
     std::fs::remove_file(dir.join("pipeline_io.safetensors")).unwrap();
     dir
+}
+
+/// A tensor of a safetensors file as the edits below see it.
+pub type Entry = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+/// Writes `dst` as `src` with `edit` applied to its tensors.
+pub fn rewrite_safetensors(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    edit: impl FnOnce(&mut Vec<Entry>),
+) {
+    let ck = sd3_wgpu::weights::Checkpoint::open(&[src.to_path_buf()]).unwrap();
+    let mut list: Vec<Entry> = ck
+        .tensors
+        .iter()
+        .map(|(n, e)| (n.clone(), e.dtype, e.shape.clone(), ck.bytes(e).unwrap()))
+        .collect();
+    edit(&mut list);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = list
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, dst).unwrap();
+}
+
+/// Replaces tensor `name`'s shape, with zero bytes of the right length (f32).
+pub fn reshape_entry(list: &mut [Entry], name: &str, shape: &[usize]) {
+    let t = list
+        .iter_mut()
+        .find(|t| t.0 == name)
+        .unwrap_or_else(|| panic!("{name} not in the fixture"));
+    t.1 = safetensors::Dtype::F32;
+    t.2 = shape.to_vec();
+    t.3 = vec![0u8; 4 * shape.iter().product::<usize>()];
+}
+
+/// A fresh, empty folder for one test.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("sd3-t-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
 }

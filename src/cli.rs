@@ -1,0 +1,603 @@
+//! The `sd3` command line (clap), kept in the library so that its argument
+//! handling can be tested in-process; `src/main.rs` only calls [`run`].
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::decode::{numbered, read_latents, write_latents};
+use crate::files::{check_output, check_outputs_apart, write_bytes};
+use crate::gpu::{list_adapters, Gpu, GpuOptions};
+use crate::pipeline::{image_metadata, GenerateRequest, Latents, Pipeline, PipelineOptions};
+use crate::{bench, DType};
+
+#[derive(Parser)]
+#[command(
+    name = "sd3",
+    version,
+    about = "Stable Diffusion 3 on any GPU wgpu reaches"
+)]
+pub struct Cli {
+    /// Backend: vulkan, metal, dx12 or gl (default: all).
+    #[arg(long, global = true, env = "SD3_BACKEND")]
+    pub backend: Option<String>,
+    /// Adapter index (from `sd3 devices`) or a name substring.
+    #[arg(long, global = true, env = "SD3_ADAPTER")]
+    pub adapter: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand)]
+pub enum Command {
+    /// List every GPU adapter with backend, driver, type, limits and features.
+    Devices,
+    /// Show what a checkpoint holds: detected variant, parameters, dtypes, components.
+    Inspect {
+        /// A single .safetensors file or a diffusers folder.
+        path: std::path::PathBuf,
+    },
+    /// Decode latents (a safetensors file with one tensor `latents` [b, 16, h, w]) to PNG.
+    Decode {
+        /// Checkpoint with the VAE: single file or diffusers folder.
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// Latents file, as `generate --save-latents` writes it.
+        #[arg(long)]
+        latents: std::path::PathBuf,
+        /// Output PNG (numbered -0, -1, … for a batch).
+        #[arg(long, default_value = "image.png")]
+        out: std::path::PathBuf,
+        /// Decode in tiles of this many latent pixels (default: only when needed).
+        #[arg(long)]
+        vae_tile: Option<usize>,
+        /// Overlap between tiles, in latent pixels.
+        #[arg(long, default_value_t = 8)]
+        tile_overlap: usize,
+        /// Tile when a full-frame decode needs more than this many MiB of intermediates.
+        #[arg(long)]
+        vae_budget_mib: Option<u64>,
+        /// Storage of the VAE's conv and linear weights.
+        #[arg(long, value_enum, default_value_t = WeightType::F32)]
+        dtype: WeightType,
+    },
+    /// Text to image.
+    Generate(Box<GenerateArgs>),
+    /// Benchmarks: a full architecture with random weights (`--arch`), or `bench kernels`.
+    #[command(args_conflicts_with_subcommands = true)]
+    Bench {
+        #[command(subcommand)]
+        what: Option<BenchWhat>,
+        #[command(flatten)]
+        arch: Box<BenchArgs>,
+    },
+}
+
+/// What `sd3 bench` measures besides a whole architecture.
+#[derive(Subcommand)]
+pub enum BenchWhat {
+    /// Time linear and attention kernels at SD3 shapes.
+    Kernels {
+        /// Scaled-down shapes, for software adapters such as lavapipe.
+        #[arg(long)]
+        small: bool,
+        /// Storage type of the linear weights.
+        #[arg(long, value_enum, default_value_t = WeightType::F16)]
+        weights: WeightType,
+        /// Timed runs per case (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
+}
+
+/// `sd3 generate` arguments.
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// Checkpoint: a Stability single file or a diffusers folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// CLIP-L weights (clip_l.safetensors), overriding the model's.
+    #[arg(long)]
+    pub clip_l: Option<PathBuf>,
+    /// CLIP-G weights (clip_g.safetensors), overriding the model's.
+    #[arg(long)]
+    pub clip_g: Option<PathBuf>,
+    /// T5-XXL weights (t5xxl_fp16.safetensors), overriding the model's.
+    #[arg(long)]
+    pub t5: Option<PathBuf>,
+    /// Run without T5 (its part of the context becomes zeros, as in diffusers).
+    #[arg(long)]
+    pub no_t5: bool,
+    /// Folder with tokenizer/, tokenizer_2/, tokenizer_3/ (needed for single files).
+    #[arg(long)]
+    pub tokenizers: Option<PathBuf>,
+    /// The prompt.
+    #[arg(long)]
+    pub prompt: String,
+    /// The negative prompt.
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Denoising steps (default per model: 28, 40 for SD3.5 medium).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Guidance scale (default per model); 1 or less skips the unconditional pass.
+    #[arg(long)]
+    pub cfg: Option<f32>,
+    /// Time shift (default: the scheduler config's, else 3.0).
+    #[arg(long)]
+    pub shift: Option<f64>,
+    /// Noise seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Noise generator: native, or torch (reproduces torch.randn on CPU).
+    #[arg(long, value_enum, default_value_t = RngArg::Native)]
+    pub rng: RngArg,
+    /// Image width (multiple of 16).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height (multiple of 16).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// T5 tokens.
+    #[arg(long, default_value_t = 256)]
+    pub max_t5_tokens: usize,
+    /// Images to generate.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// img2img: start from this image.
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// img2img strength (1 = ignore the image).
+    #[arg(long, default_value_t = 0.6)]
+    pub strength: f32,
+    /// Initial noise: safetensors with an f32 tensor `latents` [batch, 16, h/8, w/8].
+    #[arg(long)]
+    pub init_latents: Option<PathBuf>,
+    /// Also save the final latents (before the VAE's scale/shift) as safetensors.
+    #[arg(long)]
+    pub save_latents: Option<PathBuf>,
+    /// Storage of the models' matrices.
+    #[arg(long, value_enum, default_value_t = WeightType::F16)]
+    pub dtype: WeightType,
+    /// Output PNG (numbered -0, -1, … for a batch).
+    #[arg(long, default_value = "image.png")]
+    pub out: PathBuf,
+    /// Print per-op GPU timings of one MMDiT step and the peak GPU memory.
+    #[arg(long)]
+    pub profile: bool,
+    /// Write that step's timings as Chrome trace JSON.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Decode in tiles of this many latent pixels.
+    #[arg(long)]
+    pub vae_tile: Option<usize>,
+    /// Tile the VAE when a full decode needs more than this many MiB.
+    #[arg(long)]
+    pub vae_budget_mib: Option<u64>,
+    /// Skip-layer guidance: blocks to skip in the extra pass (e.g. 7,8,9 for SD3.5 medium).
+    #[arg(long, value_delimiter = ',')]
+    pub slg_layers: Vec<usize>,
+    /// Skip-layer guidance scale.
+    #[arg(long, default_value_t = 2.8)]
+    pub slg_scale: f32,
+    /// Skip-layer guidance starts after this fraction of the steps.
+    #[arg(long, default_value_t = 0.01)]
+    pub slg_start: f32,
+    /// Skip-layer guidance stops at this fraction of the steps.
+    #[arg(long, default_value_t = 0.2)]
+    pub slg_stop: f32,
+}
+
+/// `sd3 bench --arch` arguments.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// tiny, sd3-medium, sd3.5-medium or sd3.5-large.
+    #[arg(long, default_value = "tiny")]
+    pub arch: String,
+    /// Image width.
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height.
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 4)]
+    pub steps: usize,
+    /// Guidance scale (> 1 runs cond and uncond as a batch of 2).
+    #[arg(long, default_value_t = 7.0)]
+    pub cfg: f32,
+    /// Storage of the matrices.
+    #[arg(long, value_enum, default_value_t = WeightType::F16)]
+    pub dtype: WeightType,
+    /// Stages to run: text, mmdit, vae (comma separated).
+    #[arg(long, default_value = "text,mmdit,vae", value_delimiter = ',')]
+    pub components: Vec<String>,
+    /// Write the report as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write every op as Chrome trace JSON.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Where the decoded image goes (tiny writes bench.png by default).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Only record and validate the graphs (no GPU work), printing FLOP counts.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `--rng`.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum RngArg {
+    /// Our own generator.
+    Native,
+    /// torch.randn on CPU.
+    Torch,
+}
+
+/// `--dtype`.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum WeightType {
+    /// 16-bit floats.
+    F16,
+    /// 32-bit floats.
+    F32,
+}
+
+impl WeightType {
+    /// The tensor type.
+    pub fn dtype(self) -> DType {
+        match self {
+            WeightType::F16 => DType::F16,
+            WeightType::F32 => DType::F32,
+        }
+    }
+}
+
+fn gpu_options(cli: &Cli) -> GpuOptions {
+    GpuOptions {
+        backend: cli.backend.clone(),
+        adapter: cli.adapter.clone(),
+        ..GpuOptions::from_env()
+    }
+}
+
+fn devices(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
+    let adapters = list_adapters(cli.backend.as_deref())?;
+    if adapters.is_empty() {
+        println!("no GPU adapters found (install a Vulkan, Metal, DX12 or GL driver; on Linux without a GPU: mesa-vulkan-drivers)");
+    }
+    for a in adapters {
+        let l = &a.limits;
+        println!("{}", a.summary());
+        println!("    driver: {} {}", a.info.driver, a.info.driver_info);
+        println!(
+            "    limits: max_buffer_size {} MiB, max_storage_buffer_binding_size {} MiB, workgroup storage {} KiB, invocations/workgroup {}, workgroups/dim {}, storage buffers/stage {}",
+            l.max_buffer_size >> 20,
+            l.max_storage_buffer_binding_size >> 20,
+            l.max_compute_workgroup_storage_size >> 10,
+            l.max_compute_invocations_per_workgroup,
+            l.max_compute_workgroups_per_dimension,
+            l.max_storage_buffers_per_shader_stage
+        );
+        let f = a.features;
+        let has = |x: wgpu::Features| if f.contains(x) { "yes" } else { "no" };
+        println!(
+            "    features: shader-f16 {}, subgroup {}, timestamp-query {}, timestamps-inside-passes {}, cooperative-matrix {}",
+            has(wgpu::Features::SHADER_F16),
+            has(wgpu::Features::SUBGROUP),
+            has(wgpu::Features::TIMESTAMP_QUERY),
+            has(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES),
+            has(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+        );
+    }
+    Ok(())
+}
+
+fn bench_kernels(
+    cli: &Cli,
+    small: bool,
+    weights: WeightType,
+    reps: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let gpu = Gpu::new(&gpu_options(cli))?;
+    println!(
+        "adapter: {:?} {} ({})",
+        gpu.info.backend, gpu.info.name, gpu.info.driver_info
+    );
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        println!("note: a CPU adapter; these numbers say nothing about GPU performance");
+    }
+    let wd = weights.dtype();
+    println!(
+        "{:<48} {:>10} {:>10} {:>9}",
+        "case", "ms", "GFLOP/s", "GB/s"
+    );
+    for case in bench::cases(!small) {
+        let r = bench::run_case(&gpu, case, wd, reps)?;
+        println!(
+            "{:<48} {:>10.3} {:>10.1} {:>9.1}",
+            r.name, r.ms, r.gflops, r.gbps
+        );
+    }
+    Ok(())
+}
+
+/// The library request a `generate` command line asks for (init latents
+/// are read from their file).
+pub fn generate_request(a: &GenerateArgs) -> Result<GenerateRequest, Box<dyn std::error::Error>> {
+    let mut req = GenerateRequest::new(&a.prompt);
+    req.negative_prompt = a.negative_prompt.clone();
+    req.steps = a.steps;
+    req.cfg = a.cfg;
+    req.shift = a.shift;
+    req.seed = a.seed;
+    req.rng = match a.rng {
+        RngArg::Native => crate::sampler::Rng::Native,
+        RngArg::Torch => crate::sampler::Rng::Torch,
+    };
+    req.width = a.width;
+    req.height = a.height;
+    req.max_t5_tokens = a.max_t5_tokens;
+    req.batch = a.batch;
+    req.init_image = a.init_image.clone();
+    req.strength = a.strength;
+    req.init_latents = match &a.init_latents {
+        Some(p) => {
+            let (shape, data) = read_latents(p, 16)?;
+            Some(Latents {
+                shape: shape.to_vec(),
+                data,
+            })
+        }
+        None => None,
+    };
+    req.profile = a.profile || a.trace.is_some();
+    req.slg_layers = a.slg_layers.clone();
+    req.slg_scale = a.slg_scale;
+    req.slg_start = a.slg_start;
+    req.slg_stop = a.slg_stop;
+    Ok(req)
+}
+
+/// MiB from a flag as bytes (saturating: a huge value means "no limit").
+fn mib(m: u64) -> u64 {
+    m.saturating_mul(1 << 20)
+}
+
+/// The pipeline options a `generate` command line asks for.
+pub fn pipeline_options(cli: &Cli, a: &GenerateArgs) -> PipelineOptions {
+    PipelineOptions {
+        gpu: gpu_options(cli),
+        clip_l: a.clip_l.clone(),
+        clip_g: a.clip_g.clone(),
+        t5: a.t5.clone(),
+        no_t5: a.no_t5,
+        tokenizers: a.tokenizers.clone(),
+        dtype: a.dtype.dtype(),
+        vae_tile: a.vae_tile,
+        vae_budget: a.vae_budget_mib.map(mib),
+        ..PipelineOptions::default()
+    }
+}
+
+/// The files `generate` will write, with the flag that names each.
+pub fn generate_outputs(a: &GenerateArgs) -> Vec<(&'static str, PathBuf)> {
+    let n = a.batch.clamp(1, crate::pipeline::MAX_BATCH);
+    let mut out: Vec<(&'static str, PathBuf)> =
+        (0..n).map(|i| ("--out", numbered(&a.out, i, n))).collect();
+    out.extend(a.save_latents.clone().map(|p| ("--save-latents", p)));
+    out.extend(a.trace.clone().map(|p| ("--trace", p)));
+    out
+}
+
+/// Checks a `generate` command line against a loaded pipeline: the request
+/// (values, sizes, limits, init files) and the outputs (writable, none of
+/// them an input or another output). Nothing is run.
+pub fn check_generate(
+    pipe: &Pipeline,
+    a: &GenerateArgs,
+) -> Result<GenerateRequest, Box<dyn std::error::Error>> {
+    let mut inputs = pipe.input_files();
+    inputs.extend(a.init_image.clone());
+    inputs.extend(a.init_latents.clone());
+    check_outputs_apart(&generate_outputs(a), &inputs)?;
+    let req = generate_request(a)?;
+    pipe.check(&req)?;
+    Ok(req)
+}
+
+fn generate(cli: &Cli, a: &GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
+    // Everything that can be checked up front is, before minutes of work:
+    // outputs first (no device needed), then the request against the model.
+    for (_, p) in generate_outputs(a) {
+        check_output(&p)?;
+    }
+    let pipe = Pipeline::load(&a.model, pipeline_options(cli, a))?;
+    let req = check_generate(&pipe, a)?;
+    let tty = std::io::stderr().is_terminal();
+    let t0 = Instant::now();
+    let out = pipe.generate(&req, &mut |step, total| {
+        if tty {
+            let rate = step as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+            let eta = (total - step) as f64 / rate.max(1e-9);
+            eprint!("\rstep {step}/{total}  {rate:.2} step/s  ETA {eta:.0} s   ");
+            if step == total {
+                eprintln!();
+            }
+        }
+    })?;
+    for t in &out.truncated {
+        eprintln!(
+            "warning: the prompt was too long for {}: {} tokens were dropped",
+            t.encoder, t.dropped
+        );
+    }
+    let s = &out.settings;
+    let text = image_metadata(&req, s, &a.model);
+    for (i, img) in out.images.iter().enumerate() {
+        let p = numbered(&a.out, i, out.images.len());
+        for w in crate::image_io::save_png(&p, img, s.width, s.height, &text)? {
+            eprintln!("warning: {w}");
+        }
+        println!("wrote {}", p.display());
+    }
+    if let Some(p) = &a.save_latents {
+        write_latents(p, out.latent_shape, &out.latents)?;
+        println!("wrote {}", p.display());
+    }
+    if let Some(prof) = &out.profile {
+        if a.profile {
+            println!("{}", prof.table(20));
+        }
+        if let Some(t) = &a.trace {
+            write_bytes(t, prof.chrome_trace().as_bytes())?;
+            println!("wrote {}", t.display());
+        }
+    }
+    if a.profile {
+        println!(
+            "peak GPU memory (storage buffers): {:.1} MiB",
+            out.peak_memory as f64 / (1u64 << 20) as f64
+        );
+    }
+    Ok(())
+}
+
+fn bench_arch(cli: &Cli, a: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use crate::bench_arch::{record_graphs, run, Arch, BenchOptions};
+    let arch = Arch::parse(&a.arch)?;
+    let default = if arch == Arch::Tiny { 64 } else { 1024 };
+    let (width, height) = (a.width.unwrap_or(default), a.height.unwrap_or(default));
+    let outputs: Vec<(&str, PathBuf)> = [
+        ("--json", &a.json),
+        ("--trace", &a.trace),
+        ("--out", &a.out),
+    ]
+    .into_iter()
+    .filter_map(|(f, p)| Some((f, p.clone()?)))
+    .collect();
+    for (_, p) in &outputs {
+        check_output(p)?;
+    }
+    check_outputs_apart(&outputs, &[])?;
+    let gpu = Gpu::new(&gpu_options(cli))?;
+    if a.dry_run {
+        let batch = if a.cfg > 1.0 { 2 } else { 1 };
+        let g = record_graphs(&gpu, arch, width, height, batch)?;
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        println!(
+            "{:<8} {:>6} {:>10} {:>12} {:>16} {:>10}",
+            "graph", "ops", "GFLOP", "weights GiB", "activations GiB", "total GiB"
+        );
+        for (name, graph) in &g.graphs {
+            let acts = graph.pooled_bytes() + graph.input_bytes();
+            println!(
+                "{name:<8} {:>6} {:>10.1} {:>12.2} {:>16.2} {:>10.2}",
+                graph.len(),
+                graph.cost().flops as f64 / 1e9,
+                gib(graph.weight_bytes()),
+                gib(acts),
+                gib(graph.weight_bytes() + acts)
+            );
+        }
+        println!(
+            "(weights as --dtype f16 stores them; each component is loaded, run and freed in turn)"
+        );
+        return Ok(());
+    }
+    let opts = BenchOptions {
+        arch,
+        width,
+        height,
+        steps: a.steps,
+        cfg: a.cfg,
+        dtype: a.dtype.dtype(),
+        components: a.components.clone(),
+        seed: 0,
+    };
+    let report = run(&gpu, &opts)?;
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        println!("note: a CPU adapter; these numbers say nothing about GPU performance");
+    }
+    print!("{}", report.text());
+    if let Some(p) = &a.json {
+        write_bytes(p, report.json().as_bytes())?;
+        println!("wrote {}", p.display());
+    }
+    if let Some(p) = &a.trace {
+        write_bytes(p, report.ops.chrome_trace().as_bytes())?;
+        println!("wrote {}", p.display());
+    }
+    let out = a
+        .out
+        .clone()
+        .or_else(|| (arch == Arch::Tiny).then(|| PathBuf::from("bench.png")));
+    if let (Some(p), Some((img, w, h))) = (out, &report.image) {
+        crate::image_io::save_png(
+            &p,
+            img,
+            *w,
+            *h,
+            &[("Software", "sd3-wgpu bench (random weights)".into())],
+        )?;
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
+    match &cli.command {
+        Command::Devices => devices(cli),
+        Command::Generate(a) => generate(cli, a),
+        Command::Decode {
+            model,
+            latents,
+            out,
+            vae_tile,
+            tile_overlap,
+            vae_budget_mib,
+            dtype,
+        } => {
+            let opts = crate::decode::DecodeOptions {
+                model: model.clone(),
+                latents: latents.clone(),
+                out: out.clone(),
+                tile: *vae_tile,
+                overlap: *tile_overlap,
+                budget: vae_budget_mib.map(mib),
+                matrix: dtype.dtype(),
+            };
+            Gpu::new(&gpu_options(cli))
+                .map_err(Into::into)
+                .and_then(|gpu| {
+                    let (written, warnings) = crate::decode::decode(&gpu, &opts)?;
+                    for w in warnings {
+                        eprintln!("warning: {w}");
+                    }
+                    for p in written {
+                        println!("wrote {}", p.display());
+                    }
+                    Ok(())
+                })
+        }
+        Command::Inspect { path } => crate::weights::inspect::inspect(path)
+            .map(|r| print!("{r}"))
+            .map_err(Into::into),
+        Command::Bench {
+            what:
+                Some(BenchWhat::Kernels {
+                    small,
+                    weights,
+                    reps,
+                }),
+            ..
+        } => bench_kernels(cli, *small, *weights, *reps),
+        Command::Bench { what: None, arch } => bench_arch(cli, arch),
+    }
+}
