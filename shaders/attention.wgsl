@@ -28,25 +28,32 @@ struct Params {
 @group(0) @binding(6) var<storage, read> bias: array<f32>;
 @group(0) @binding(7) var<storage, read_write> out: array<f32>;
 
+// Head dim, fixed by the models. BC sizes a private array and BR = 2·BC
+// (half the invocations load keys, half values), so the tile stays const.
 const D: u32 = 64u;
 const D4: u32 = 16u;
 const BR: u32 = 64u;
 const BC: u32 = 32u;
+
+// Flag bits, set from Rust (ops::attention).
+override CAUSAL: u32;
+override BIAS: u32;
+override QK_NORM: u32;
 // Finite sentinel for "no score yet": keeps exp(m_old - m_new) NaN-free.
 const NEG: f32 = -3.0e38;
 
 var<workgroup> ks: array<vec4<f32>, 512>; // [BC][D4]
 var<workgroup> vs: array<vec4<f32>, 512>; // [BC][D4]
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(BR)
 fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let h = wid.y;
     let b = wid.z;
     let qi = wid.x * BR + lid;
     let q_valid = qi < p.tq;
-    let use_norm = (p.flags & 4u) != 0u;
-    let causal = (p.flags & 1u) != 0u;
-    let use_bias = (p.flags & 2u) != 0u;
+    let use_norm = (p.flags & QK_NORM) != 0u;
+    let causal = (p.flags & CAUSAL) != 0u;
+    let use_bias = (p.flags & BIAS) != 0u;
 
     var qr: array<vec4<f32>, 16>;
     var acc: array<vec4<f32>, 16>;

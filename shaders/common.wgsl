@@ -6,5 +6,6 @@ fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, wg_size: u32) -> u32 {
     return (wid.y * nwg.x + wid.x) * wg_size + lid;
 }
 
-// Elementwise kernels use a workgroup of 256 invocations.
-const WG: u32 = 256u;
+// Workgroup size of the elementwise and row kernels: set from Rust (ops::WG)
+// at pipeline creation; a power of two (the row reductions halve it).
+override WG: u32;

@@ -26,7 +26,7 @@ struct Params {
 const OC_PER: u32 = 4u;
 
 // One invocation per (batch, output-channel quad, pixel): n = batch · ⌈cout/4⌉ · oh · ow.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) lid: u32) {
     let i = flat_index(wid, nwg, lid, WG);
@@ -79,7 +79,7 @@ fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
 }
 
 // n = planes · 2h · 2w.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn upsample2x(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
     let i = flat_index(wid, nwg, lid, WG);

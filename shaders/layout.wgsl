@@ -25,7 +25,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read> ids: array<u32>;
 @group(0) @binding(4) var<storage, read_write> dst: array<f32>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn copy_strided(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
     let i = flat_index(wid, nwg, lid, WG);
@@ -43,7 +43,7 @@ fn copy_strided(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     dst[i] = load_w(src_i);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn concat(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) lid: u32) {
     let i = flat_index(wid, nwg, lid, WG);
@@ -61,7 +61,7 @@ fn concat(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) lid: u32) {
     let i = flat_index(wid, nwg, lid, WG);

@@ -6,11 +6,11 @@
 // tensor, so per-head views of [tokens, heads·64] tensors need no copies.
 // Accumulation is f32; w may be f16 (W_F16).
 //
-// Tiling: a 64×64 output tile per workgroup of 16×16 invocations, each owning a
-// 4×4 block; k advances 16 at a time through workgroup memory. With VEC4 set
-// (k, strides and offsets multiples of 4) x and w are read as 4-vectors.
-
-#include "common.wgsl"
+// Tiling: a BM×BN output tile per workgroup of (BM/4)·(BN/4) invocations, each
+// owning a 4×4 block; k advances BK at a time through workgroup memory. The
+// sizes are set from Rust (ops::linear) at pipeline creation: BM, BN and BK
+// multiples of 4. With VEC4 set (k, strides and offsets multiples of 4) x and
+// w are read as 4-vectors.
 
 struct Params {
     m: u32, n: u32, k: u32, batch_inner: u32,
@@ -36,12 +36,12 @@ alias WElem = vec4<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
-const BM: u32 = 64u;
-const BN: u32 = 64u;
-const BK: u32 = 16u;
+override BM: u32;
+override BN: u32;
+override BK: u32;
 
-var<workgroup> xs: array<f32, 1024>; // [BK][BM]
-var<workgroup> ws: array<f32, 1024>; // [BK][BN]
+var<workgroup> xs: array<f32, BK * BM>; // [BK][BM]
+var<workgroup> ws: array<f32, BK * BN>; // [BK][BN]
 
 // Four consecutive k of one row; zero outside [0, k).
 fn load_x4(base: u32, kk: u32) -> vec4<f32> {
@@ -83,7 +83,7 @@ fn load_w4(base: u32, kk: u32) -> vec4<f32> {
 #endif
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(BM / 4u * (BN / 4u))
 fn linear(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
@@ -95,13 +95,12 @@ fn linear(
     let y_base = p.y_off + zb * p.y_sb + zh * p.y_sh;
     let row0 = wid.y * BM;
     let col0 = wid.x * BN;
+    let threads = BM / 4u * (BN / 4u);
+    let quads = BK / 4u;
 
-    // Loader role: row lr of the tile, k quad lq.
-    let lr = lid / 4u;
-    let lq = (lid % 4u) * 4u;
     // Compute role: 4×4 block at (ty·4, tx·4).
-    let tx = lid % 16u;
-    let ty = lid / 16u;
+    let tx = lid % (BN / 4u);
+    let ty = lid / (BN / 4u);
 
     var acc: array<vec4<f32>, 4>;
     for (var i = 0u; i < 4u; i++) {
@@ -109,17 +108,28 @@ fn linear(
     }
 
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        var xv = vec4<f32>(0.0);
-        if (row0 + lr < p.m) {
-            xv = load_x4(x_base + (row0 + lr) * p.lda, k0 + lq);
+        // Loader role: k quads of tile rows, spread over the workgroup.
+        for (var e = lid; e < BM * quads; e += threads) {
+            let lr = e / quads;
+            let lq = (e % quads) * 4u;
+            var xv = vec4<f32>(0.0);
+            if (row0 + lr < p.m) {
+                xv = load_x4(x_base + (row0 + lr) * p.lda, k0 + lq);
+            }
+            for (var j = 0u; j < 4u; j++) {
+                xs[(lq + j) * BM + lr] = xv[j];
+            }
         }
-        var wv = vec4<f32>(0.0);
-        if (col0 + lr < p.n) {
-            wv = load_w4(w_base + (col0 + lr) * p.ldw, k0 + lq);
-        }
-        for (var j = 0u; j < 4u; j++) {
-            xs[(lq + j) * BM + lr] = xv[j];
-            ws[(lq + j) * BN + lr] = wv[j];
+        for (var e = lid; e < BN * quads; e += threads) {
+            let lr = e / quads;
+            let lq = (e % quads) * 4u;
+            var wv = vec4<f32>(0.0);
+            if (col0 + lr < p.n) {
+                wv = load_w4(w_base + (col0 + lr) * p.ldw, k0 + lq);
+            }
+            for (var j = 0u; j < 4u; j++) {
+                ws[(lq + j) * BN + lr] = wv[j];
+            }
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk++) {

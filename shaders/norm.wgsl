@@ -27,6 +27,11 @@ struct Params {
 
 #include "reduce.wgsl"
 
+// Flag bits, set from Rust (ops::norm).
+override HAS_WEIGHT: u32;
+override HAS_BIAS: u32;
+override SILU: u32;
+
 fn row_mean(base: u32, lid: u32) -> f32 {
     var s = 0.0;
     for (var i = lid; i < p.cols; i += WG) {
@@ -48,7 +53,7 @@ fn row_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.y * nwg.x + wid.x;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn layer_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
     let row = row_index(wid, nwg);
@@ -60,17 +65,17 @@ fn layer_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let rstd = row_rstd(base, mean, lid);
     for (var i = lid; i < p.cols; i += WG) {
         var v = (x[base + i] - mean) * rstd;
-        if ((p.flags & 1u) != 0u) {
+        if ((p.flags & HAS_WEIGHT) != 0u) {
             v *= weight[i];
         }
-        if ((p.flags & 2u) != 0u) {
+        if ((p.flags & HAS_BIAS) != 0u) {
             v += bias[i];
         }
         y[base + i] = v;
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) lid: u32) {
     let row = row_index(wid, nwg);
@@ -86,14 +91,14 @@ fn rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     let rms = inverseSqrt(workgroup_sum(s, lid) / f32(p.cols) + p.eps);
     for (var i = lid; i < p.cols; i += WG) {
         var v = x[base + i] * rms;
-        if ((p.flags & 1u) != 0u) {
+        if ((p.flags & HAS_WEIGHT) != 0u) {
             v *= weight[i];
         }
         y[base + i] = v;
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn adaln_modulate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) lid: u32) {
     let row = row_index(wid, nwg);
@@ -110,7 +115,7 @@ fn adaln_modulate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn group_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
     let row = row_index(wid, nwg);
@@ -124,13 +129,13 @@ fn group_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     for (var i = lid; i < p.cols; i += WG) {
         let c = c0 + i / p.spatial;
         var v = (x[base + i] - mean) * rstd;
-        if ((p.flags & 1u) != 0u) {
+        if ((p.flags & HAS_WEIGHT) != 0u) {
             v *= weight[c];
         }
-        if ((p.flags & 2u) != 0u) {
+        if ((p.flags & HAS_BIAS) != 0u) {
             v += bias[c];
         }
-        if ((p.flags & 4u) != 0u) {
+        if ((p.flags & SILU) != 0u) {
             v = v / (1.0 + exp(-v));
         }
         y[base + i] = v;

@@ -28,7 +28,7 @@ fn value(i: u32) -> f32 {
     return p.shift + p.scale * u;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn fill_random(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) lid: u32) {
     let i = flat_index(wid, nwg, lid, WG);

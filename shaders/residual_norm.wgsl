@@ -22,7 +22,7 @@ struct Params {
 
 #include "reduce.wgsl"
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn residual_adaln(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) lid: u32) {
     let row = wid.y * nwg.x + wid.x;

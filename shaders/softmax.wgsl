@@ -17,25 +17,29 @@ struct Params {
 @group(0) @binding(2) var<storage, read> bias: array<f32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 
-var<workgroup> red: array<f32, 256>;
+var<workgroup> red: array<f32, WG>;
+
+// Flag bits, set from Rust (ops::softmax).
+override CAUSAL: u32;
+override BIAS: u32;
 
 // A large finite sentinel rather than -inf keeps exp() and max() NaN-free.
 const NEG: f32 = -3.0e38;
 
 fn logit(row: u32, j: u32) -> f32 {
     let qi = row % p.tq;
-    if ((p.flags & 1u) != 0u && j > qi) {
+    if ((p.flags & CAUSAL) != 0u && j > qi) {
         return NEG;
     }
     var v = x[row * p.n + j] * p.scale;
-    if ((p.flags & 2u) != 0u) {
+    if ((p.flags & BIAS) != 0u) {
         let h = (row / p.tq) % p.heads;
         v += bias[(h * p.tq + qi) * p.n + j];
     }
     return v;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) lid: u32) {
     let row = wid.y * nwg.x + wid.x;
@@ -48,7 +52,7 @@ fn softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     }
     red[lid] = mx;
     workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
         if (lid < s) {
             red[lid] = max(red[lid], red[lid + s]);
         }
@@ -65,7 +69,7 @@ fn softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     }
     red[lid] = sum;
     workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
         if (lid < s) {
             red[lid] += red[lid + s];
         }

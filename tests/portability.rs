@@ -1,12 +1,14 @@
 //! Portability without the hardware: every shader specialisation the engine
 //! can request is parsed and validated by naga and translated to SPIR-V
 //! (Vulkan), MSL (Metal) and HLSL (DX12). Also checks each kernel's Rust-side
-//! binding list and params size against naga's reading of the WGSL.
+//! declarations against naga's reading of the WGSL: the binding list, the
+//! params struct field by field (name, offset, type), the override constants
+//! Rust sets, and the `const`s both sides must agree on.
 
 use naga::back::{hlsl, msl, spv, PipelineConstants};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 use naga::{AddressSpace, ShaderStage, StorageAccess};
-use sd3_wgpu::gpu::{shader, Access, Kernel};
+use sd3_wgpu::gpu::{shader, Access, Field, Kernel, ParamsLayout, Scalar};
 use sd3_wgpu::ops::all_kernels;
 
 /// Every subset of the kernel's flags.
@@ -23,9 +25,11 @@ fn flag_sets(k: &Kernel) -> Vec<Vec<&'static str>> {
         .collect()
 }
 
-/// Every combination of the kernel's override constant values.
+/// Every combination of the kernel's override constant values (its fixed
+/// overrides always set, as the engine does).
 fn constant_sets(k: &Kernel) -> Vec<Vec<(&'static str, f64)>> {
-    let mut sets = vec![Vec::new()];
+    let fixed: Vec<(&'static str, f64)> = k.overrides.iter().map(|&(n, v)| (n, v as f64)).collect();
+    let mut sets = vec![fixed];
     for (name, values) in k.constants {
         sets = sets
             .into_iter()
@@ -112,6 +116,168 @@ fn every_specialisation_translates_to_spirv_msl_and_hlsl() {
     assert!(count >= 25, "only {count} specialisations checked");
 }
 
+/// The scalar kind and count of a params member (vectors and arrays of
+/// vectors count their scalars).
+fn flatten(module: &naga::Module, ty: naga::Handle<naga::Type>) -> Option<(Scalar, usize)> {
+    use naga::{ArraySize, ScalarKind, TypeInner};
+    let scalar = |s: naga::Scalar| match (s.kind, s.width) {
+        (ScalarKind::Uint, 4) => Some(Scalar::U32),
+        (ScalarKind::Sint, 4) => Some(Scalar::I32),
+        (ScalarKind::Float, 4) => Some(Scalar::F32),
+        _ => None,
+    };
+    match &module.types[ty].inner {
+        TypeInner::Scalar(s) => Some((scalar(*s)?, 1)),
+        TypeInner::Vector { size, scalar: s } => Some((scalar(*s)?, *size as usize)),
+        TypeInner::Array {
+            base,
+            size: ArraySize::Constant(n),
+            ..
+        } => {
+            let (s, c) = flatten(module, *base)?;
+            Some((s, c * n.get() as usize))
+        }
+        _ => None,
+    }
+}
+
+/// Compares a Rust params layout with the WGSL struct bound at 0, field by
+/// field; the first difference, in words.
+fn params_mismatch(
+    layout: &ParamsLayout,
+    module: &naga::Module,
+    ty: naga::Handle<naga::Type>,
+) -> Option<String> {
+    let naga::TypeInner::Struct { members, span } = &module.types[ty].inner else {
+        return Some("the params binding is not a struct".into());
+    };
+    if *span as usize != layout.size {
+        return Some(format!(
+            "WGSL Params is {span} bytes, the Rust struct {}",
+            layout.size
+        ));
+    }
+    if members.len() != layout.fields.len() {
+        return Some(format!(
+            "WGSL Params has {} fields, the Rust struct {}",
+            members.len(),
+            layout.fields.len()
+        ));
+    }
+    for (m, f) in members.iter().zip(layout.fields) {
+        let wgsl = Field {
+            name: "",
+            offset: m.offset as usize,
+            ty: Scalar::U32,
+            len: 0,
+        };
+        let (ty, len) = match flatten(module, m.ty) {
+            Some(x) => x,
+            None => {
+                return Some(format!(
+                    "field '{:?}' has a type params cannot hold",
+                    m.name
+                ))
+            }
+        };
+        if m.name.as_deref() != Some(f.name)
+            || wgsl.offset != f.offset
+            || ty != f.ty
+            || len != f.len
+        {
+            return Some(format!(
+                "WGSL field {:?} at byte {} ({ty:?} × {len}) vs Rust field '{}' at byte {} ({:?} × {})",
+                m.name, m.offset, f.name, f.offset, f.ty, f.len
+            ));
+        }
+    }
+    None
+}
+
+#[test]
+fn a_swapped_params_field_fails_the_layout_check() {
+    let k = &sd3_wgpu::ops::linear::LINEAR;
+    let (module, _) = parse(k, &[]);
+    let params = module
+        .global_variables
+        .iter()
+        .find(|(_, g)| g.binding.as_ref().is_some_and(|b| b.binding == 0))
+        .map(|(_, g)| g.ty)
+        .unwrap();
+    assert_eq!(params_mismatch(k.params, &module, params), None);
+    // lda and ldw exchanged on the Rust side: same size, same types, wrong meaning.
+    let mut fields: Vec<Field> = k.params.fields.to_vec();
+    let (a, b) = (
+        fields.iter().position(|f| f.name == "lda").unwrap(),
+        fields.iter().position(|f| f.name == "ldw").unwrap(),
+    );
+    let (oa, ob) = (fields[a].offset, fields[b].offset);
+    fields[a].offset = ob;
+    fields[b].offset = oa;
+    fields.swap(a, b);
+    let swapped = ParamsLayout {
+        size: k.params.size,
+        fields: Box::leak(fields.into_boxed_slice()),
+    };
+    let e = params_mismatch(&swapped, &module, params).expect("the swap is caught");
+    assert!(e.contains("lda") || e.contains("ldw"), "{e}");
+}
+
+#[test]
+fn overrides_and_shared_consts_match_the_wgsl() {
+    for k in all_kernels() {
+        let (module, _) = parse(k, &[]);
+        let what = format!("{} ({})", k.file, k.entry);
+        let mut wgsl: Vec<String> = module
+            .overrides
+            .iter()
+            .filter_map(|(_, o)| o.name.clone())
+            .collect();
+        wgsl.sort();
+        // The kernels of one file share its overrides.
+        let mut rust: Vec<String> = all_kernels()
+            .into_iter()
+            .filter(|o| o.file == k.file)
+            .flat_map(|o| {
+                o.overrides
+                    .iter()
+                    .map(|(n, _)| n.to_string())
+                    .chain(o.constants.iter().map(|(n, _)| n.to_string()))
+            })
+            .collect();
+        rust.sort();
+        rust.dedup();
+        assert_eq!(
+            wgsl, rust,
+            "{what}: override constants in the WGSL vs those Rust sets"
+        );
+        for (_, o) in module.overrides.iter() {
+            let fixed = k
+                .overrides
+                .iter()
+                .any(|(n, _)| Some(*n) == o.name.as_deref());
+            assert!(
+                !fixed || o.init.is_none(),
+                "{what}: override {:?} has a WGSL default; Rust is its only source",
+                o.name
+            );
+        }
+        for (name, value) in k.consts {
+            let c = module
+                .constants
+                .iter()
+                .find(|(_, c)| c.name.as_deref() == Some(*name))
+                .unwrap_or_else(|| panic!("{what}: no `const {name}` in the WGSL"))
+                .1;
+            let got = match module.global_expressions[c.init] {
+                naga::Expression::Literal(naga::Literal::U32(v)) => v,
+                ref e => panic!("{what}: const {name} is {e:?}, not a u32 literal"),
+            };
+            assert_eq!(got, *value, "{what}: const {name} in the WGSL vs Rust");
+        }
+    }
+}
+
 #[test]
 fn binding_lists_and_params_match_the_wgsl() {
     for k in all_kernels() {
@@ -139,10 +305,12 @@ fn binding_lists_and_params_match_the_wgsl() {
                 "{what}: binding 0 must be the params uniform"
             );
             assert_eq!(
-                layouter[params.ty].size as usize, k.params_size,
-                "{what}: WGSL Params is {} bytes, the Rust params struct {}",
-                layouter[params.ty].size, k.params_size
+                layouter[params.ty].size as usize, k.params.size,
+                "{what}: size of Params"
             );
+            if let Some(e) = params_mismatch(k.params, &module, params.ty) {
+                panic!("{what}: {e}");
+            }
             for (i, b) in k.bindings.iter().enumerate() {
                 let g = global(i as u32 + 1);
                 assert_eq!(g.name.as_deref(), Some(b.name), "{what}: binding {}", i + 1);
@@ -179,10 +347,26 @@ fn binding_lists_and_params_match_the_wgsl() {
 }
 
 #[test]
-fn preprocessor_rejects_unknown_directives() {
+fn preprocessor_rejects_unknown_directives_and_flags() {
     assert!(shader::preprocess("no-such-file.wgsl", &[]).is_err());
-    let all = shader::SOURCES.iter().map(|(n, _)| *n);
-    for name in all {
-        shader::preprocess(name, &["W_F16", "VEC4"]).expect("every shader preprocesses");
+    for (name, _) in shader::SOURCES {
+        let known = shader::known_flags(name).unwrap();
+        let flags: Vec<&str> = known.iter().map(|s| s.as_str()).collect();
+        shader::preprocess(name, &flags).expect("every shader preprocesses");
+        let e = shader::preprocess(name, &["W_F61"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown flag 'W_F61'"), "{name}: {e}");
+    }
+    for k in all_kernels() {
+        let mut known = shader::known_flags(k.file).unwrap();
+        known.sort();
+        let mut declared: Vec<String> = k.flags.iter().map(|f| f.to_string()).collect();
+        declared.sort();
+        assert_eq!(
+            known, declared,
+            "{} ({}): the flags its #if directives test",
+            k.file, k.entry
+        );
     }
 }

@@ -1,9 +1,12 @@
 //! GPU context: adapter choice, device creation with the adapter's real limits
 //! and optional features, and the pipeline cache.
 
+mod params;
 mod pipeline;
 pub mod profile;
 pub mod shader;
+
+pub use params::{Field, ParamScalar, ParamsLayout, Scalar};
 
 use std::fmt;
 

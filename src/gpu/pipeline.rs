@@ -52,14 +52,26 @@ pub struct Kernel {
     pub file: &'static str,
     /// Entry point.
     pub entry: &'static str,
-    /// Size of the `#[repr(C)]` params struct bound at 0 (checked against the WGSL in tests).
-    pub params_size: usize,
+    /// Layout of the params struct bound at 0 (checked field by field
+    /// against the WGSL `struct Params` in tests).
+    pub params: &'static super::ParamsLayout,
     /// Storage bindings, bound at 1, 2, … (binding 0 is the params uniform).
     pub bindings: &'static [Binding],
     /// Preprocessor flags this kernel understands (each may be on or off).
     pub flags: &'static [&'static str],
-    /// Override constants with every value the engine may set.
+    /// Override constants with every value the engine may set per call
+    /// (op selectors such as the activation).
     pub constants: &'static [(&'static str, &'static [f64])],
+    /// Numbers Rust owns and the WGSL declares as `override NAME: u32;`
+    /// *without* a default — tile and workgroup sizes, flag bits — set from
+    /// these values at every pipeline creation, so the two sides cannot drift
+    /// (a missing one fails pipeline creation; the portability test checks
+    /// that both sides name the same set).
+    pub overrides: &'static [(&'static str, u32)],
+    /// Numbers the WGSL must fix as `const NAME: u32` (they size private
+    /// arrays or vectors) and Rust needs too (for the dispatch); the
+    /// portability test checks that both sides hold the same value.
+    pub consts: &'static [(&'static str, u32)],
 }
 
 /// A kernel with one specialisation: preprocessor flags and override constants.
@@ -81,6 +93,19 @@ impl PipelineKey {
             flags: Vec::new(),
             constants: Vec::new(),
         }
+    }
+
+    /// The kernel's fixed overrides followed by this call's constants: what
+    /// the pipeline is created with.
+    pub fn all_constants(&self) -> Vec<(&'static str, f64)> {
+        let mut c: Vec<(&'static str, f64)> = self
+            .kernel
+            .overrides
+            .iter()
+            .map(|&(n, v)| (n, v as f64))
+            .collect();
+        c.extend_from_slice(&self.constants);
+        c
     }
 
     fn id(&self) -> (usize, String) {
@@ -149,6 +174,12 @@ impl PipelineCache {
 
     /// The pipeline for `key`, built on first use.
     pub fn get(&self, gpu: &Gpu, key: &PipelineKey) -> Result<Entry, GpuError> {
+        if let Some(f) = key.flags.iter().find(|f| !key.kernel.flags.contains(f)) {
+            return Err(GpuError::Shader(format!(
+                "{} ({}): unknown flag '{f}' (the kernel knows {:?})",
+                key.kernel.file, key.kernel.entry, key.kernel.flags
+            )));
+        }
         let id = key.id();
         if let Some(p) = self.pipelines.lock().map_err(|_| poisoned())?.get(&id) {
             return Ok(p.clone());
@@ -173,7 +204,7 @@ impl PipelineCache {
                 module: &module,
                 entry_point: Some(key.kernel.entry),
                 compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: &key.constants,
+                    constants: &key.all_constants(),
                     zero_initialize_workgroup_memory: gpu.runtime_checks,
                 },
                 cache: None,

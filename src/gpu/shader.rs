@@ -47,11 +47,44 @@ pub fn source(file: &str) -> Result<&'static str, GpuError> {
 }
 
 /// Expands `#include` and `#if` directives of `file` with the given flags set.
+/// A flag that no `#if` of the file (or of what it includes) tests is an
+/// error: a misspelt flag must not silently select the default branch.
 pub fn preprocess(file: &str, flags: &[&str]) -> Result<String, GpuError> {
+    let known = known_flags(file)?;
+    if let Some(f) = flags.iter().find(|f| !known.iter().any(|k| k == *f)) {
+        return Err(GpuError::Shader(format!(
+            "{file}: unknown flag '{f}' (its #if directives test {known:?})"
+        )));
+    }
     let mut out = String::new();
     let mut included = Vec::new();
     expand(file, flags, &mut out, &mut included)?;
     Ok(out)
+}
+
+/// Every flag an `#if` of `file` or of its includes tests.
+pub fn known_flags(file: &str) -> Result<Vec<String>, GpuError> {
+    fn walk(file: &str, seen: &mut Vec<String>, flags: &mut Vec<String>) -> Result<(), GpuError> {
+        if seen.iter().any(|f| f == file) {
+            return Ok(());
+        }
+        seen.push(file.to_string());
+        for line in source(file)?.lines() {
+            let t = line.trim();
+            if let Some(rest) = t.strip_prefix("#if ") {
+                let flag = rest.trim().trim_start_matches('!').trim().to_string();
+                if !flags.contains(&flag) {
+                    flags.push(flag);
+                }
+            } else if let Some(rest) = t.strip_prefix("#include ") {
+                walk(rest.trim().trim_matches('"'), seen, flags)?;
+            }
+        }
+        Ok(())
+    }
+    let mut flags = Vec::new();
+    walk(file, &mut Vec::new(), &mut flags)?;
+    Ok(flags)
 }
 
 fn expand(
@@ -117,8 +150,9 @@ mod tests {
         assert!(f32.contains("alias WElem = f32;"));
         let vec4 = preprocess("linear.wgsl", &["VEC4", "W_F16"]).expect("preprocess");
         assert!(vec4.contains("alias WElem = vec2<u32>;"));
+        let conv = preprocess("conv.wgsl", &["W_F16"]).expect("preprocess");
         assert_eq!(
-            f16.matches("fn flat_index").count(),
+            conv.matches("fn flat_index").count(),
             1,
             "common.wgsl pasted once"
         );

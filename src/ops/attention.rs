@@ -5,8 +5,6 @@
 //! heads at columns `col_offset .. col_offset + heads·64`, so q, k and v may be
 //! views of one fused qkv tensor. Output: [batch, tq, heads·64].
 
-use bytemuck::{Pod, Zeroable};
-
 use super::linear::{gemm, Gemm, LinearParams};
 use super::{bytes_of, expect_dtype, expect_shape, layout, norm, softmax, u32_of};
 use crate::error::Result;
@@ -22,7 +20,7 @@ const BLOCK_Q: usize = 64;
 pub static ATTENTION: Kernel = Kernel {
     file: "attention.wgsl",
     entry: "attention",
-    params_size: std::mem::size_of::<AttentionParams>(),
+    params: &AttentionParams::LAYOUT,
     bindings: &[
         Binding::read("q"),
         Binding::read("k"),
@@ -34,47 +32,56 @@ pub static ATTENTION: Kernel = Kernel {
     ],
     flags: &[],
     constants: &[],
+    overrides: &[("CAUSAL", CAUSAL), ("BIAS", BIAS), ("QK_NORM", QK_NORM)],
+    consts: &[("D", HEAD_DIM as u32), ("BR", BLOCK_Q as u32)],
 };
+
+/// Flag bit: key j > query i is masked.
+pub const CAUSAL: u32 = 1;
+/// Flag bit: an additive bias [heads, tq, tk] is bound.
+pub const BIAS: u32 = 2;
+/// Flag bit: RMSNorm of each q and k head row.
+pub const QK_NORM: u32 = 4;
 
 /// Kernels of this family.
 pub static KERNELS: &[&Kernel] = &[&ATTENTION];
 
-/// Params of `attention.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct AttentionParams {
-    /// Batch.
-    pub batch: u32,
-    /// Heads.
-    pub heads: u32,
-    /// Query tokens.
-    pub tq: u32,
-    /// Key tokens.
-    pub tk: u32,
-    /// Row widths of q, k, v and out.
-    pub q_stride: u32,
-    /// Row width of k.
-    pub k_stride: u32,
-    /// Row width of v.
-    pub v_stride: u32,
-    /// Row width of out.
-    pub out_stride: u32,
-    /// Column offsets of q, k, v and out.
-    pub q_off: u32,
-    /// Column offset of k.
-    pub k_off: u32,
-    /// Column offset of v.
-    pub v_off: u32,
-    /// Column offset of out.
-    pub out_off: u32,
-    /// Score scale (1/√64 for CLIP and MMDiT, 1 for T5).
-    pub scale: f32,
-    /// Bit 0 causal, bit 1 bias, bit 2 qk RMSNorm.
-    pub flags: u32,
-    /// RMSNorm epsilon.
-    pub eps: f32,
-    /// Padding.
-    pub _pad: u32,
+crate::params_struct! {
+    /// Params of `attention.wgsl`.
+    pub struct AttentionParams {
+        /// Batch.
+        pub batch: u32,
+        /// Heads.
+        pub heads: u32,
+        /// Query tokens.
+        pub tq: u32,
+        /// Key tokens.
+        pub tk: u32,
+        /// Row widths of q, k, v and out.
+        pub q_stride: u32,
+        /// Row width of k.
+        pub k_stride: u32,
+        /// Row width of v.
+        pub v_stride: u32,
+        /// Row width of out.
+        pub out_stride: u32,
+        /// Column offsets of q, k, v and out.
+        pub q_off: u32,
+        /// Column offset of k.
+        pub k_off: u32,
+        /// Column offset of v.
+        pub v_off: u32,
+        /// Column offset of out.
+        pub out_off: u32,
+        /// Score scale (1/√64 for CLIP and MMDiT, 1 for T5).
+        pub scale: f32,
+        /// Bit 0 causal, bit 1 bias, bit 2 qk RMSNorm.
+        pub flags: u32,
+        /// RMSNorm epsilon.
+        pub eps: f32,
+        /// Padding.
+        pub _pad: u32,
+    }
 }
 
 /// The heads of a [batch, tokens, width] value, starting at column `col_offset`.
@@ -234,7 +241,9 @@ pub fn attention(
         v_off: v.col_offset as u32,
         out_off: 0,
         scale: o.scale,
-        flags: o.causal as u32 | (o.bias.is_some() as u32) << 1 | (o.qk_norm.is_some() as u32) << 2,
+        flags: if o.causal { CAUSAL } else { 0 }
+            | if o.bias.is_some() { BIAS } else { 0 }
+            | if o.qk_norm.is_some() { QK_NORM } else { 0 },
         eps: o.eps,
         _pad: 0,
     };

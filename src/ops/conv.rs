@@ -4,10 +4,8 @@
 //! b [cout] → [batch, cout, (h + 2·pad − kh)/stride + 1, …];
 //! `upsample_nearest2x`: [batch, c, h, w] → [batch, c, 2h, 2w].
 
-use bytemuck::{Pod, Zeroable};
-
 use super::{
-    bytes_of, check_index_space, expect_dtype, expect_shape, grid_for, u32_of, weight_flags,
+    bytes_of, check_index_space, expect_dtype, expect_shape, grid_for, u32_of, weight_flags, WG,
 };
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
@@ -25,19 +23,23 @@ const BINDINGS: &[Binding] = &[
 pub static CONV2D: Kernel = Kernel {
     file: "conv.wgsl",
     entry: "conv2d",
-    params_size: std::mem::size_of::<ConvParams>(),
+    params: &ConvParams::LAYOUT,
     bindings: BINDINGS,
     flags: &["W_F16"],
     constants: &[],
+    overrides: &[("WG", WG as u32)],
+    consts: &[("OC_PER", OC_PER as u32)],
 };
 /// Nearest-neighbour 2× upsampling.
 pub static UPSAMPLE2X: Kernel = Kernel {
     file: "conv.wgsl",
     entry: "upsample2x",
-    params_size: std::mem::size_of::<ConvParams>(),
+    params: &ConvParams::LAYOUT,
     bindings: BINDINGS,
     flags: &["W_F16"],
     constants: &[],
+    overrides: &[("WG", WG as u32)],
+    consts: &[],
 };
 
 /// Kernels of this family.
@@ -46,38 +48,42 @@ pub static KERNELS: &[&Kernel] = &[&CONV2D, &UPSAMPLE2X];
 /// Output channels per invocation (`OC_PER` in conv.wgsl).
 const OC_PER: usize = 4;
 
-/// Params of `conv.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct ConvParams {
-    /// Batch.
-    pub batch: u32,
-    /// Input channels.
-    pub cin: u32,
-    /// Input height.
-    pub h: u32,
-    /// Input width.
-    pub wd: u32,
-    /// Output channels.
-    pub cout: u32,
-    /// Output height.
-    pub oh: u32,
-    /// Output width.
-    pub ow: u32,
-    /// Kernel height.
-    pub kh: u32,
-    /// Kernel width.
-    pub kw: u32,
-    /// Stride (both axes).
-    pub stride: u32,
-    /// Zero padding (all sides).
-    pub pad: u32,
-    /// 1 when a bias is bound.
-    pub has_bias: u32,
-    /// Invocations.
-    pub n: u32,
-    /// Padding.
-    pub _pad: [u32; 3],
+crate::params_struct! {
+    /// Params of `conv.wgsl`.
+    pub struct ConvParams {
+        /// Batch.
+        pub batch: u32,
+        /// Input channels.
+        pub cin: u32,
+        /// Input height.
+        pub h: u32,
+        /// Input width.
+        pub wd: u32,
+        /// Output channels.
+        pub cout: u32,
+        /// Output height.
+        pub oh: u32,
+        /// Output width.
+        pub ow: u32,
+        /// Kernel height.
+        pub kh: u32,
+        /// Kernel width.
+        pub kw: u32,
+        /// Stride (both axes).
+        pub stride: u32,
+        /// Zero padding (all sides).
+        pub pad: u32,
+        /// 1 when a bias is bound.
+        pub has_bias: u32,
+        /// Invocations.
+        pub n: u32,
+        /// Padding.
+        pub _pad0: u32,
+        /// Padding.
+        pub _pad1: u32,
+        /// Padding.
+        pub _pad2: u32,
+    }
 }
 
 /// 2-D convolution with square stride and `pad` zeros on every side.
@@ -156,7 +162,9 @@ pub fn conv2d_padded(
         pad: u32_of(g, kind, "pad", pad)?,
         has_bias: b.is_some() as u32,
         n: n as u32,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
+        _pad2: 0,
     };
     let y = g.alloc(&out_shape, DType::F32);
     let macs = (numel(&out_shape) * xs[1] * ws[2] * ws[3]) as u64;

@@ -5,10 +5,8 @@
 //! trailing shape (b repeats over the leading axes); `gated_residual`:
 //! x, y [batch, tokens, c] with a gate chunk of a modulation [batch, chunks·c].
 
-use bytemuck::{Pod, Zeroable};
-
 use super::norm::{chunk_offset, ModChunk};
-use super::{bytes_of, check_index_space, expect_dtype, grid_for};
+use super::{bytes_of, check_index_space, expect_dtype, grid_for, WG};
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
 use crate::graph::{Cost, Graph, OpCall, Value};
@@ -25,53 +23,59 @@ const BINDINGS: &[Binding] = &[
 pub static UNARY: Kernel = Kernel {
     file: "elementwise.wgsl",
     entry: "unary",
-    params_size: std::mem::size_of::<ElementwiseParams>(),
+    params: &ElementwiseParams::LAYOUT,
     bindings: BINDINGS,
     flags: &[],
     constants: &[("ACT", &[0.0, 1.0, 2.0, 3.0, 4.0])],
+    overrides: &[("WG", WG as u32)],
+    consts: &[],
 };
 /// `binary`: out = a ∘ b (broadcast).
 pub static BINARY: Kernel = Kernel {
     file: "elementwise.wgsl",
     entry: "binary",
-    params_size: std::mem::size_of::<ElementwiseParams>(),
+    params: &ElementwiseParams::LAYOUT,
     bindings: BINDINGS,
     flags: &[],
     constants: &[("BINOP", &[0.0, 1.0])],
+    overrides: &[("WG", WG as u32)],
+    consts: &[],
 };
 /// `gated_residual`: out = x + gate · y.
 pub static GATED_RESIDUAL: Kernel = Kernel {
     file: "elementwise.wgsl",
     entry: "gated_residual",
-    params_size: std::mem::size_of::<ElementwiseParams>(),
+    params: &ElementwiseParams::LAYOUT,
     bindings: BINDINGS,
     flags: &[],
     constants: &[],
+    overrides: &[("WG", WG as u32)],
+    consts: &[],
 };
 
 /// Kernels of this family.
 pub static KERNELS: &[&Kernel] = &[&UNARY, &BINARY, &GATED_RESIDUAL];
 
-/// Params of `elementwise.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct ElementwiseParams {
-    /// Elements.
-    pub n: u32,
-    /// Length of the repeating operand b.
-    pub b_len: u32,
-    /// Gated residual: channels.
-    pub cols: u32,
-    /// Gated residual: tokens per batch entry.
-    pub inner: u32,
-    /// Gated residual: elements between batch rows of the modulation.
-    pub mod_stride: u32,
-    /// Gated residual: offset of the gate chunk.
-    pub gate_off: u32,
-    /// Unary: input multiplier.
-    pub scale: f32,
-    /// Unary: input offset.
-    pub shift: f32,
+crate::params_struct! {
+    /// Params of `elementwise.wgsl`.
+    pub struct ElementwiseParams {
+        /// Elements.
+        pub n: u32,
+        /// Length of the repeating operand b.
+        pub b_len: u32,
+        /// Gated residual: channels.
+        pub cols: u32,
+        /// Gated residual: tokens per batch entry.
+        pub inner: u32,
+        /// Gated residual: elements between batch rows of the modulation.
+        pub mod_stride: u32,
+        /// Gated residual: offset of the gate chunk.
+        pub gate_off: u32,
+        /// Unary: input multiplier.
+        pub scale: f32,
+        /// Unary: input offset.
+        pub shift: f32,
+    }
 }
 
 /// An activation function.

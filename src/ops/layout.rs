@@ -4,9 +4,7 @@
 //! Shapes: `permute`: up to 6 axes; `slice`/`concat` along any axis;
 //! `gather`: table [rows, c] (f32/f16), ids [t] u32 → [t, c].
 
-use bytemuck::{Pod, Zeroable};
-
-use super::{bytes_of, check_index_space, expect_dtype, grid_for, weight_flags};
+use super::{bytes_of, check_index_space, expect_dtype, grid_for, weight_flags, WG};
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
 use crate::graph::{Cost, Graph, OpCall, Value};
@@ -25,10 +23,12 @@ macro_rules! layout_kernel {
         pub static $name: Kernel = Kernel {
             file: "layout.wgsl",
             entry: $entry,
-            params_size: std::mem::size_of::<LayoutParams>(),
+            params: &LayoutParams::LAYOUT,
             bindings: BINDINGS,
             flags: &["W_F16"],
             constants: &[],
+            overrides: &[("WG", WG as u32)],
+            consts: &[],
         };
     };
 }
@@ -42,30 +42,30 @@ pub static KERNELS: &[&Kernel] = &[&COPY_STRIDED, &CONCAT, &GATHER];
 /// Most axes a strided copy handles.
 pub const MAX_DIMS: usize = 6;
 
-/// Params of `layout.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct LayoutParams {
-    /// Output elements.
-    pub n: u32,
-    /// Copy: source offset.
-    pub off: u32,
-    /// Concat: length of the first input along the axis.
-    pub len_a: u32,
-    /// Concat: length of the second input along the axis.
-    pub len_b: u32,
-    /// Concat: elements after the axis.
-    pub inner: u32,
-    /// Gather: table rows.
-    pub rows: u32,
-    /// Gather: table columns.
-    pub cols: u32,
-    /// Padding.
-    pub _pad: u32,
-    /// Copy: output shape, padded in front with 1s to 8 entries (6 used).
-    pub shape: [u32; 8],
-    /// Copy: source stride of each output axis.
-    pub stride: [u32; 8],
+crate::params_struct! {
+    /// Params of `layout.wgsl`.
+    pub struct LayoutParams {
+        /// Output elements.
+        pub n: u32,
+        /// Copy: source offset.
+        pub off: u32,
+        /// Concat: length of the first input along the axis.
+        pub len_a: u32,
+        /// Concat: length of the second input along the axis.
+        pub len_b: u32,
+        /// Concat: elements after the axis.
+        pub inner: u32,
+        /// Gather: table rows.
+        pub rows: u32,
+        /// Gather: table columns.
+        pub cols: u32,
+        /// Padding.
+        pub _pad: u32,
+        /// Copy: output shape, padded in front with 1s to 8 entries (6 used).
+        pub shape: [u32; 8],
+        /// Copy: source stride of each output axis.
+        pub stride: [u32; 8],
+    }
 }
 
 fn record(

@@ -4,8 +4,6 @@
 //! `batched_matmul`: x [batch, m, k] · w [batch or 1, n, k]ᵀ → y [batch, m, n].
 //! Activations f32; w f32 or f16; f32 accumulation.
 
-use bytemuck::{Pod, Zeroable};
-
 use super::{bytes_of, expect_dtype, u32_of, weight_flags};
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
@@ -23,61 +21,69 @@ const BINDINGS: &[Binding] = &[
 pub static LINEAR: Kernel = Kernel {
     file: "linear.wgsl",
     entry: "linear",
-    params_size: std::mem::size_of::<LinearParams>(),
+    params: &LinearParams::LAYOUT,
     bindings: BINDINGS,
     flags: &["W_F16", "VEC4"],
     constants: &[],
+    overrides: &[("BM", TILE_M as u32), ("BN", TILE_N as u32), ("BK", TILE_K)],
+    consts: &[],
 };
 
 /// Kernels of this family.
 pub static KERNELS: &[&Kernel] = &[&LINEAR];
 
-/// Output tile of one workgroup.
+/// Output tile of one workgroup (rows × columns) and its k step; each
+/// invocation owns a 4×4 block, so the workgroup has (TILE_M/4)·(TILE_N/4).
 const TILE_M: usize = 64;
 const TILE_N: usize = 64;
+const TILE_K: u32 = 16;
+const _: () =
+    assert!(TILE_M.is_multiple_of(4) && TILE_N.is_multiple_of(4) && TILE_K.is_multiple_of(4));
 
-/// Params of `linear.wgsl` (layout checked against the shader in tests).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct LinearParams {
-    /// Rows of x and y.
-    pub m: u32,
-    /// Rows of w, columns of y.
-    pub n: u32,
-    /// Reduction length.
-    pub k: u32,
-    /// Inner batch count (heads); the batch index z is (z / inner, z % inner).
-    pub batch_inner: u32,
-    /// Row strides of x, w, y (elements).
-    pub lda: u32,
-    /// Row stride of w.
-    pub ldw: u32,
-    /// Row stride of y.
-    pub ldy: u32,
-    /// 1 when a bias is bound.
-    pub has_bias: u32,
-    /// Element offsets of x, w, y.
-    pub x_off: u32,
-    /// Offset of w.
-    pub w_off: u32,
-    /// Offset of y.
-    pub y_off: u32,
-    /// Padding.
-    pub _pad0: u32,
-    /// Outer and inner batch strides of x.
-    pub x_sb: u32,
-    /// Inner batch stride of x.
-    pub x_sh: u32,
-    /// Outer batch stride of w.
-    pub w_sb: u32,
-    /// Inner batch stride of w.
-    pub w_sh: u32,
-    /// Outer batch stride of y.
-    pub y_sb: u32,
-    /// Inner batch stride of y.
-    pub y_sh: u32,
-    /// Padding.
-    pub _pad1: [u32; 2],
+crate::params_struct! {
+    /// Params of `linear.wgsl` (layout checked against the shader in tests).
+    pub struct LinearParams {
+        /// Rows of x and y.
+        pub m: u32,
+        /// Rows of w, columns of y.
+        pub n: u32,
+        /// Reduction length.
+        pub k: u32,
+        /// Inner batch count (heads); the batch index z is (z / inner, z % inner).
+        pub batch_inner: u32,
+        /// Row strides of x, w, y (elements).
+        pub lda: u32,
+        /// Row stride of w.
+        pub ldw: u32,
+        /// Row stride of y.
+        pub ldy: u32,
+        /// 1 when a bias is bound.
+        pub has_bias: u32,
+        /// Element offsets of x, w, y.
+        pub x_off: u32,
+        /// Offset of w.
+        pub w_off: u32,
+        /// Offset of y.
+        pub y_off: u32,
+        /// Padding.
+        pub _pad0: u32,
+        /// Outer and inner batch strides of x.
+        pub x_sb: u32,
+        /// Inner batch stride of x.
+        pub x_sh: u32,
+        /// Outer batch stride of w.
+        pub w_sb: u32,
+        /// Inner batch stride of w.
+        pub w_sh: u32,
+        /// Outer batch stride of y.
+        pub y_sb: u32,
+        /// Inner batch stride of y.
+        pub y_sh: u32,
+        /// Padding.
+        pub _pad1: u32,
+        /// Padding.
+        pub _pad2: u32,
+    }
 }
 
 /// A strided batched product y = x · wᵀ (+ bias) over `batch_outer × batch_inner`

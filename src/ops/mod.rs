@@ -33,8 +33,10 @@ pub fn all_kernels() -> Vec<&'static Kernel> {
     k
 }
 
-/// Workgroup size of the elementwise and row kernels.
+/// Workgroup size of the elementwise and row kernels (`override WG` in the
+/// WGSL); a power of two, as the row reductions halve it.
 pub(crate) const WG: u64 = 256;
+const _: () = assert!(WG.is_power_of_two());
 /// Workgroups per grid row: stays under every adapter's 65535 per dimension.
 const GRID_X: u64 = 32768;
 

@@ -6,9 +6,7 @@
 //! `group_norm`: x [batch, channels, h, w] with weight/bias [channels].
 //! All f32, statistics in f32.
 
-use bytemuck::{Pod, Zeroable};
-
-use super::{bytes_of, check_index_space, expect_dtype, expect_shape, grid, u32_of};
+use super::{bytes_of, check_index_space, expect_dtype, expect_shape, grid, u32_of, WG};
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
 use crate::graph::{Cost, Graph, OpCall, Value};
@@ -27,10 +25,17 @@ macro_rules! norm_kernel {
         pub static $name: Kernel = Kernel {
             file: "norm.wgsl",
             entry: $entry,
-            params_size: std::mem::size_of::<NormParams>(),
+            params: &NormParams::LAYOUT,
             bindings: BINDINGS,
             flags: &[],
             constants: &[],
+            overrides: &[
+                ("WG", WG as u32),
+                ("HAS_WEIGHT", HAS_WEIGHT),
+                ("HAS_BIAS", HAS_BIAS),
+                ("SILU", SILU),
+            ],
+            consts: &[],
         };
     };
 }
@@ -48,39 +53,42 @@ pub static KERNELS: &[&Kernel] = &[
     &RESIDUAL_ADALN,
 ];
 
-/// Params of `norm.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct NormParams {
-    /// Rows (workgroups).
-    pub rows: u32,
-    /// Values per row.
-    pub cols: u32,
-    /// Bit 0 weight, bit 1 bias, bit 2 SiLU.
-    pub flags: u32,
-    /// adaLN: tokens per batch entry.
-    pub inner: u32,
-    /// Epsilon inside the square root.
-    pub eps: f32,
-    /// adaLN: elements between batch rows of the modulation vector.
-    pub mod_stride: u32,
-    /// adaLN: offset of the shift chunk.
-    pub shift_off: u32,
-    /// adaLN: offset of the scale chunk.
-    pub scale_off: u32,
-    /// GroupNorm: h·w.
-    pub spatial: u32,
-    /// GroupNorm: channels per group.
-    pub ch_per_group: u32,
-    /// GroupNorm: groups.
-    pub groups: u32,
-    /// Padding.
-    pub _pad: u32,
+crate::params_struct! {
+    /// Params of `norm.wgsl`.
+    pub struct NormParams {
+        /// Rows (workgroups).
+        pub rows: u32,
+        /// Values per row.
+        pub cols: u32,
+        /// Bit 0 weight, bit 1 bias, bit 2 SiLU.
+        pub flags: u32,
+        /// adaLN: tokens per batch entry.
+        pub inner: u32,
+        /// Epsilon inside the square root.
+        pub eps: f32,
+        /// adaLN: elements between batch rows of the modulation vector.
+        pub mod_stride: u32,
+        /// adaLN: offset of the shift chunk.
+        pub shift_off: u32,
+        /// adaLN: offset of the scale chunk.
+        pub scale_off: u32,
+        /// GroupNorm: h·w.
+        pub spatial: u32,
+        /// GroupNorm: channels per group.
+        pub ch_per_group: u32,
+        /// GroupNorm: groups.
+        pub groups: u32,
+        /// Padding.
+        pub _pad: u32,
+    }
 }
 
-const HAS_WEIGHT: u32 = 1;
-const HAS_BIAS: u32 = 2;
-const SILU: u32 = 4;
+/// Flag bit: a weight is bound.
+pub const HAS_WEIGHT: u32 = 1;
+/// Flag bit: a bias is bound.
+pub const HAS_BIAS: u32 = 2;
+/// Flag bit: SiLU after the GroupNorm.
+pub const SILU: u32 = 4;
 
 fn check_vec(g: &Graph, kind: &str, name: &str, v: Option<Value>, len: usize) -> Result<u32> {
     let Some(v) = v else { return Ok(0) };
@@ -282,7 +290,7 @@ pub fn group_norm(
 pub static RESIDUAL_ADALN: Kernel = Kernel {
     file: "residual_norm.wgsl",
     entry: "residual_adaln",
-    params_size: std::mem::size_of::<ResidualNormParams>(),
+    params: &ResidualNormParams::LAYOUT,
     bindings: &[
         Binding::read("x"),
         Binding::read("branch"),
@@ -292,28 +300,30 @@ pub static RESIDUAL_ADALN: Kernel = Kernel {
     ],
     flags: &[],
     constants: &[],
+    overrides: &[("WG", WG as u32)],
+    consts: &[],
 };
 
-/// Params of `residual_norm.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct ResidualNormParams {
-    /// Rows (batch · tokens).
-    pub rows: u32,
-    /// Channels.
-    pub cols: u32,
-    /// Tokens per batch entry.
-    pub inner: u32,
-    /// Elements between batch rows of the modulation vector.
-    pub mod_stride: u32,
-    /// Offset of the gate chunk.
-    pub gate_off: u32,
-    /// Offset of the shift chunk.
-    pub shift_off: u32,
-    /// Offset of the scale chunk.
-    pub scale_off: u32,
-    /// LayerNorm epsilon.
-    pub eps: f32,
+crate::params_struct! {
+    /// Params of `residual_norm.wgsl`.
+    pub struct ResidualNormParams {
+        /// Rows (batch · tokens).
+        pub rows: u32,
+        /// Channels.
+        pub cols: u32,
+        /// Tokens per batch entry.
+        pub inner: u32,
+        /// Elements between batch rows of the modulation vector.
+        pub mod_stride: u32,
+        /// Offset of the gate chunk.
+        pub gate_off: u32,
+        /// Offset of the shift chunk.
+        pub shift_off: u32,
+        /// Offset of the scale chunk.
+        pub scale_off: u32,
+        /// LayerNorm epsilon.
+        pub eps: f32,
+    }
 }
 
 /// x' = x + gate · branch and h = LN(x')·(1 + scale) + shift in one pass over

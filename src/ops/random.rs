@@ -3,9 +3,7 @@
 //!
 //! Shape: any; f32 or f16 output.
 
-use bytemuck::{Pod, Zeroable};
-
-use super::{bytes_of, check_index_space, grid_for};
+use super::{bytes_of, check_index_space, grid_for, WG};
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
 use crate::graph::{Cost, Graph, OpCall, Value};
@@ -15,27 +13,29 @@ use crate::tensor::{numel, DType};
 pub static FILL_RANDOM: Kernel = Kernel {
     file: "random.wgsl",
     entry: "fill_random",
-    params_size: std::mem::size_of::<RandomParams>(),
+    params: &RandomParams::LAYOUT,
     bindings: &[Binding::write("out")],
     flags: &["W_F16"],
     constants: &[],
+    overrides: &[("WG", WG as u32)],
+    consts: &[],
 };
 
 /// Kernels of this family.
 pub static KERNELS: &[&Kernel] = &[&FILL_RANDOM];
 
-/// Params of `random.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct RandomParams {
-    /// Elements.
-    pub n: u32,
-    /// Seed.
-    pub seed: u32,
-    /// Half-width of the uniform range.
-    pub scale: f32,
-    /// Centre of the range.
-    pub shift: f32,
+crate::params_struct! {
+    /// Params of `random.wgsl`.
+    pub struct RandomParams {
+        /// Elements.
+        pub n: u32,
+        /// Seed.
+        pub seed: u32,
+        /// Half-width of the uniform range.
+        pub scale: f32,
+        /// Centre of the range.
+        pub shift: f32,
+    }
 }
 
 /// A new tensor of uniform values in [shift − scale, shift + scale).

@@ -4,9 +4,7 @@
 //! Shapes: `softmax`: x [.., n]; `attention_softmax`: scores [batch, heads, tq, tk]
 //! with bias [heads, tq, tk].
 
-use bytemuck::{Pod, Zeroable};
-
-use super::{bytes_of, check_index_space, expect_dtype, expect_shape, grid};
+use super::{bytes_of, check_index_space, expect_dtype, expect_shape, grid, WG};
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
 use crate::graph::{Cost, Graph, OpCall, Value};
@@ -16,7 +14,7 @@ use crate::tensor::{numel, DType};
 pub static SOFTMAX: Kernel = Kernel {
     file: "softmax.wgsl",
     entry: "softmax",
-    params_size: std::mem::size_of::<SoftmaxParams>(),
+    params: &SoftmaxParams::LAYOUT,
     bindings: &[
         Binding::read("x"),
         Binding::read("bias"),
@@ -24,29 +22,38 @@ pub static SOFTMAX: Kernel = Kernel {
     ],
     flags: &[],
     constants: &[],
+    overrides: &[("WG", WG as u32), ("CAUSAL", CAUSAL), ("BIAS", BIAS)],
+    consts: &[],
 };
+
+/// Flag bit: key j > query i is masked.
+pub const CAUSAL: u32 = 1;
+/// Flag bit: an additive bias [heads, tq, n] is bound.
+pub const BIAS: u32 = 2;
 
 /// Kernels of this family.
 pub static KERNELS: &[&Kernel] = &[&SOFTMAX];
 
-/// Params of `softmax.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct SoftmaxParams {
-    /// Rows.
-    pub rows: u32,
-    /// Row length.
-    pub n: u32,
-    /// Queries per (batch, head): the query index is row % tq.
-    pub tq: u32,
-    /// Heads (for the bias index).
-    pub heads: u32,
-    /// Multiplier applied before the bias.
-    pub scale: f32,
-    /// Bit 0 causal, bit 1 bias.
-    pub flags: u32,
-    /// Padding.
-    pub _pad: [u32; 2],
+crate::params_struct! {
+    /// Params of `softmax.wgsl`.
+    pub struct SoftmaxParams {
+        /// Rows.
+        pub rows: u32,
+        /// Row length.
+        pub n: u32,
+        /// Queries per (batch, head): the query index is row % tq.
+        pub tq: u32,
+        /// Heads (for the bias index).
+        pub heads: u32,
+        /// Multiplier applied before the bias.
+        pub scale: f32,
+        /// Bit 0 causal, bit 1 bias.
+        pub flags: u32,
+        /// Padding.
+        pub _pad0: u32,
+        /// Padding.
+        pub _pad1: u32,
+    }
 }
 
 fn record(
@@ -90,7 +97,8 @@ pub fn softmax(g: &mut Graph, x: Value) -> Result<Value> {
         heads: 1,
         scale: 1.0,
         flags: 0,
-        _pad: [0; 2],
+        _pad0: 0,
+        _pad1: 0,
     };
     record(g, kind, x, None, p)
 }
@@ -118,8 +126,9 @@ pub fn attention_softmax(
         tq: s[2].max(1) as u32,
         heads: s[1].max(1) as u32,
         scale,
-        flags: causal as u32 | (bias.is_some() as u32) << 1,
-        _pad: [0; 2],
+        flags: if causal { CAUSAL } else { 0 } | if bias.is_some() { BIAS } else { 0 },
+        _pad0: 0,
+        _pad1: 0,
     };
     record(g, kind, scores, bias, p)
 }
