@@ -18,20 +18,14 @@ fn main() {
         "adapter: {:?} {} ({})",
         gpu.info.backend, gpu.info.name, gpu.info.driver_info
     );
-    println!(
-        "{:<48} {:>10} {:>10} {:>9}",
-        "case", "ms", "GFLOP/s", "GB/s"
-    );
+    println!("{}", bench::header());
     for dtype in [DType::F16, DType::F32] {
         for case in bench::cases(!small) {
             if dtype == DType::F32 && matches!(case, bench::Case::Attention { .. }) {
                 continue;
             }
             match bench::run_case(&gpu, case, dtype, 10) {
-                Ok(r) => println!(
-                    "{:<48} {:>10.3} {:>10.1} {:>9.1}",
-                    r.name, r.ms, r.gflops, r.gbps
-                ),
+                Ok(r) => bench::print_case(&r),
                 Err(e) => println!("{case:?}: {e}"),
             }
         }

@@ -1,8 +1,10 @@
 //! Kernel benchmarks at SD3 shapes: `sd3 bench kernels`.
 //!
-//! Each case is one op in its own planned graph with seeded random inputs;
-//! it is run once to warm up, then `reps` times with per-op timing, and the
-//! median is reported with the achieved GFLOP/s and GB/s.
+//! Each case is one op in its own planned graph with seeded random inputs,
+//! once per implementation of the op that the adapter supports (side by side,
+//! with each one's speed relative to the preferred one); it is run once to
+//! warm up, then `reps` times with per-op timing, and the median is reported
+//! with the achieved GFLOP/s and GB/s.
 
 use crate::error::Result;
 use crate::gpu::profile::TimingSource;
@@ -16,6 +18,11 @@ use crate::tensor::{DType, Tensor};
 pub struct BenchResult {
     /// What ran, e.g. `linear 4429x1536 · 6144x1536ᵀ f16`.
     pub name: String,
+    /// The implementation (`flash`, `composed`; `tiled` for single ones),
+    /// or why it was skipped.
+    pub implementation: String,
+    /// Whether it was skipped (the adapter or `--kernels` refuses it).
+    pub skipped: bool,
     /// Median time, ms.
     pub ms: f64,
     /// Achieved GFLOP/s.
@@ -119,57 +126,132 @@ fn input(
     Ok(g.weight(name, &t))
 }
 
-fn build(gpu: &Gpu, case: Case, wdtype: DType) -> Result<(String, Graph)> {
-    let mut g = Graph::new();
-    let name = match case {
+/// One implementation's graph of a case: (case name, implementation, the
+/// graph or why the implementation was skipped).
+type Variant = (String, String, std::result::Result<Graph, String>);
+
+/// One graph per implementation of the case's op.
+fn build(gpu: &Gpu, case: Case, wdtype: DType) -> Result<Vec<Variant>> {
+    let mut out = Vec::new();
+    match case {
         Case::Linear { m, k, n } => {
+            let mut g = Graph::new(gpu.target());
             let x = input(gpu, &mut g, "x", &[m, k], DType::F32, 1)?;
             let w = input(gpu, &mut g, "w", &[n, k], wdtype, 2)?;
             let b = input(gpu, &mut g, "b", &[n], DType::F32, 3)?;
             let y = linear::linear(&mut g, x, w, Some(b))?;
             g.keep(y);
-            format!("linear {m}x{k} · {n}x{k}ᵀ ({} weights)", wdtype.name())
+            let name = format!("linear {m}x{k} · {n}x{k}ᵀ ({} weights)", wdtype.name());
+            out.push((name, "tiled".to_string(), Ok(g)));
         }
         Case::Attention {
             batch,
             heads,
             tokens,
         } => {
+            let name = format!("attention {batch}x{heads}x{tokens}x64");
             let w = heads * attention::HEAD_DIM;
-            let qkv = input(gpu, &mut g, "qkv", &[batch, tokens, 3 * w], DType::F32, 4)?;
-            let h = |col_offset| attention::Heads {
-                value: qkv,
-                col_offset,
-            };
-            let o = attention::AttentionOptions::new(heads);
-            let y = attention::attention(&mut g, h(0), h(w), h(2 * w), &o)?;
-            g.keep(y);
-            format!("attention {batch}x{heads}x{tokens}x64")
+            for imp in attention::IMPLEMENTATIONS {
+                let mut g = Graph::new(gpu.target());
+                let qkv = input(gpu, &mut g, "qkv", &[batch, tokens, 3 * w], DType::F32, 4)?;
+                let h = |col_offset| attention::Heads {
+                    value: qkv,
+                    col_offset,
+                };
+                let call = attention::AttentionCall {
+                    q: h(0),
+                    k: h(w),
+                    v: h(2 * w),
+                    o: attention::AttentionOptions::new(heads),
+                };
+                let graph = match imp.refusal(g.target(), &call) {
+                    Some(why) => Err(why),
+                    None => {
+                        let y = imp.record(&mut g, &call)?;
+                        g.keep(y);
+                        Ok(g)
+                    }
+                };
+                out.push((name.clone(), imp.name.to_string(), graph));
+            }
         }
-    };
-    Ok((name, g))
+    }
+    Ok(out)
 }
 
-/// Runs one case: a warm-up run, then `reps` timed runs; the median is reported.
-pub fn run_case(gpu: &Gpu, case: Case, wdtype: DType, reps: usize) -> Result<BenchResult> {
-    let (name, g) = build(gpu, case, wdtype)?;
-    let cost = g.cost();
-    let plan = g.plan(gpu)?;
-    plan.run(gpu)?;
-    let mut times = Vec::with_capacity(reps);
-    let mut source = TimingSource::WallClock;
-    for _ in 0..reps.max(1) {
-        let prof = plan.run_profiled(gpu)?;
-        source = prof.source;
-        times.push(prof.gpu_ns());
+/// Runs one case for each implementation: a warm-up run, then `reps` timed
+/// runs; the median is reported. Skipped implementations are listed with why.
+pub fn run_case(gpu: &Gpu, case: Case, wdtype: DType, reps: usize) -> Result<Vec<BenchResult>> {
+    let mut results = Vec::new();
+    for (name, implementation, graph) in build(gpu, case, wdtype)? {
+        let g = match graph {
+            Ok(g) => g,
+            Err(why) => {
+                results.push(BenchResult {
+                    name,
+                    implementation: format!("{implementation}: skipped, {why}"),
+                    skipped: true,
+                    ms: 0.0,
+                    gflops: 0.0,
+                    gbps: 0.0,
+                    source: TimingSource::WallClock,
+                });
+                continue;
+            }
+        };
+        let cost = g.cost();
+        let plan = g.plan(gpu)?;
+        plan.run(gpu)?;
+        let mut times = Vec::with_capacity(reps);
+        let mut source = TimingSource::WallClock;
+        for _ in 0..reps.max(1) {
+            let prof = plan.run_profiled(gpu)?;
+            source = prof.source;
+            times.push(prof.gpu_ns());
+        }
+        times.sort_by(f64::total_cmp);
+        let ns = times[times.len() / 2];
+        results.push(BenchResult {
+            name,
+            implementation,
+            skipped: false,
+            ms: ns / 1e6,
+            gflops: cost.flops as f64 / ns,
+            gbps: cost.bytes as f64 / ns,
+            source,
+        });
     }
-    times.sort_by(f64::total_cmp);
-    let ns = times[times.len() / 2];
-    Ok(BenchResult {
-        name,
-        ms: ns / 1e6,
-        gflops: cost.flops as f64 / ns,
-        gbps: cost.bytes as f64 / ns,
-        source,
-    })
+    Ok(results)
+}
+
+/// The header of [`row`]'s table.
+pub fn header() -> String {
+    format!(
+        "{:<44} {:<16} {:>10} {:>10} {:>9} {:>8}",
+        "case", "implementation", "ms", "GFLOP/s", "GB/s", "× first"
+    )
+}
+
+/// A result as a table row; `first` is the case's first (preferred)
+/// implementation, for the speed ratio.
+pub fn row(r: &BenchResult, first: Option<&BenchResult>) -> String {
+    if r.skipped {
+        return format!("{:<44} {}", r.name, r.implementation);
+    }
+    let ratio = first
+        .filter(|f| !f.skipped && r.ms > 0.0)
+        .map(|f| format!("{:.2}", f.ms / r.ms))
+        .unwrap_or_default();
+    format!(
+        "{:<44} {:<16} {:>10.3} {:>10.1} {:>9.1} {:>8}",
+        r.name, r.implementation, r.ms, r.gflops, r.gbps, ratio
+    )
+}
+
+/// Prints one case's results (each implementation side by side).
+pub fn print_case(results: &[BenchResult]) {
+    let first = results.iter().find(|r| !r.skipped);
+    for r in results {
+        println!("{}", row(r, first));
+    }
 }

@@ -187,14 +187,14 @@ pub fn record_graphs(
     let mut graphs = Vec::new();
     for (name, cfg) in [("clip_l", &spec.clip_l), ("clip_g", &spec.clip_g)] {
         let m = Clip::load_from(gpu, cfg, &w, DType::F16)?;
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let ids = g.input("ids", &[batch * 77], DType::U32);
         let rows = g.input("pool_rows", &[batch], DType::U32);
         m.forward(&mut g, ids, rows, batch)?;
         graphs.push((name, g));
     }
     let t5 = T5::load_from(gpu, &spec.t5, "shared.weight", &w, DType::F16)?;
-    let mut g = Graph::new();
+    let mut g = Graph::new(gpu.target());
     let ids = g.input("ids", &[batch * spec.t5_tokens], DType::U32);
     let bias = g.input(
         "bias",
@@ -208,7 +208,7 @@ pub fn record_graphs(
         height / 8 * 8 / vae_factor(&spec.vae),
         width / 8 * 8 / vae_factor(&spec.vae),
     );
-    let mut g = Graph::new();
+    let mut g = Graph::new(gpu.target());
     let x = g.input("latents", &[batch, 16, lh, lw], DType::F32);
     let c = g.input(
         "context",
@@ -220,7 +220,7 @@ pub fn record_graphs(
     m.forward(&mut g, x, c, p, t)?;
     graphs.push(("mmdit", g));
     let v = Vae::load_from(gpu, &spec.vae, &w, DType::F16)?;
-    let mut g = Graph::new();
+    let mut g = Graph::new(gpu.target());
     let z = g.input("latents", &[batch / 2 + batch % 2, 16, lh, lw], DType::F32);
     v.decode(&mut g, z)?;
     graphs.push(("vae", g));
@@ -328,7 +328,7 @@ pub fn run(gpu: &Gpu, o: &BenchOptions) -> Result<BenchReport> {
             .collect();
         for (name, cfg) in [("clip_l", &spec.clip_l), ("clip_g", &spec.clip_g)] {
             let m = Clip::load_from(gpu, cfg, &weights, o.dtype)?;
-            let mut g = Graph::new();
+            let mut g = Graph::new(gpu.target());
             let idv = g.input("ids", &[batch * 77], DType::U32);
             let rows = g.input("pool_rows", &[batch], DType::U32);
             let (seq, pool) = g.scoped(name, |g| m.forward(g, idv, rows, batch))?;
@@ -347,7 +347,7 @@ pub fn run(gpu: &Gpu, o: &BenchOptions) -> Result<BenchReport> {
             profiles.push(p);
         }
         let t5 = T5::load_from(gpu, &spec.t5, "shared.weight", &weights, o.dtype)?;
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let idv = g.input("ids", &[batch * spec.t5_tokens], DType::U32);
         let bias = g.input(
             "bias",

@@ -26,6 +26,10 @@ pub struct Cli {
     /// Adapter index (from `sd3 devices`) or a name substring.
     #[arg(long, global = true, env = "SD3_ADAPTER")]
     pub adapter: Option<String>,
+    /// Op implementations: auto (the fastest the adapter supports) or
+    /// portable (only those needing no optional feature: the reference path).
+    #[arg(long, global = true, env = "SD3_KERNELS", value_enum)]
+    pub kernels: Option<KernelsArg>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -258,10 +262,26 @@ impl WeightType {
     }
 }
 
+/// `--kernels`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum KernelsArg {
+    /// The first implementation the adapter supports.
+    Auto,
+    /// Only implementations that need no optional feature.
+    Portable,
+}
+
 fn gpu_options(cli: &Cli) -> GpuOptions {
     GpuOptions {
         backend: cli.backend.clone(),
         adapter: cli.adapter.clone(),
+        kernels: cli.kernels.map(|k| {
+            match k {
+                KernelsArg::Auto => "auto",
+                KernelsArg::Portable => "portable",
+            }
+            .to_string()
+        }),
         ..GpuOptions::from_env()
     }
 }
@@ -313,16 +333,9 @@ fn bench_kernels(
         println!("note: a CPU adapter; these numbers say nothing about GPU performance");
     }
     let wd = weights.dtype();
-    println!(
-        "{:<48} {:>10} {:>10} {:>9}",
-        "case", "ms", "GFLOP/s", "GB/s"
-    );
+    println!("{}", bench::header());
     for case in bench::cases(!small) {
-        let r = bench::run_case(&gpu, case, wd, reps)?;
-        println!(
-            "{:<48} {:>10.3} {:>10.1} {:>9.1}",
-            r.name, r.ms, r.gflops, r.gbps
-        );
+        bench::print_case(&bench::run_case(&gpu, case, wd, reps)?);
     }
     Ok(())
 }

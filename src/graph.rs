@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::gpu::{profile::Profile, Access, Gpu, PipelineKey, TrackedBuffer};
+use crate::target::Target;
 use crate::tensor::{create_storage, numel, read_buffer, shape_str, DType, Tensor};
 
 /// Handle to a value recorded in a [`Graph`].
@@ -72,22 +73,51 @@ struct ValueInfo {
 #[derive(Clone, Debug)]
 struct Node {
     label: String,
+    /// The implementation(s) that recorded it, outermost first
+    /// (`composed`, …); empty for ops with a single implementation.
+    implementation: String,
     call: OpCall,
 }
 
 /// A recorded sequence of ops.
-#[derive(Default)]
 pub struct Graph {
     values: Vec<ValueInfo>,
     storages: Vec<Storage>,
     nodes: Vec<Node>,
     scopes: Vec<String>,
+    implementations: Vec<&'static str>,
+    target: Target,
 }
 
 impl Graph {
-    /// An empty graph.
-    pub fn new() -> Graph {
-        Graph::default()
+    /// An empty graph for `target` (what op families choose implementations by).
+    pub fn new(target: Target) -> Graph {
+        Graph {
+            values: Vec::new(),
+            storages: Vec::new(),
+            nodes: Vec::new(),
+            scopes: Vec::new(),
+            implementations: Vec::new(),
+            target,
+        }
+    }
+
+    /// The device as recording sees it.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Runs `f` with every node it records tagged as recorded by
+    /// implementation `name` (nested implementations join with `/`).
+    pub fn with_implementation<T>(
+        &mut self,
+        name: &'static str,
+        f: impl FnOnce(&mut Graph) -> T,
+    ) -> T {
+        self.implementations.push(name);
+        let r = f(self);
+        self.implementations.pop();
+        r
     }
 
     fn add_storage(
@@ -229,7 +259,12 @@ impl Graph {
                 )));
             }
         }
-        self.nodes.push(Node { label, call });
+        let implementation = self.implementations.join("/");
+        self.nodes.push(Node {
+            label,
+            implementation,
+            call,
+        });
         Ok(())
     }
 
@@ -246,6 +281,15 @@ impl Graph {
     /// Labels of the recorded ops, in order.
     pub fn labels(&self) -> Vec<&str> {
         self.nodes.iter().map(|n| n.label.as_str()).collect()
+    }
+
+    /// The implementation that recorded each op, in order (empty for ops
+    /// with a single implementation).
+    pub fn implementations(&self) -> Vec<&str> {
+        self.nodes
+            .iter()
+            .map(|n| n.implementation.as_str())
+            .collect()
     }
 
     /// Bytes of the weights bound into this graph (their full shapes, even for
@@ -462,6 +506,7 @@ impl Graph {
             })?;
             ops.push(PlannedOp {
                 label: n.label.clone(),
+                implementation: n.implementation.clone(),
                 family: n.call.key.kernel.entry,
                 pipeline,
                 bind_group,
@@ -483,6 +528,7 @@ impl Graph {
 
 struct PlannedOp {
     label: String,
+    implementation: String,
     family: &'static str,
     pipeline: Arc<wgpu::ComputePipeline>,
     bind_group: wgpu::BindGroup,
@@ -751,6 +797,7 @@ impl Plan {
                 };
                 OpTiming {
                     label: op.label.clone(),
+                    implementation: op.implementation.clone(),
                     family: op.family.to_string(),
                     start_ns,
                     gpu_ns,

@@ -517,7 +517,7 @@ impl Pipeline {
         let mut graphs = Vec::new();
         for cfg in [&self.encoders.clip_l, &self.encoders.clip_g] {
             let m = Clip::load_from(gpu, cfg, &w, dt)?;
-            let mut g = Graph::new();
+            let mut g = Graph::new(gpu.target());
             let ids = g.input("ids", &[batch2 * CLIP_TOKENS], DType::U32);
             let rows = g.input("pool_rows", &[batch2], DType::U32);
             m.forward(&mut g, ids, rows, batch2)?;
@@ -526,7 +526,7 @@ impl Pipeline {
         if let Some(cfg) = &self.encoders.t5 {
             let m = T5::load_from(gpu, cfg, "shared.weight", &w, dt)?;
             let n = req.max_t5_tokens;
-            let mut g = Graph::new();
+            let mut g = Graph::new(gpu.target());
             let ids = g.input("ids", &[batch2 * n], DType::U32);
             let bias = g.input("position_bias", &[cfg.heads, n, n], DType::F32);
             m.forward(&mut g, ids, bias, batch2)?;
@@ -534,7 +534,7 @@ impl Pipeline {
         }
         let c = &self.mmdit.config;
         let m = Mmdit::load_from(gpu, c, &w, dt)?;
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let x = g.input("latents", &[batch2, c.in_channels, lh, lw], DType::F32);
         let ctx = g.input(
             "context",
@@ -547,7 +547,7 @@ impl Pipeline {
         graphs.push(g);
         if img2img {
             let v = Vae::load_from(gpu, &self.vae.config, &w, dt)?;
-            let mut g = Graph::new();
+            let mut g = Graph::new(gpu.target());
             let x = g.input("image", &[1, 3, s.height, s.width], DType::F32);
             v.encode(&mut g, x)?;
             graphs.push(g);

@@ -30,6 +30,9 @@ fn bench_kernels_small_prints_throughput() {
     assert!(out.contains("GFLOP/s"), "{out}");
     assert!(out.contains("linear 333x192"), "{out}");
     assert!(out.contains("attention 1x3x333x64"), "{out}");
+    assert!(out.contains("flash") && out.contains("composed"), "{out}");
+    let (ok, _, err) = sd3(&["--kernels", "fastest", "bench", "kernels", "--small"]);
+    assert!(!ok && err.contains("fastest"), "{err}");
 }
 
 #[test]

@@ -5,9 +5,12 @@ mod common;
 
 use common::*;
 use sd3_wgpu::graph::Graph;
+use sd3_wgpu::ops::attention::{self, AttentionOptions, Heads};
+use sd3_wgpu::ops::choice::{record_first, Implementation};
 use sd3_wgpu::ops::elementwise::{self, Act};
 use sd3_wgpu::ops::{linear, norm};
-use sd3_wgpu::{DType, Error};
+use sd3_wgpu::target::{CoopConfig, Feature, KernelChoice};
+use sd3_wgpu::{DType, Error, Target};
 
 /// x → 12 alternating ops, each result dead after the next op; the chain's
 /// end must match the CPU while intermediates share few buffers.
@@ -17,7 +20,7 @@ fn buffer_reuse_keeps_results_and_saves_memory() {
     let (m, k) = (9, 20);
     let xd = rand(1, m * k);
     let wd: Vec<f32> = rand(2, k * k).iter().map(|v| v * 0.3).collect();
-    let mut g = Graph::new();
+    let mut g = Graph::new(gpu.target());
     let x = g.input("x", &[m, k], DType::F32);
     let w = weight(gpu, &mut g, "w", &[k, k], DType::F32, &wd);
     let mut h = x;
@@ -72,7 +75,7 @@ fn buffer_reuse_keeps_results_and_saves_memory() {
 #[test]
 fn profile_has_every_label_and_valid_chrome_trace() {
     let gpu = gpu();
-    let mut g = Graph::new();
+    let mut g = Graph::new(gpu.target());
     let x = g.input("x", &[4, 64], DType::F32);
     let w = weight(gpu, &mut g, "w", &[32, 64], DType::F16, &rand(3, 32 * 64));
     let y = g
@@ -125,7 +128,7 @@ fn profile_has_every_label_and_valid_chrome_trace() {
 #[test]
 fn reading_a_reused_intermediate_is_an_error() {
     let gpu = gpu();
-    let mut g = Graph::new();
+    let mut g = Graph::new(gpu.target());
     let x = g.input("x", &[8], DType::F32);
     let a = elementwise::affine(&mut g, x, 2.0, 0.0).unwrap();
     let b = elementwise::affine(&mut g, a, 2.0, 0.0).unwrap();
@@ -140,7 +143,7 @@ fn reading_a_reused_intermediate_is_an_error() {
 #[test]
 fn shape_errors_name_the_op_and_shapes() {
     let gpu = gpu();
-    let mut g = Graph::new();
+    let mut g = Graph::new(gpu.target());
     let x = g.input("x", &[2, 7, 10], DType::F32);
     let w = weight(gpu, &mut g, "w", &[4, 12], DType::F32, &rand(1, 48));
     let e = g
@@ -168,7 +171,7 @@ fn shape_errors_name_the_op_and_shapes() {
 #[test]
 fn too_big_a_dispatch_is_refused_before_running() {
     let gpu = gpu();
-    let mut g = Graph::new();
+    let mut g = Graph::new(gpu.target());
     // 65536 batches of a 1×1 product: one workgroup per batch in z, past the
     // 65535 every adapter allows.
     let x = g.input("x", &[65_536, 1, 4], DType::F32);
@@ -176,4 +179,103 @@ fn too_big_a_dispatch_is_refused_before_running() {
     linear::batched_matmul(&mut g, x, w).unwrap();
     let e = g.validate(gpu).unwrap_err().to_string();
     assert!(e.contains("workgroups"), "{e}");
+}
+
+/// An op with three implementations: one needing cooperative matrix, one
+/// refusing odd widths, one taking everything.
+static TEST_IMPLEMENTATIONS: &[Implementation<sd3_wgpu::Value>] = &[
+    Implementation {
+        name: "needs-coop",
+        needs: &[Feature::Coop],
+        supports: |_, _| Ok(()),
+        record: |g, x| elementwise::activation(g, *x, Act::Silu),
+    },
+    Implementation {
+        name: "even-only",
+        needs: &[],
+        supports: |_, _| Err("only even widths".into()),
+        record: |g, x| elementwise::activation(g, *x, Act::Silu),
+    },
+    Implementation {
+        name: "plain",
+        needs: &[],
+        supports: |_, _| Ok(()),
+        record: |g, x| elementwise::activation(g, *x, Act::Silu),
+    },
+];
+
+#[test]
+fn the_first_supported_implementation_is_recorded_and_named() {
+    let gpu = gpu();
+    let chosen = |t: Target| {
+        let mut g = Graph::new(t);
+        let x = g.input("x", &[3, 5], DType::F32);
+        record_first(&mut g, "silu", TEST_IMPLEMENTATIONS, &x).unwrap();
+        g.implementations()[0].to_string()
+    };
+    let mut t = gpu.target();
+    t.kernels = KernelChoice::Auto;
+    t.coop = Vec::new();
+    assert_eq!(chosen(t.clone()), "plain", "no coop on this target");
+    t.coop = vec![CoopConfig {
+        m: 16,
+        n: 16,
+        k: 16,
+        ab: "f16",
+        c: "f32",
+    }];
+    assert_eq!(chosen(t.clone()), "needs-coop");
+    t.kernels = KernelChoice::Portable;
+    assert_eq!(
+        chosen(t),
+        "plain",
+        "--kernels portable skips feature kernels"
+    );
+    // Attention: flash where the workgroup memory allows it, composed otherwise,
+    // and the profile and trace say which ran.
+    let attention_graph = |t: Target| {
+        let mut g = Graph::new(t);
+        let qkv = weight(
+            gpu,
+            &mut g,
+            "qkv",
+            &[1, 7, 3 * 64],
+            DType::F32,
+            &rand(9, 7 * 192),
+        );
+        let h = |col_offset| Heads {
+            value: qkv,
+            col_offset,
+        };
+        let y =
+            attention::attention(&mut g, h(0), h(64), h(128), &AttentionOptions::new(1)).unwrap();
+        g.keep(y);
+        g
+    };
+    let g = attention_graph(gpu.target());
+    assert!(g.implementations().iter().all(|i| *i == "flash"));
+    let prof = g.plan(gpu).unwrap().run_profiled(gpu).unwrap();
+    assert!(
+        prof.table(5).contains("attention (flash)"),
+        "{}",
+        prof.table(5)
+    );
+    let trace: serde_json::Value = serde_json::from_str(&prof.chrome_trace()).unwrap();
+    assert_eq!(trace["traceEvents"][0]["args"]["implementation"], "flash");
+    let mut small = gpu.target();
+    small.limits.max_compute_workgroup_storage_size = 8192;
+    let g = attention_graph(small);
+    assert!(!g.is_empty() && g.implementations().iter().all(|i| *i == "composed"));
+}
+
+#[test]
+fn features_demanded_by_sd3_require_are_present() {
+    let t = gpu().target();
+    for f in required() {
+        assert!(
+            t.has(f),
+            "SD3_REQUIRE demands {} but the test adapter lacks it",
+            f.name()
+        );
+    }
 }

@@ -28,6 +28,7 @@ macro_rules! cases {
 cases!(
     linear_f32_and_f16_weights,
     batched_matmul_shared_and_batched,
+    gemm_strided_views,
     layer_norm_with_and_without_affine,
     rms_norm_rows,
     adaln_modulate_from_chunks,
@@ -36,7 +37,7 @@ cases!(
     affine_add_mul_broadcast,
     gated_residual_from_chunk,
     softmax_rows_and_attention_softmax,
-    attention_fused_and_composed,
+    attention_every_implementation,
     conv2d_shapes_and_strides,
     upsample_nearest,
     permute_slice_concat,
@@ -265,7 +266,7 @@ mod cases {
             (130, 36, 64),
             (3, 4, 129),
         ];
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let mut expect = Vec::new();
         let mut outs = Vec::new();
         for (i, &(m, k, n)) in sizes.iter().enumerate() {
@@ -306,7 +307,7 @@ mod cases {
         let xd = rand(1, b * m * k);
         let wb = rand(2, b * n * k);
         let ws = rand(3, n * k);
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let x = weight(gpu, &mut g, "x", &[b, m, k], DType::F32, &xd);
         let w1 = weight(gpu, &mut g, "wb", &[b, n, k], DType::F32, &wb);
         let w2 = weight(gpu, &mut g, "ws", &[n, k], DType::F16, &ws);
@@ -340,9 +341,93 @@ mod cases {
         assert_close("shared f16 w", &got[1], &r2, TOL_F32);
     }
 
+    /// Views with every stride different (lda ≠ ldw ≠ ldy), offsets and two
+    /// batch levels — as attention's per-head views use them — with and
+    /// without 4-wide loads, f32 and f16 weights.
+    pub fn gemm_strided_views(gpu: &Gpu) {
+        use linear::{Gemm, LinearParams};
+        // (m, n, k, lda, ldw, ldy, x_off, w_off, y_off): odd ones, then all ×4 (VEC4).
+        let cases = [
+            (7, 5, 9, 13, 11, 8, 3, 2, 1),
+            (9, 6, 12, 16, 20, 7, 4, 8, 5),
+        ];
+        let (outer, inner) = (2usize, 3usize);
+        for (ci, &(m, n, k, lda, ldw, ldy, xo, wo, yo)) in cases.iter().enumerate() {
+            for dtype in [DType::F32, DType::F16] {
+                let (x_sh, w_sh, y_sh) = (m * lda + 1, n * ldw + 4, m * ldy + 2);
+                let (x_sb, w_sb, y_sb) = (inner * x_sh + 8, inner * w_sh, inner * y_sh + 3);
+                let (xn, wn, yn) = (xo + outer * x_sb, wo + outer * w_sb, yo + outer * y_sb);
+                let xd = rand(70 + ci as u64, xn);
+                let wd = rand(80 + ci as u64, wn);
+                let mut g = Graph::new(gpu.target());
+                let x = weight(gpu, &mut g, "x", &[xn], DType::F32, &xd);
+                let w = weight(gpu, &mut g, "w", &[wn], dtype, &wd);
+                let y = g.alloc(&[yn], DType::F32);
+                let u = |v: usize| v as u32;
+                let p = LinearParams {
+                    m: u(m),
+                    n: u(n),
+                    k: u(k),
+                    batch_inner: u(inner),
+                    lda: u(lda),
+                    ldw: u(ldw),
+                    ldy: u(ldy),
+                    x_off: u(xo),
+                    w_off: u(wo),
+                    y_off: u(yo),
+                    x_sb: u(x_sb),
+                    x_sh: u(x_sh),
+                    w_sb: u(w_sb),
+                    w_sh: u(w_sh),
+                    y_sb: u(y_sb),
+                    y_sh: u(y_sh),
+                    ..Default::default()
+                };
+                linear::gemm(
+                    &mut g,
+                    "gemm",
+                    x,
+                    w,
+                    None,
+                    y,
+                    Gemm {
+                        p,
+                        batch_outer: outer,
+                    },
+                )
+                .unwrap();
+                g.keep(y);
+                let got = &run(gpu, g, &[y])[0];
+                let w64 = stored(&wd, dtype);
+                let (mut out, mut want) = (Vec::new(), Vec::new());
+                for zb in 0..outer {
+                    for zh in 0..inner {
+                        for r in 0..m {
+                            for c in 0..n {
+                                let mut acc = 0f64;
+                                for kk in 0..k {
+                                    acc += xd[xo + zb * x_sb + zh * x_sh + r * lda + kk] as f64
+                                        * w64[wo + zb * w_sb + zh * w_sh + c * ldw + kk];
+                                }
+                                want.push(acc);
+                                out.push(got[yo + zb * y_sb + zh * y_sh + r * ldy + c]);
+                            }
+                        }
+                    }
+                }
+                assert_close(
+                    &format!("strided gemm case {ci} {dtype:?}"),
+                    &out,
+                    &want,
+                    TOL_F32,
+                );
+            }
+        }
+    }
+
     pub fn layer_norm_with_and_without_affine(gpu: &Gpu) {
         let eps = 1e-6;
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let mut outs = Vec::new();
         let mut expect = Vec::new();
         for (i, &(rows, cols)) in [(5, 77), (3, 1536), (2, 1), (300, 7)].iter().enumerate() {
@@ -396,7 +481,7 @@ mod cases {
         let xd = rand(7, rows * cols);
         let wd: Vec<f32> = rand(8, cols).iter().map(|v| 1.0 + 0.1 * v).collect();
         let xd2 = rand(9, 3 * 300);
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let x = weight(gpu, &mut g, "x", &[rows, cols], DType::F32, &xd);
         let w = weight(gpu, &mut g, "w", &[cols], DType::F32, &wd);
         let x2 = weight(gpu, &mut g, "x2", &[3, 300], DType::F32, &xd2);
@@ -430,7 +515,7 @@ mod cases {
         let (b, t, c, chunks) = (2, 9, 40, 6);
         let xd: Vec<f32> = rand(11, b * t * c).iter().map(|v| 2.0 * v - 0.5).collect();
         let md = rand(12, b * chunks * c);
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let x = weight(gpu, &mut g, "x", &[b, t, c], DType::F32, &xd);
         let m = weight(gpu, &mut g, "mod", &[b, chunks * c], DType::F32, &md);
         let (shift, scale) = (ModChunk { m, index: 3 }, ModChunk { m, index: 4 });
@@ -458,7 +543,7 @@ mod cases {
             (1, 128, 9, 7, 32),
             (3, 6, 1, 1, 3),
         ];
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let mut outs = Vec::new();
         let mut expect = Vec::new();
         for (i, &(n, c, h, w, groups)) in shapes.iter().enumerate() {
@@ -503,7 +588,7 @@ mod cases {
         let mut xd: Vec<f32> = rand(5, 1001).iter().map(|v| 6.0 * v).collect();
         // Far tails: tanh and exp must saturate, never overflow into NaN.
         xd.extend_from_slice(&[-100.0, -30.0, -12.0, 12.0, 30.0, 100.0, 0.0]);
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let x = weight(gpu, &mut g, "x", &[xd.len()], DType::F32, &xd);
         let acts = [Act::Silu, Act::GeluTanh, Act::GeluErf, Act::QuickGelu];
         let outs: Vec<_> = acts
@@ -525,7 +610,7 @@ mod cases {
         let (b, t, c) = (2, 5, 7);
         let ad = rand(60, b * t * c);
         let bd = rand(61, t * c);
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let a = weight(gpu, &mut g, "a", &[b, t, c], DType::F32, &ad);
         let bb = weight(gpu, &mut g, "b", &[t, c], DType::F32, &bd);
         let s = elementwise::add(&mut g, a, bb).unwrap();
@@ -556,7 +641,7 @@ mod cases {
         let xd = rand(70, b * t * c);
         let yd = rand(71, b * t * c);
         let md = rand(72, b * 6 * c);
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let x = weight(gpu, &mut g, "x", &[b, t, c], DType::F32, &xd);
         let y = weight(gpu, &mut g, "y", &[b, t, c], DType::F32, &yd);
         let m = weight(gpu, &mut g, "m", &[b, 6 * c], DType::F32, &md);
@@ -578,7 +663,7 @@ mod cases {
         let (b, h, t) = (2, 3, 6);
         let sd = rand(81, b * h * t * t);
         let bias = rand(82, h * t * t);
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let x = weight(gpu, &mut g, "x", &[rows, n], DType::F32, &xd);
         let s = weight(gpu, &mut g, "s", &[b, h, t, t], DType::F32, &sd);
         let bv = weight(gpu, &mut g, "bias", &[h, t, t], DType::F32, &bias);
@@ -626,7 +711,7 @@ mod cases {
         qk_norm: bool,
     }
 
-    pub fn attention_fused_and_composed(gpu: &Gpu) {
+    pub fn attention_every_implementation(gpu: &Gpu) {
         let cases = [
             AttnCase {
                 name: "joint qkv view + qk norm",
@@ -692,7 +777,7 @@ mod cases {
         for (ci, c) in cases.iter().enumerate() {
             let w = c.heads * 64;
             let seed = 100 + 10 * ci as u64;
-            let mut g = Graph::new();
+            let mut g = Graph::new(gpu.target());
             let (qd, kd, vd, q, k, v);
             if c.fused_qkv {
                 let d = rand(seed, c.batch * c.tq * 3 * w);
@@ -742,11 +827,17 @@ mod cases {
                 let b = weight(gpu, &mut g, "nk", &[64], DType::F32, &nk);
                 o.qk_norm = Some((a, b));
             }
-            let fused = attention::attention(&mut g, q, k, v, &o).unwrap();
-            let composed = attention::attention_composed(&mut g, q, k, v, &o).unwrap();
-            g.keep(fused);
-            g.keep(composed);
-            let got = run(gpu, g, &[fused, composed]);
+            let call = attention::AttentionCall { q, k, v, o };
+            let imps = implementations("attention", attention::IMPLEMENTATIONS, g.target(), &call);
+            let outs: Vec<_> = imps
+                .iter()
+                .map(|imp| {
+                    let y = imp.record(&mut g, &call).unwrap();
+                    g.keep(y);
+                    y
+                })
+                .collect();
+            let got = run(gpu, g, &outs);
             let (q64, k64, v64) = (f64s(&qd), f64s(&kd), f64s(&vd));
             let width = |fused| if fused { 3 * w } else { w };
             let view = |data, tokens, off| reference::View {
@@ -767,18 +858,14 @@ mod cases {
                 c.bias.then_some(&bias64[..]),
                 c.qk_norm.then_some((&nq64[..], &nk64[..])),
             );
-            assert_close(
-                &format!("attention fused, {}", c.name),
-                &got[0],
-                &r,
-                TOL_F32,
-            );
-            assert_close(
-                &format!("attention composed, {}", c.name),
-                &got[1],
-                &r,
-                TOL_F32,
-            );
+            for (imp, out) in imps.iter().zip(&got) {
+                assert_close(
+                    &format!("attention {}, {}", imp.name, c.name),
+                    out,
+                    &r,
+                    TOL_F32,
+                );
+            }
         }
     }
 
@@ -792,7 +879,7 @@ mod cases {
             (1, 512, 5, 4, 512, 3, 1, 1, true, true),
             (1, 128, 6, 5, 3, 3, 1, 1, false, true),
         ];
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let mut outs = Vec::new();
         let mut expect = Vec::new();
         for (i, &(n, cin, h, w, cout, k, stride, pad, f16w, with_bias)) in cases.iter().enumerate()
@@ -847,7 +934,7 @@ mod cases {
     pub fn upsample_nearest(gpu: &Gpu) {
         let (n, c, h, w) = (2, 3, 4, 5);
         let xd = rand(400, n * c * h * w);
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let x = weight(gpu, &mut g, "x", &[n, c, h, w], DType::F32, &xd);
         let y = conv::upsample_nearest2x(&mut g, x).unwrap();
         g.keep(y);
@@ -867,7 +954,7 @@ mod cases {
         let s = [2, 3, 4, 5];
         let xd = rand(500, 120);
         let yd = rand(501, 2 * 3 * 2 * 5);
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let x = weight(gpu, &mut g, "x", &s, DType::F32, &xd);
         let y = weight(gpu, &mut g, "y", &[2, 3, 2, 5], DType::F32, &yd);
         let p = layout::permute(&mut g, x, &[0, 2, 3, 1]).unwrap();
@@ -922,7 +1009,7 @@ mod cases {
         let (rows, cols) = (50, 13);
         let td = rand(600, rows * cols);
         let ids_d = [3u32, 0, 49, 3, 17];
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let t32 = weight(gpu, &mut g, "t32", &[rows, cols], DType::F32, &td);
         let t16 = weight(gpu, &mut g, "t16", &[rows, cols], DType::F16, &td);
         let ids_t = sd3_wgpu::Tensor::from_u32(gpu, &[ids_d.len()], &ids_d).unwrap();
@@ -960,7 +1047,7 @@ mod cases {
         // tokens [b, h·w, p·p·c] → image [b, c, h·p, w·p], and NCHW → tokens.
         let (b, h, w, p, c) = (2, 3, 4, 2, 5);
         let td = rand(700, b * h * w * p * p * c);
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let t = weight(gpu, &mut g, "t", &[b, h * w, p * p * c], DType::F32, &td);
         let img = layout::unpatchify(&mut g, t, h, w, p).unwrap();
         let back = layout::nchw_to_tokens(&mut g, img).unwrap();
@@ -1014,7 +1101,7 @@ mod cases {
                 (shift + scale * u) as f64
             })
             .collect();
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let a = random::random_uniform(&mut g, &[7, 143], DType::F32, seed, scale, shift).unwrap();
         let b = random::random_uniform(&mut g, &[n], DType::F16, seed, scale, shift).unwrap();
         g.keep(a);
@@ -1035,7 +1122,7 @@ mod cases {
             let xd: Vec<f32> = rand(90, b * t * c).iter().map(|v| 2.0 * v + 0.3).collect();
             let yd = rand(91, b * t * c);
             let md = rand(92, b * 6 * c);
-            let mut g = Graph::new();
+            let mut g = Graph::new(gpu.target());
             let x = weight(gpu, &mut g, "x", &[b, t, c], DType::F32, &xd);
             let y = weight(gpu, &mut g, "y", &[b, t, c], DType::F32, &yd);
             let m = weight(gpu, &mut g, "m", &[b, 6 * c], DType::F32, &md);

@@ -8,6 +8,8 @@ pub mod shader;
 
 pub use params::{Field, ParamScalar, ParamsLayout, Scalar};
 
+use crate::target::{CoopConfig, KernelChoice, Target};
+
 use std::fmt;
 
 pub use pipeline::{bind_group_layout, Access, Binding, Kernel, PipelineCache, PipelineKey};
@@ -117,10 +119,14 @@ pub struct GpuOptions {
     pub runtime_checks: bool,
     /// Do not use SHADER_F16 / SUBGROUP even when present (exercises the fallbacks).
     pub portable_only: bool,
+    /// `auto` or `portable`: which op implementations recording may choose
+    /// (`--kernels`, `SD3_KERNELS`); auto when `None`.
+    pub kernels: Option<String>,
 }
 
 impl GpuOptions {
-    /// Options from the environment: `SD3_BACKEND`, `SD3_ADAPTER`, `SD3_RUNTIME_CHECKS=1`.
+    /// Options from the environment: `SD3_BACKEND`, `SD3_ADAPTER`,
+    /// `SD3_RUNTIME_CHECKS=1`, `SD3_KERNELS=auto|portable`.
     pub fn from_env() -> Self {
         let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         GpuOptions {
@@ -128,6 +134,7 @@ impl GpuOptions {
             adapter: get("SD3_ADAPTER"),
             runtime_checks: get("SD3_RUNTIME_CHECKS").is_some_and(|v| v != "0"),
             portable_only: false,
+            kernels: get("SD3_KERNELS"),
         }
     }
 }
@@ -295,6 +302,29 @@ impl Drop for TrackedBuffer {
     }
 }
 
+/// The cooperative-matrix configurations an adapter offers.
+pub fn coop_configs(adapter: &wgpu::Adapter) -> Vec<CoopConfig> {
+    fn ty(t: wgpu::CooperativeScalarType) -> &'static str {
+        match t {
+            wgpu::CooperativeScalarType::F16 => "f16",
+            wgpu::CooperativeScalarType::F32 => "f32",
+            wgpu::CooperativeScalarType::I32 => "i32",
+            wgpu::CooperativeScalarType::U32 => "u32",
+        }
+    }
+    adapter
+        .cooperative_matrix_properties()
+        .into_iter()
+        .map(|p| CoopConfig {
+            m: p.m_size,
+            n: p.n_size,
+            k: p.k_size,
+            ab: ty(p.ab_type),
+            c: ty(p.cr_type),
+        })
+        .collect()
+}
+
 /// What the device reported outside our error scopes: uncaptured errors
 /// (wgpu's default would panic) and the loss of the device.
 #[derive(Debug, Default)]
@@ -327,6 +357,10 @@ pub struct Gpu {
     /// Storage-buffer memory held by the engine.
     pub memory: std::sync::Arc<MemoryCounter>,
     faults: std::sync::Arc<Faults>,
+    /// Which op implementations recording may choose.
+    pub kernels: KernelChoice,
+    /// Cooperative-matrix configurations (empty unless the feature is enabled).
+    pub coop: Vec<CoopConfig>,
 }
 
 impl Gpu {
@@ -374,19 +408,37 @@ impl Gpu {
     }
 
     fn from_adapter(adapter: &wgpu::Adapter, opts: &GpuOptions) -> Result<Gpu, GpuError> {
+        let kernels = match opts.kernels.as_deref() {
+            None => KernelChoice::Auto,
+            Some(k) => KernelChoice::parse(k).ok_or_else(|| {
+                GpuError::RequestDevice(format!(
+                    "--kernels / SD3_KERNELS is '{k}': expected auto or portable"
+                ))
+            })?,
+        };
         let offered = adapter.features();
         let mut want =
             wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
         if !opts.portable_only {
-            want |= wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+            want |= wgpu::Features::SHADER_F16
+                | wgpu::Features::SUBGROUP
+                | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
         }
         let features = offered & want;
+        let coop_on = features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("sd3-wgpu"),
             required_features: features,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            // SAFETY: the experimental feature (cooperative matrix) is only
+            // requested when the adapter reports it; its shaders go through the
+            // same reference tests as every other kernel.
+            experimental_features: if coop_on {
+                unsafe { wgpu::ExperimentalFeatures::enabled() }
+            } else {
+                wgpu::ExperimentalFeatures::disabled()
+            },
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
@@ -430,7 +482,26 @@ impl Gpu {
             pipelines: PipelineCache::default(),
             memory: Default::default(),
             faults,
+            kernels,
+            coop: if coop_on {
+                coop_configs(adapter)
+            } else {
+                Vec::new()
+            },
         })
+    }
+
+    /// The device as recording sees it (see [`Target`]).
+    pub fn target(&self) -> Target {
+        Target {
+            f16: self.caps.f16,
+            f16_weights: self.caps.f16_weights,
+            subgroup: self.caps.subgroup,
+            coop: self.coop.clone(),
+            limits: self.limits.clone(),
+            activation: crate::tensor::DType::F32,
+            kernels: self.kernels,
+        }
     }
 
     /// An error if the device was lost or reported an error outside our

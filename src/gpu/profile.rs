@@ -21,6 +21,9 @@ pub struct OpTiming {
     pub label: String,
     /// Kernel family (entry point), e.g. `linear`, `attention`.
     pub family: String,
+    /// The implementation of the op that recorded it (`flash`, `composed`, …;
+    /// empty for ops with a single implementation).
+    pub implementation: String,
     /// Start relative to the first op, ns (GPU timestamps only).
     pub start_ns: Option<f64>,
     /// GPU time, ns (GPU timestamps only).
@@ -29,6 +32,18 @@ pub struct OpTiming {
     pub flops: u64,
     /// Counted global-memory bytes.
     pub bytes: u64,
+}
+
+impl OpTiming {
+    /// The kernel and, where an op has several, the implementation that ran:
+    /// `attention (flash)`, `linear (composed)`, `layer_norm`.
+    pub fn kernel(&self) -> String {
+        if self.implementation.is_empty() {
+            self.family.clone()
+        } else {
+            format!("{} ({})", self.family, self.implementation)
+        }
+    }
 }
 
 /// The timings of one run.
@@ -73,11 +88,11 @@ impl Profile {
         }
     }
 
-    /// Totals per kernel family.
+    /// Totals per kernel family and implementation ([`OpTiming::kernel`]).
     pub fn by_family(&self) -> BTreeMap<String, Totals> {
         let mut m: BTreeMap<String, Totals> = BTreeMap::new();
         for e in &self.entries {
-            let t = m.entry(e.family.clone()).or_default();
+            let t = m.entry(e.kernel()).or_default();
             t.count += 1;
             t.ns += e.gpu_ns.unwrap_or(0.0);
             t.flops += e.flops;
@@ -128,15 +143,16 @@ impl Profile {
             let _ = writeln!(s, "\ntop {} ops", top.min(ops.len()));
             let _ = writeln!(
                 s,
-                "{:<48} {:>10} {:>6} {:>10} {:>9}",
-                "label", "ms", "%", "GFLOP/s", "GB/s"
+                "{:<48} {:<24} {:>10} {:>6} {:>10} {:>9}",
+                "label", "kernel", "ms", "%", "GFLOP/s", "GB/s"
             );
             for e in ops.into_iter().take(top) {
                 let ns = e.gpu_ns.unwrap_or(0.0);
                 let _ = writeln!(
                     s,
-                    "{:<48} {:>10.3} {:>6.1} {:>10.2} {:>9.2}",
+                    "{:<48} {:<24} {:>10.3} {:>6.1} {:>10.2} {:>9.2}",
                     e.label,
+                    e.kernel(),
                     ns / 1e6,
                     100.0 * ns / total.max(1.0),
                     rate(e.flops, ns),
@@ -161,9 +177,10 @@ impl Profile {
             }
             let _ = write!(
                 s,
-                "{{\"name\":{},\"cat\":{},\"ph\":\"X\",\"pid\":1,\"tid\":1,\"ts\":{ts:.3},\"dur\":{dur:.3},\"args\":{{\"flops\":{},\"bytes\":{}}}}}",
+                "{{\"name\":{},\"cat\":{},\"ph\":\"X\",\"pid\":1,\"tid\":1,\"ts\":{ts:.3},\"dur\":{dur:.3},\"args\":{{\"implementation\":{},\"flops\":{},\"bytes\":{}}}}}",
                 json_str(&e.label),
                 json_str(&e.family),
+                json_str(&e.implementation),
                 e.flops,
                 e.bytes
             );

@@ -325,7 +325,7 @@ impl ClipLayer {
 /// (penultimate hidden states [batch, tokens, hidden], pooled [batch, projection]).
 pub fn encode(gpu: &Gpu, clip: &Clip, prompts: &[Vec<u32>]) -> Result<(Vec<f32>, Vec<f32>)> {
     let (batch, tokens) = super::check_prompts("CLIP", prompts, clip.config.vocab)?;
-    let mut g = Graph::new();
+    let mut g = Graph::new(gpu.target());
     let ids = g.input("ids", &[batch * tokens], DType::U32);
     let rows = g.input("pool_rows", &[batch], DType::U32);
     let (seq, pooled) = clip.forward(&mut g, ids, rows, batch)?;

@@ -643,7 +643,7 @@ impl MmditRun {
         skip: &[usize],
     ) -> Result<MmditRun> {
         let c = &model.config;
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let x = g.input(
             "latents",
             &[batch, c.in_channels, height, width],

@@ -290,7 +290,7 @@ impl T5Block {
 /// Runs T5 over tokenized prompts (all the same length) → [batch, tokens, d_model].
 pub fn encode(gpu: &Gpu, t5: &T5, prompts: &[Vec<u32>]) -> Result<Vec<f32>> {
     let (batch, tokens) = super::check_prompts("T5", prompts, t5.config.vocab)?;
-    let mut g = Graph::new();
+    let mut g = Graph::new(gpu.target());
     let ids = g.input("ids", &[batch * tokens], DType::U32);
     let bias = g.input(
         "position_bias",

@@ -433,7 +433,7 @@ pub struct VaeRun {
 impl VaeRun {
     /// Plans decoding of latents [batch, 16, h, w].
     pub fn decoder(gpu: &Gpu, vae: &Vae, batch: usize, h: usize, w: usize) -> Result<VaeRun> {
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let input = g.input(
             "latents",
             &[batch, vae.config.latent_channels, h, w],
@@ -445,7 +445,7 @@ impl VaeRun {
 
     /// Plans encoding of images [batch, 3, h, w].
     pub fn encoder(gpu: &Gpu, vae: &Vae, batch: usize, h: usize, w: usize) -> Result<VaeRun> {
-        let mut g = Graph::new();
+        let mut g = Graph::new(gpu.target());
         let input = g.input(
             "image",
             &[batch, vae.config.image_channels, h, w],
@@ -489,7 +489,7 @@ pub fn fits(
     w: usize,
     budget: Option<u64>,
 ) -> Result<bool> {
-    let mut g = Graph::new();
+    let mut g = Graph::new(gpu.target());
     let x = g.input(
         "latents",
         &[batch, vae.config.latent_channels, h, w],

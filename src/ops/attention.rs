@@ -5,6 +5,7 @@
 //! heads at columns `col_offset .. col_offset + heads·64`, so q, k and v may be
 //! views of one fused qkv tensor. Output: [batch, tq, heads·64].
 
+use super::choice::{record_first, Implementation};
 use super::linear::{gemm, Gemm, LinearParams};
 use super::{bytes_of, expect_dtype, expect_shape, layout, norm, softmax, u32_of};
 use crate::error::Result;
@@ -215,8 +216,66 @@ fn cost(d: &Dims, heads: usize) -> Cost {
     }
 }
 
-/// Fused attention: one kernel, scores never materialised.
+/// The arguments of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionCall {
+    /// Queries.
+    pub q: Heads,
+    /// Keys.
+    pub k: Heads,
+    /// Values.
+    pub v: Heads,
+    /// Heads, scale, mask, bias, qk-norm.
+    pub o: AttentionOptions,
+}
+
+/// Workgroup memory the flash kernel's key and value tiles take.
+const FLASH_WORKGROUP_BYTES: u32 = 2 * 32 * HEAD_DIM as u32 * 4;
+
+/// Attention's implementations, in order of preference: the fused flash
+/// kernel, then the composed matmul + softmax + matmul (its oracle, and the
+/// path for adapters with too little workgroup memory).
+pub static IMPLEMENTATIONS: &[Implementation<AttentionCall>] = &[
+    Implementation {
+        name: "flash",
+        needs: &[],
+        supports: |t, _| {
+            let l = &t.limits;
+            if l.max_compute_workgroup_storage_size < FLASH_WORKGROUP_BYTES
+                || l.max_compute_invocations_per_workgroup < BLOCK_Q as u32
+                || l.max_compute_workgroup_size_x < BLOCK_Q as u32
+            {
+                return Err(format!(
+                    "needs {FLASH_WORKGROUP_BYTES} bytes of workgroup memory and {BLOCK_Q} invocations per workgroup"
+                ));
+            }
+            Ok(())
+        },
+        record: |g, a| attention_flash(g, a.q, a.k, a.v, &a.o),
+    },
+    Implementation {
+        name: "composed",
+        needs: &[],
+        supports: |_, _| Ok(()),
+        record: |g, a| attention_composed(g, a.q, a.k, a.v, &a.o),
+    },
+];
+
+/// Attention: out = softmax(scale · q·kᵀ (+ bias, masked)) · v per head, by
+/// the first of [`IMPLEMENTATIONS`] the graph's target supports.
 pub fn attention(
+    g: &mut Graph,
+    q: Heads,
+    k: Heads,
+    v: Heads,
+    o: &AttentionOptions,
+) -> Result<Value> {
+    let call = AttentionCall { q, k, v, o: *o };
+    record_first(g, "attention", IMPLEMENTATIONS, &call)
+}
+
+/// Fused attention: one kernel, scores never materialised.
+pub fn attention_flash(
     g: &mut Graph,
     q: Heads,
     k: Heads,

@@ -6,6 +6,7 @@
 //! Nothing here touches the GPU: planning does.
 
 pub mod attention;
+pub mod choice;
 pub mod conv;
 pub mod elementwise;
 pub mod layout;

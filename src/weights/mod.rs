@@ -645,7 +645,7 @@ impl TensorProvider for RandomWeights {
         dtype: crate::DType,
     ) -> crate::Result<crate::Tensor> {
         let (seed, scale, shift) = self.params(name, shape);
-        let mut g = crate::Graph::new();
+        let mut g = crate::Graph::new(gpu.target());
         let v = crate::ops::random::random_uniform(&mut g, shape, dtype, seed, scale, shift)?;
         g.keep(v);
         let plan = g.plan(gpu)?;

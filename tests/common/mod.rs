@@ -192,3 +192,64 @@ pub fn temp_dir(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// Features this run demands (`SD3_REQUIRE=coop,subgroup,f16`, any subset):
+/// an implementation needing one of them that the adapter refuses fails the
+/// test instead of being skipped.
+pub fn required() -> Vec<sd3_wgpu::target::Feature> {
+    std::env::var("SD3_REQUIRE")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            sd3_wgpu::target::Feature::parse(s).unwrap_or_else(|| {
+                panic!("SD3_REQUIRE: unknown feature {s:?} (f16, subgroup, coop)")
+            })
+        })
+        .collect()
+}
+
+/// The implementations of `op` in `list` that take `args` on `target`, in
+/// order; prints how many run and why the others are skipped, and fails when
+/// a skipped one needs a feature `SD3_REQUIRE` demands.
+pub fn implementations<A>(
+    op: &str,
+    list: &'static [sd3_wgpu::ops::choice::Implementation<A>],
+    target: &sd3_wgpu::Target,
+    args: &A,
+) -> Vec<&'static sd3_wgpu::ops::choice::Implementation<A>> {
+    let req = required();
+    let mut run = Vec::new();
+    let mut skipped = Vec::new();
+    for imp in list {
+        match imp.refusal(target, args) {
+            None => run.push(imp),
+            Some(why) => {
+                if let Some(f) = imp.needs.iter().find(|f| req.contains(f)) {
+                    panic!(
+                        "{op}: implementation '{}' was skipped ({why}) but SD3_REQUIRE demands {}",
+                        imp.name,
+                        f.name()
+                    );
+                }
+                skipped.push(format!("{} ({why})", imp.name));
+            }
+        }
+    }
+    eprintln!(
+        "{op}: {} of {} implementations ran ({}){}",
+        run.len(),
+        list.len(),
+        run.iter().map(|i| i.name).collect::<Vec<_>>().join(", "),
+        if skipped.is_empty() {
+            String::new()
+        } else {
+            format!("; skipped: {}", skipped.join(", "))
+        }
+    );
+    assert!(
+        !run.is_empty(),
+        "{op}: no implementation runs on this adapter"
+    );
+    run
+}
