@@ -5,16 +5,17 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use crate::denoise::{DenoiseOptions, Denoiser};
 use crate::error::{Error, Result};
 use crate::gpu::profile::{json_str, Profile};
 use crate::gpu::Gpu;
 use crate::graph::{Cost, Graph};
 use crate::models::clip::{Clip, ClipConfig};
-use crate::models::mmdit::{Mmdit, MmditRun, TIMESTEP_DIM};
+use crate::models::mmdit::{Mmdit, TIMESTEP_DIM};
 use crate::models::t5::{T5Config, T5};
 use crate::models::vae::{Vae, VaeRun};
 use crate::ops::elementwise::Act;
-use crate::sampler::{guide, noise, FlowMatchEuler, Rng};
+use crate::sampler::{noise, FlowMatchEuler, Rng};
 use crate::tensor::DType;
 use crate::weights::mmdit::MmditConfig;
 use crate::weights::vae::{VaeConfig, SD3_SCALING_FACTOR, SD3_SHIFT_FACTOR};
@@ -389,32 +390,35 @@ pub fn run(gpu: &Gpu, o: &BenchOptions) -> Result<BenchReport> {
     let mut latents = noise(Rng::Native, o.seed, n);
     if want("mmdit") {
         let m = Mmdit::load_from(gpu, &spec.mmdit, &weights, o.dtype)?;
-        let run = MmditRun::new(gpu, &m, batch, lh, lw, tokens)?;
         if pooled.iter().all(|v| *v == 0.0) {
             pooled = noise(Rng::Native, o.seed + 1, pooled.len());
         }
-        run.set_conditioning(gpu, &context, &pooled)?;
+        let d = Denoiser::new(
+            gpu,
+            &m,
+            &DenoiseOptions {
+                batch: 1,
+                height: lh,
+                width: lw,
+                tokens,
+                guidance: o.cfg,
+                skip_layers: None,
+            },
+        )?;
+        d.set_conditioning(gpu, &context, &pooled)?;
+        d.set_latents(gpu, &latents)?;
         let schedule = FlowMatchEuler::new(o.steps, 3.0);
-        for i in 0..o.steps {
-            let input = if do_cfg {
-                [latents.as_slice(), latents.as_slice()].concat()
-            } else {
-                latents.clone()
-            };
-            let (v, p) = run.step_profiled(gpu, &input, &vec![schedule.timesteps[i]; batch])?;
-            let v = if do_cfg {
-                guide(&v[..n], &v[n..], o.cfg)
-            } else {
-                v
-            };
-            schedule.step(i, &mut latents, &v);
-            stages.push(StageReport {
-                name: format!("mmdit step {}", i + 1),
-                ns: p.gpu_ns(),
-                flops: p.entries.iter().map(|e| e.flops).sum(),
-            });
-            profiles.push(p);
-        }
+        d.run(gpu, &schedule, 0, &|_| true, &mut |i, p| {
+            if let Some(p) = p {
+                stages.push(StageReport {
+                    name: format!("mmdit step {}", i + 1),
+                    ns: p.gpu_ns(),
+                    flops: p.entries.iter().map(|e| e.flops).sum(),
+                });
+                profiles.push(p);
+            }
+        })?;
+        latents = d.latents(gpu)?;
     }
     let mut image = None;
     if want("vae") {

@@ -87,6 +87,7 @@ pub struct Graph {
     scopes: Vec<String>,
     implementations: Vec<&'static str>,
     target: Target,
+    feedback: Vec<(Value, Value)>,
 }
 
 impl Graph {
@@ -99,7 +100,25 @@ impl Graph {
             scopes: Vec::new(),
             implementations: Vec::new(),
             target,
+            feedback: Vec::new(),
         }
+    }
+
+    /// After every run, copy kept value `from` into input `to` on the GPU
+    /// (state carried from one run to the next, e.g. the latents of a
+    /// denoising loop, without a round trip through the CPU).
+    pub fn feedback(&mut self, from: Value, to: Value) -> Result<()> {
+        let (fs, ts) = (self.values[from.0].storage, self.values[to.0].storage);
+        let (f, t) = (&self.storages[fs], &self.storages[ts]);
+        if !matches!(t.source, Source::Input) || !f.kept || f.bytes != t.bytes || f.dtype != t.dtype
+        {
+            return Err(Error::Graph(format!(
+                "feedback from '{}' to '{}' needs a kept value and an input of the same size and type",
+                f.name, t.name
+            )));
+        }
+        self.feedback.push((from, to));
+        Ok(())
     }
 
     /// The device as recording sees it.
@@ -514,8 +533,24 @@ impl Graph {
                 cost: n.call.cost,
             });
         }
+        let feedback = self
+            .feedback
+            .iter()
+            .map(|&(from, to)| {
+                let fs = self.values[from.0].storage;
+                let ts = self.values[to.0].storage;
+                match (&buffers[fs], &buffers[ts]) {
+                    (Some(a), Some(b)) => Ok((a.clone(), b.clone(), self.storages[ts].bytes)),
+                    _ => Err(Error::Graph(format!(
+                        "feedback from '{}': the value is never written",
+                        self.storages[fs].name
+                    ))),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Plan {
             ops,
+            feedback,
             values: self.values,
             storages: self.storages,
             buffers,
@@ -540,6 +575,8 @@ struct PlannedOp {
 /// encodes the prebuilt dispatch list.
 pub struct Plan {
     ops: Vec<PlannedOp>,
+    /// (from, to, bytes): copies encoded after every run.
+    feedback: Vec<(Arc<TrackedBuffer>, Arc<TrackedBuffer>, u64)>,
     values: Vec<ValueInfo>,
     storages: Vec<Storage>,
     buffers: Vec<Option<Arc<TrackedBuffer>>>,
@@ -706,12 +743,37 @@ impl Plan {
     /// Runs every op once, all in one compute pass, and waits for the GPU.
     pub fn run(&self, gpu: &Gpu) -> Result<()> {
         let mut enc = gpu.device.create_command_encoder(&Default::default());
+        self.encode_run(&mut enc);
+        gpu.submit_and_wait("a graph run", enc.finish())?;
+        Ok(())
+    }
+
+    /// Encodes one run (its compute pass, then the feedback copies) into
+    /// `enc`, for callers that chain several plans in one submission.
+    pub fn encode_run(&self, enc: &mut wgpu::CommandEncoder) {
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
             self.encode(&mut pass, 0..self.ops.len(), None);
         }
-        gpu.submit_and_wait("a graph run", enc.finish())?;
-        Ok(())
+        self.encode_feedback(enc);
+    }
+
+    fn encode_feedback(&self, enc: &mut wgpu::CommandEncoder) {
+        for (from, to, bytes) in &self.feedback {
+            enc.copy_buffer_to_buffer(from, 0, to, 0, *bytes);
+        }
+    }
+
+    /// The buffer holding a kept value or an input (for copies between plans).
+    pub fn buffer(&self, v: Value) -> Result<&wgpu::Buffer> {
+        let (s, info) = self.storage_of(v)?;
+        if !s.kept {
+            return Err(Error::Graph(format!("'{}' was not kept", s.name)));
+        }
+        self.buffers[info.storage]
+            .as_deref()
+            .map(|b| &**b)
+            .ok_or_else(|| Error::Graph(format!("'{}' was never written", s.name)))
     }
 
     /// Runs once and measures each op: GPU timestamps between the dispatches of
@@ -772,6 +834,7 @@ impl Plan {
                 enc.resolve_query_set(&qs, 0..count, &resolve, 0);
                 sets.push((qs, resolve, count));
             }
+            self.encode_feedback(&mut enc);
             gpu.submit_and_wait("a profiled graph run", enc.finish())?;
             for (_, resolve, count) in &sets {
                 let bytes = gpu.read_bytes(resolve, *count as u64 * 8)?;

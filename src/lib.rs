@@ -9,6 +9,7 @@ pub mod bench;
 pub mod bench_arch;
 pub mod cli;
 pub mod decode;
+pub mod denoise;
 pub mod error;
 pub mod files;
 pub mod gpu;

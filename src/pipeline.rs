@@ -11,17 +11,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::decode::{decode_auto, MAX_TILE, MIN_TILE};
+use crate::denoise::{DenoiseOptions, Denoiser, SkipLayers};
 use crate::error::{Error, Result};
 use crate::gpu::profile::Profile;
 use crate::gpu::{Gpu, GpuOptions};
 use crate::graph::Graph;
 use crate::image_io::{load_image, to_rgb8};
 use crate::models::clip::{Clip, ClipConfig};
-use crate::models::mmdit::{Mmdit, MmditRun, TIMESTEP_DIM};
+use crate::models::mmdit::{Mmdit, TIMESTEP_DIM};
 use crate::models::t5::{T5Config, T5};
 use crate::models::vae::{Vae, VaeRun};
 use crate::ops::elementwise::Act;
-use crate::sampler::{guide, noise, FlowMatchEuler, Rng};
+use crate::sampler::{noise, FlowMatchEuler, Rng};
 use crate::tensor::DType;
 use crate::text::{encode_prompts, open_encoder, TextPaths, Truncation};
 use crate::tokenize::CLIP_TOKENS;
@@ -612,58 +613,45 @@ impl Pipeline {
         let mut profile = None;
         {
             let model = loaded.mmdit.as_ref().expect("loaded above");
-            let batch2 = if do_cfg { 2 * b } else { b };
-            let run = MmditRun::new(gpu, model, batch2, lh, lw, emb.tokens)?;
-            run.set_conditioning(gpu, &emb.context, &emb.pooled)?;
-            // Skip-layer guidance: an extra conditional pass with blocks skipped.
-            let slg = if do_cfg && !req.slg_layers.is_empty() {
-                let r = MmditRun::new_skipping(gpu, model, b, lh, lw, emb.tokens, &req.slg_layers)?;
-                let half = emb.context.len() / 2;
-                let phalf = emb.pooled.len() / 2;
-                r.set_conditioning(gpu, &emb.context[half..], &emb.pooled[phalf..])?;
-                Some(r)
-            } else {
-                None
-            };
+            let skip_layers = (do_cfg && !req.slg_layers.is_empty()).then(|| SkipLayers {
+                layers: req.slg_layers.clone(),
+                scale: req.slg_scale,
+                start: req.slg_start,
+                stop: req.slg_stop,
+            });
+            let d = Denoiser::new(
+                gpu,
+                model,
+                &DenoiseOptions {
+                    batch: b,
+                    height: lh,
+                    width: lw,
+                    tokens: emb.tokens,
+                    guidance: settings.cfg,
+                    skip_layers,
+                },
+            )?;
+            d.set_conditioning(gpu, &emb.context, &emb.pooled)?;
+            d.set_latents(gpu, &latents)?;
             let total = settings.steps - start;
-            for i in start..settings.steps {
-                let input: Vec<f32> = if do_cfg {
-                    [latents.as_slice(), latents.as_slice()].concat()
-                } else {
-                    latents.clone()
-                };
-                let t = vec![schedule.timesteps[i]; batch2];
-                let v = if req.profile && profile.is_none() {
-                    let (v, p) = run.step_profiled(gpu, &input, &t)?;
-                    profile = Some(p);
-                    v
-                } else {
-                    run.step(gpu, &input, &t)?
-                };
-                let mut pred = if do_cfg {
-                    guide(&v[..n], &v[n..], settings.cfg)
-                } else {
-                    v.clone()
-                };
-                if let Some(r) = &slg {
-                    // diffusers compares the integer step with fractions of the step count.
-                    let (fi, steps_f) = (i as f32, settings.steps as f32);
-                    if fi > steps_f * req.slg_start && fi < steps_f * req.slg_stop {
-                        let skipped = r.step(gpu, &latents, &t[..b])?;
-                        for ((p, c), s) in pred.iter_mut().zip(&v[n..]).zip(&skipped) {
-                            *p += (c - s) * req.slg_scale;
-                        }
+            d.run(
+                gpu,
+                &schedule,
+                start,
+                &|i| req.profile && i == start,
+                &mut |i, p| {
+                    if p.is_some() {
+                        profile = p;
                     }
-                }
-                schedule.step(i, &mut latents, &pred);
-                if latents.iter().any(|v| !v.is_finite()) {
-                    return Err(Error::Graph(format!(
-                        "step {} of {}: the latents became NaN or infinite (the model's numbers overflowed); no image is written",
-                        i + 1,
-                        settings.steps
-                    )));
-                }
-                progress(i + 1 - start, total);
+                    progress(i + 1 - start, total);
+                },
+            )?;
+            latents = d.latents(gpu)?;
+            if latents.iter().any(|v| !v.is_finite()) {
+                return Err(Error::Graph(format!(
+                    "after {} steps the latents hold NaN or infinite values (the model's numbers overflowed); no image is written",
+                    settings.steps
+                )));
             }
         }
         if !self.options.keep_loaded {

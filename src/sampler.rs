@@ -55,7 +55,8 @@ impl FlowMatchEuler {
         (n as f32 - init).max(0.0) as usize
     }
 
-    /// One Euler step in place: x ← x + (sigma_next − sigma) · v.
+    /// One Euler step in place: x ← x + (sigma_next − sigma) · v (the CPU
+    /// reference of [`crate::ops::sampler`]).
     pub fn step(&self, i: usize, x: &mut [f32], v: &[f32]) {
         let dt = self.sigmas[i + 1] - self.sigmas[i];
         for (a, b) in x.iter_mut().zip(v) {
@@ -64,7 +65,8 @@ impl FlowMatchEuler {
     }
 }
 
-/// Classifier-free guidance: uncond + scale · (cond − uncond).
+/// Classifier-free guidance: uncond + scale · (cond − uncond) (the CPU
+/// reference of [`crate::ops::sampler`], which does it on the GPU).
 pub fn guide(uncond: &[f32], cond: &[f32], scale: f32) -> Vec<f32> {
     uncond
         .iter()

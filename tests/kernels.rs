@@ -10,7 +10,7 @@ use sd3_wgpu::graph::Graph;
 use sd3_wgpu::ops::attention::{self, AttentionOptions, Heads};
 use sd3_wgpu::ops::elementwise::{self, Act};
 use sd3_wgpu::ops::norm::{self, ModChunk};
-use sd3_wgpu::ops::{conv, layout, linear, random, softmax};
+use sd3_wgpu::ops::{conv, layout, linear, random, sampler, softmax};
 use sd3_wgpu::{DType, Gpu};
 
 macro_rules! cases {
@@ -45,6 +45,7 @@ cases!(
     patchify_layouts,
     random_fill_f32_and_f16,
     residual_adaln_fused_and_composed,
+    guided_euler_with_and_without_guidance,
 );
 
 #[test]
@@ -1165,6 +1166,54 @@ mod cases {
                 TOL_F32,
             );
             assert_close(&format!("composed h {b}x{t}x{c}"), &got[2], &rh, TOL_F32);
+        }
+    }
+
+    /// The sampler's update against the CPU sampler (guide, skip-layer term,
+    /// Euler step) in f64: plain, guided, guided with skip layers.
+    pub fn guided_euler_with_and_without_guidance(gpu: &Gpu) {
+        let shape = [2, 3, 5, 7];
+        let n: usize = shape.iter().product();
+        let (dt, w, scale) = (-0.137f32, 2.8f32, 4.5f32);
+        for (case, (guided, skip)) in [(false, false), (true, false), (true, true)]
+            .into_iter()
+            .enumerate()
+        {
+            let seed = 900 + 10 * case as u64;
+            let halves = if guided { 2 } else { 1 };
+            let xd = rand(seed, n);
+            let vd = rand(seed + 1, halves * n);
+            let sd = rand(seed + 2, n);
+            let mut g = Graph::new(gpu.target());
+            let x = weight(gpu, &mut g, "x", &shape, DType::F32, &xd);
+            let mut vshape = shape;
+            vshape[0] *= halves;
+            let v = weight(gpu, &mut g, "v", &vshape, DType::F32, &vd);
+            let step = weight(gpu, &mut g, "step", &[2], DType::F32, &[dt, w]);
+            let s = skip.then(|| weight(gpu, &mut g, "skip", &shape, DType::F32, &sd));
+            let y = sampler::guided_euler(&mut g, x, v, step, s, guided.then_some(scale)).unwrap();
+            g.keep(y);
+            let got = &run(gpu, g, &[y])[0];
+            let want: Vec<f64> = (0..n)
+                .map(|i| {
+                    let u = vd[i] as f64;
+                    let mut pred = u;
+                    if guided {
+                        let c = vd[n + i] as f64;
+                        pred = u + scale as f64 * (c - u);
+                        if skip {
+                            pred += (c - sd[i] as f64) * w as f64;
+                        }
+                    }
+                    xd[i] as f64 + dt as f64 * pred
+                })
+                .collect();
+            assert_close(
+                &format!("guided_euler guided={guided} skip={skip}"),
+                got,
+                &want,
+                TOL_F32,
+            );
         }
     }
 }

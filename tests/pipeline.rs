@@ -169,3 +169,29 @@ fn repeated_generation_does_not_grow_gpu_memory() {
     assert_eq!(pipe2.gpu.memory.current(), 0);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn the_denoising_loop_reads_the_latents_back_once() {
+    let dir = pipeline_folder("sd35m");
+    let pipe = Pipeline::load(&dir, f32_options()).unwrap();
+    let mut req = request();
+    // Skip-layer guidance too: its pass also stays on the GPU.
+    req.slg_layers = vec![0];
+    req.slg_start = 0.0;
+    req.slg_stop = 1.0;
+    let readbacks = |steps: usize| {
+        let mut r = req.clone();
+        r.steps = Some(steps);
+        let before = pipe.gpu.readbacks();
+        let mut during = Vec::new();
+        pipe.generate(&r, &mut |_, _| during.push(pipe.gpu.readbacks()))
+            .unwrap();
+        let total = pipe.gpu.readbacks() - before;
+        // No readback between the first and the last step.
+        assert!(during.windows(2).all(|w| w[0] == w[1]), "{during:?}");
+        total
+    };
+    let (one, four) = (readbacks(1), readbacks(4));
+    assert_eq!(one, four, "readbacks must not grow with the step count");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -359,6 +359,7 @@ pub struct Gpu {
     faults: std::sync::Arc<Faults>,
     /// Which op implementations recording may choose.
     pub kernels: KernelChoice,
+    readbacks: std::sync::atomic::AtomicU64,
     /// Cooperative-matrix configurations (empty unless the feature is enabled).
     pub coop: Vec<CoopConfig>,
 }
@@ -483,6 +484,7 @@ impl Gpu {
             memory: Default::default(),
             faults,
             kernels,
+            readbacks: Default::default(),
             coop: if coop_on {
                 coop_configs(adapter)
             } else {
@@ -612,8 +614,15 @@ impl Gpu {
             .map_err(|e| GpuError::DeviceLost(e.to_string()))
     }
 
+    /// How many buffers have been read back to the CPU so far.
+    pub fn readbacks(&self) -> u64 {
+        self.readbacks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Reads a whole buffer (or its first `bytes`) back to the CPU.
     pub fn read_bytes(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, GpuError> {
+        self.readbacks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let size = bytes.div_ceil(4) * 4;
         let staging = self.guarded("a readback buffer", size, || {
             self.device.create_buffer(&wgpu::BufferDescriptor {

@@ -35,6 +35,7 @@ pub const SOURCES: &[(&str, &str)] = &[
         "residual_norm.wgsl",
         include_str!("../../shaders/residual_norm.wgsl"),
     ),
+    ("sampler.wgsl", include_str!("../../shaders/sampler.wgsl")),
 ];
 
 /// The raw text of a shader file.

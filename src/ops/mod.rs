@@ -13,6 +13,7 @@ pub mod layout;
 pub mod linear;
 pub mod norm;
 pub mod random;
+pub mod sampler;
 pub mod softmax;
 
 use crate::error::{Error, Result};
@@ -31,6 +32,7 @@ pub fn all_kernels() -> Vec<&'static Kernel> {
     k.extend_from_slice(conv::KERNELS);
     k.extend_from_slice(layout::KERNELS);
     k.extend_from_slice(random::KERNELS);
+    k.extend_from_slice(sampler::KERNELS);
     k
 }
 

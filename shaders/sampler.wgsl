@@ -1,0 +1,46 @@
+// One denoising update on the GPU, so the latents never leave it:
+//
+//   pred  = v_u + G · (v_c − v_u)     classifier-free guidance (CFG set): v holds
+//                                     the uncond half, then the cond half
+//   pred += w · (v_c − s)             skip-layer guidance (SLG set): s from the
+//                                     pass with blocks skipped
+//   x_out = x + dt · pred             flow-match Euler
+//
+// G is fixed for a run (params); dt and w change per step and come from the
+// two-value `step` buffer (w is 0 on steps without skip-layer guidance). The
+// order of operations is the CPU sampler's, term for term.
+
+#include "common.wgsl"
+
+struct Params {
+    n: u32, flags: u32, guidance: f32, _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(3) var<storage, read> step: array<f32>;
+@group(0) @binding(4) var<storage, read> skip: array<f32>;
+@group(0) @binding(5) var<storage, read_write> x_out: array<f32>;
+
+// Flag bits, set from Rust (ops::sampler).
+override CFG: u32;
+override SLG: u32;
+
+@compute @workgroup_size(WG)
+fn guided_euler(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid, WG);
+    if (i >= p.n) {
+        return;
+    }
+    var pred = v[i];
+    if ((p.flags & CFG) != 0u) {
+        let c = v[p.n + i];
+        pred = pred + p.guidance * (c - pred);
+        if ((p.flags & SLG) != 0u) {
+            pred += (c - skip[i]) * step[1];
+        }
+    }
+    x_out[i] = x[i] + step[0] * pred;
+}

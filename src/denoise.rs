@@ -1,0 +1,263 @@
+//! The denoising loop on the GPU, shared by `generate` and `bench --arch`.
+//!
+//! One planned graph per run: the latents (an input the graph writes back to
+//! itself after every run, see [`Graph::feedback`]) are duplicated for
+//! classifier-free guidance, go through the MMDiT, and the sampler op
+//! combines the velocities and takes the Euler step. A second, smaller plan
+//! runs the skip-layer pass when skip-layer guidance is on; its velocity is
+//! copied into the main plan on the GPU. Per step the host writes only the
+//! timestep embedding and (dt, skip weight); the latents are read back once,
+//! after the last step.
+
+use crate::error::{Error, Result};
+use crate::gpu::profile::Profile;
+use crate::gpu::Gpu;
+use crate::graph::{Graph, Plan, Value};
+use crate::models::mmdit::{timestep_embedding, Mmdit, TIMESTEP_DIM};
+use crate::ops::{layout, sampler};
+use crate::sampler::FlowMatchEuler;
+use crate::tensor::DType;
+
+/// Skip-layer guidance (SD3.5 medium): an extra conditional pass with some
+/// blocks skipped, pushing the prediction away from it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SkipLayers {
+    /// Blocks skipped in the extra pass.
+    pub layers: Vec<usize>,
+    /// Weight of (cond − skipped) added to the prediction.
+    pub scale: f32,
+    /// Applies to steps i with start·steps < i < stop·steps (diffusers' rule).
+    pub start: f32,
+    /// See `start`.
+    pub stop: f32,
+}
+
+/// The shapes and guidance of one denoising run.
+#[derive(Clone, Debug)]
+pub struct DenoiseOptions {
+    /// Images.
+    pub batch: usize,
+    /// Latent height.
+    pub height: usize,
+    /// Latent width.
+    pub width: usize,
+    /// Context tokens (77 + T5's).
+    pub tokens: usize,
+    /// Classifier-free guidance scale; ≤ 1 runs the conditional pass only.
+    pub guidance: f32,
+    /// Skip-layer guidance (with classifier-free guidance only).
+    pub skip_layers: Option<SkipLayers>,
+}
+
+struct SkipPass {
+    plan: Plan,
+    latents: Value,
+    context: Value,
+    pooled: Value,
+    t_emb: Value,
+    out: Value,
+}
+
+/// A planned denoising step, replayed for every step of a run.
+pub struct Denoiser {
+    plan: Plan,
+    latents: Value,
+    context: Value,
+    pooled: Value,
+    t_emb: Value,
+    step: Value,
+    skip_in: Option<Value>,
+    skip: Option<SkipPass>,
+    options: DenoiseOptions,
+}
+
+impl Denoiser {
+    /// Plans the step for `model` (and the skip-layer pass, if asked for).
+    pub fn new(gpu: &Gpu, model: &Mmdit, o: &DenoiseOptions) -> Result<Denoiser> {
+        let c = &model.config;
+        let cfg = o.guidance > 1.0;
+        if o.skip_layers.is_some() && !cfg {
+            return Err(Error::Graph(
+                "skip-layer guidance needs classifier-free guidance (a scale above 1)".into(),
+            ));
+        }
+        let b = o.batch;
+        let b2 = if cfg { 2 * b } else { b };
+        let latent_shape = [b, c.in_channels, o.height, o.width];
+        let mut g = Graph::new(gpu.target());
+        let latents = g.input("latents", &latent_shape, DType::F32);
+        let context = g.input("context", &[b2, o.tokens, c.context_dim], DType::F32);
+        let pooled = g.input("pooled", &[b2, c.pooled_dim], DType::F32);
+        let t_emb = g.input("t_emb", &[b2, TIMESTEP_DIM], DType::F32);
+        let step = g.input("step", &[2], DType::F32);
+        let skip_in = o
+            .skip_layers
+            .is_some()
+            .then(|| g.input("skip_velocity", &latent_shape, DType::F32));
+        let x = if cfg {
+            g.scoped("cfg", |g| layout::concat(g, latents, latents, 0))?
+        } else {
+            latents
+        };
+        let v = model.forward(&mut g, x, context, pooled, t_emb)?;
+        let out = g.scoped("sampler", |g| {
+            sampler::guided_euler(g, latents, v, step, skip_in, cfg.then_some(o.guidance))
+        })?;
+        g.keep(out);
+        g.feedback(out, latents)?;
+        let skip = match &o.skip_layers {
+            None => None,
+            Some(s) => {
+                let mut g = Graph::new(gpu.target());
+                let latents = g.input("latents", &latent_shape, DType::F32);
+                let context = g.input("context", &[b, o.tokens, c.context_dim], DType::F32);
+                let pooled = g.input("pooled", &[b, c.pooled_dim], DType::F32);
+                let t_emb = g.input("t_emb", &[b, TIMESTEP_DIM], DType::F32);
+                let out = g.scoped("skip_layers", |g| {
+                    model.forward_skipping(g, latents, context, pooled, t_emb, &s.layers)
+                })?;
+                g.keep(out);
+                Some(SkipPass {
+                    plan: g.plan(gpu)?,
+                    latents,
+                    context,
+                    pooled,
+                    t_emb,
+                    out,
+                })
+            }
+        };
+        Ok(Denoiser {
+            plan: g.plan(gpu)?,
+            latents,
+            context,
+            pooled,
+            t_emb,
+            step,
+            skip_in,
+            skip,
+            options: o.clone(),
+        })
+    }
+
+    fn cfg(&self) -> bool {
+        self.options.guidance > 1.0
+    }
+
+    /// Writes the text conditioning (negative prompts first when guided),
+    /// which stays the same for every step.
+    pub fn set_conditioning(&self, gpu: &Gpu, context: &[f32], pooled: &[f32]) -> Result<()> {
+        self.plan.write(gpu, self.context, context)?;
+        self.plan.write(gpu, self.pooled, pooled)?;
+        if let Some(s) = &self.skip {
+            // The skip-layer pass sees the conditional (second) half.
+            s.plan
+                .write(gpu, s.context, &context[context.len() / 2..])?;
+            s.plan.write(gpu, s.pooled, &pooled[pooled.len() / 2..])?;
+        }
+        Ok(())
+    }
+
+    /// Uploads the starting latents [batch, c, h, w].
+    pub fn set_latents(&self, gpu: &Gpu, latents: &[f32]) -> Result<()> {
+        self.plan.write(gpu, self.latents, latents)
+    }
+
+    /// One step at timestep `t` (sigma · 1000) with Euler increment `dt`;
+    /// `skip_weight` runs the skip-layer pass and weights it (skip-layer
+    /// guidance on this step). With `profile`, the main pass is timed per op.
+    pub fn step(
+        &self,
+        gpu: &Gpu,
+        t: f32,
+        dt: f32,
+        skip_weight: Option<f32>,
+        profile: bool,
+    ) -> Result<Option<Profile>> {
+        let b2 = if self.cfg() {
+            2 * self.options.batch
+        } else {
+            self.options.batch
+        };
+        self.plan
+            .write(gpu, self.t_emb, &timestep_embedding(&vec![t; b2]))?;
+        let w = match (skip_weight, &self.skip) {
+            (Some(w), Some(s)) => {
+                s.plan.write(
+                    gpu,
+                    s.t_emb,
+                    &timestep_embedding(&vec![t; self.options.batch]),
+                )?;
+                let skip_in = self
+                    .skip_in
+                    .ok_or_else(|| Error::Graph("skip pass without its input".into()))?;
+                let mut enc = gpu.device.create_command_encoder(&Default::default());
+                let bytes = self.plan.buffer(self.latents)?.size();
+                enc.copy_buffer_to_buffer(
+                    self.plan.buffer(self.latents)?,
+                    0,
+                    s.plan.buffer(s.latents)?,
+                    0,
+                    bytes,
+                );
+                s.plan.encode_run(&mut enc);
+                enc.copy_buffer_to_buffer(
+                    s.plan.buffer(s.out)?,
+                    0,
+                    self.plan.buffer(skip_in)?,
+                    0,
+                    bytes,
+                );
+                gpu.submit_and_wait("the skip-layer pass", enc.finish())?;
+                w
+            }
+            (Some(_), None) => {
+                return Err(Error::Graph(
+                    "skip-layer guidance was not planned for this run".into(),
+                ))
+            }
+            (None, _) => 0.0,
+        };
+        self.plan.write(gpu, self.step, &[dt, w])?;
+        if profile {
+            Ok(Some(self.plan.run_profiled(gpu)?))
+        } else {
+            self.plan.run(gpu)?;
+            Ok(None)
+        }
+    }
+
+    /// Runs steps `start..` of `schedule`, calling `each(i, profile)` after
+    /// step i (with its per-op profile when `profile(i)` asked for one).
+    pub fn run(
+        &self,
+        gpu: &Gpu,
+        schedule: &FlowMatchEuler,
+        start: usize,
+        profile: &dyn Fn(usize) -> bool,
+        each: &mut dyn FnMut(usize, Option<Profile>),
+    ) -> Result<()> {
+        let steps = schedule.timesteps.len();
+        for i in start..steps {
+            let skip_weight = self.options.skip_layers.as_ref().and_then(|s| {
+                // diffusers compares the integer step with fractions of the step count.
+                let (fi, n) = (i as f32, steps as f32);
+                (fi > n * s.start && fi < n * s.stop).then_some(s.scale)
+            });
+            let dt = schedule.sigmas[i + 1] - schedule.sigmas[i];
+            let p = self.step(gpu, schedule.timesteps[i], dt, skip_weight, profile(i))?;
+            each(i, p);
+        }
+        Ok(())
+    }
+
+    /// The current latents (the one readback of a run).
+    pub fn latents(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        self.plan.read(gpu, self.latents)
+    }
+
+    /// The main step's plan (memory figures, dispatch counts).
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+}

@@ -1,0 +1,111 @@
+//! The sampler's update as an op (`shaders/sampler.wgsl`): classifier-free
+//! guidance, skip-layer guidance and the flow-match Euler step in one pass
+//! over the latents.
+//!
+//! Shapes: x [batch, c, h, w]; v [batch, …] or, with guidance, [2·batch, …]
+//! (uncond first); step [2] = (dt, skip-layer weight); skip like x → x_out
+//! like x. All f32.
+
+use super::{bytes_of, check_index_space, expect_dtype, expect_shape, grid_for, WG};
+use crate::error::Result;
+use crate::gpu::{Binding, Kernel, PipelineKey};
+use crate::graph::{Cost, Graph, OpCall, Value};
+use crate::tensor::{numel, shape_str, DType};
+
+/// `guided_euler` in sampler.wgsl.
+pub static GUIDED_EULER: Kernel = Kernel {
+    file: "sampler.wgsl",
+    entry: "guided_euler",
+    params: &SamplerParams::LAYOUT,
+    bindings: &[
+        Binding::read("x"),
+        Binding::read("v"),
+        Binding::read("step"),
+        Binding::read("skip"),
+        Binding::write("x_out"),
+    ],
+    flags: &[],
+    constants: &[],
+    overrides: &[("WG", WG as u32), ("CFG", CFG), ("SLG", SLG)],
+    consts: &[],
+};
+
+/// Kernels of this family.
+pub static KERNELS: &[&Kernel] = &[&GUIDED_EULER];
+
+/// Flag bit: v holds uncond and cond halves, combined with the guidance scale.
+pub const CFG: u32 = 1;
+/// Flag bit: add skip-layer guidance from the `skip` binding.
+pub const SLG: u32 = 2;
+
+crate::params_struct! {
+    /// Params of `sampler.wgsl`.
+    pub struct SamplerParams {
+        /// Latent values (one batch).
+        pub n: u32,
+        /// CFG, SLG bits.
+        pub flags: u32,
+        /// Classifier-free guidance scale.
+        pub guidance: f32,
+        /// Padding.
+        pub _pad: u32,
+    }
+}
+
+/// x_out = x + dt · pred, pred = v, or v_u + guidance · (v_c − v_u) with
+/// `guidance`, plus w · (v_c − skip) with `skip`; (dt, w) = `step`.
+pub fn guided_euler(
+    g: &mut Graph,
+    x: Value,
+    v: Value,
+    step: Value,
+    skip: Option<Value>,
+    guidance: Option<f32>,
+) -> Result<Value> {
+    let kind = "guided_euler";
+    let xs = g.shape(x).to_vec();
+    let n = numel(&xs);
+    let halves = if guidance.is_some() { 2 } else { 1 };
+    for (name, val) in [("x", x), ("v", v), ("step", step)] {
+        expect_dtype(g, kind, name, val, &[DType::F32])?;
+    }
+    expect_shape(g, kind, "step", step, &[2])?;
+    if xs.is_empty() || numel(g.shape(v)) != halves * n || g.shape(v)[1..] != xs[1..] {
+        return Err(g.shape_error(
+            kind,
+            format!(
+                "v must be {halves} × x's batch with x's other axes: x {}, v {}",
+                shape_str(&xs),
+                shape_str(g.shape(v))
+            ),
+        ));
+    }
+    if let Some(s) = skip {
+        if guidance.is_none() {
+            return Err(g.shape_error(kind, "skip-layer guidance needs classifier-free guidance"));
+        }
+        expect_dtype(g, kind, "skip", s, &[DType::F32])?;
+        expect_shape(g, kind, "skip", s, &xs)?;
+    }
+    check_index_space(g, kind, 2 * n)?;
+    let out = g.alloc(&xs, DType::F32);
+    let p = SamplerParams {
+        n: n as u32,
+        flags: if guidance.is_some() { CFG } else { 0 } | if skip.is_some() { SLG } else { 0 },
+        guidance: guidance.unwrap_or(1.0),
+        _pad: 0,
+    };
+    let n64 = n as u64;
+    let call = OpCall {
+        key: PipelineKey::new(&GUIDED_EULER),
+        params: bytes_of(&p),
+        args: vec![Some(x), Some(v), Some(step), skip, Some(out)],
+        workgroups: grid_for(n),
+        cost: Cost {
+            flops: n64 * (2 + 3 * (halves as u64 - 1) + 3 * skip.is_some() as u64),
+            bytes: 4 * n64 * (2 + halves as u64 + skip.is_some() as u64),
+        },
+    };
+    g.record(kind, call)?;
+    Ok(out)
+}
