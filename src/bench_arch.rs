@@ -14,11 +14,13 @@ use crate::models::clip::{Clip, ClipConfig};
 use crate::models::mmdit::{Mmdit, TIMESTEP_DIM};
 use crate::models::t5::{T5Config, T5};
 use crate::models::vae::{Vae, VaeRun};
+use crate::ops::attention::HEAD_DIM;
 use crate::ops::elementwise::Act;
 use crate::sampler::{noise, FlowMatchEuler, Rng};
 use crate::tensor::DType;
+use crate::tokenize::CLIP_TOKENS;
 use crate::weights::mmdit::MmditConfig;
-use crate::weights::vae::{VaeConfig, SD3_SCALING_FACTOR, SD3_SHIFT_FACTOR};
+use crate::weights::vae::{VaeConfig, LATENT_CHANNELS, SD3_SCALING_FACTOR, SD3_SHIFT_FACTOR};
 use crate::weights::RandomWeights;
 
 /// A benchmarkable architecture.
@@ -54,10 +56,10 @@ pub struct ArchSpec {
 fn clip(hidden: usize, layers: usize, vocab: usize, act: Act) -> ClipConfig {
     ClipConfig {
         hidden,
-        heads: hidden / 64,
+        heads: hidden / HEAD_DIM,
         layers,
         vocab,
-        positions: 77,
+        positions: CLIP_TOKENS,
         projection: hidden,
         intermediate: 4 * hidden,
         act,
@@ -79,9 +81,9 @@ fn mmdit(
     MmditConfig {
         depth,
         hidden,
-        heads: hidden / 64,
-        in_channels: 16,
-        out_channels: 16,
+        heads: hidden / HEAD_DIM,
+        in_channels: LATENT_CHANNELS,
+        out_channels: LATENT_CHANNELS,
         patch: 2,
         context_dim: context,
         pooled_dim: pooled,
@@ -110,7 +112,7 @@ impl Arch {
     /// The architecture's shapes.
     pub fn spec(self) -> ArchSpec {
         let sd3_vae = VaeConfig {
-            latent_channels: 16,
+            latent_channels: LATENT_CHANNELS,
             image_channels: 3,
             block_out_channels: vec![128, 256, 512, 512],
             layers_per_block: 2,
@@ -189,7 +191,7 @@ pub fn record_graphs(
     for (name, cfg) in [("clip_l", &spec.clip_l), ("clip_g", &spec.clip_g)] {
         let m = Clip::load_from(gpu, cfg, &w, DType::F16)?;
         let mut g = Graph::new(gpu.target());
-        let ids = g.input("ids", &[batch * 77], DType::U32);
+        let ids = g.input("ids", &[batch * CLIP_TOKENS], DType::U32);
         let rows = g.input("pool_rows", &[batch], DType::U32);
         m.forward(&mut g, ids, rows, batch)?;
         graphs.push((name, g));
@@ -206,14 +208,14 @@ pub fn record_graphs(
     graphs.push(("t5", g));
     let m = Mmdit::load_from(gpu, &spec.mmdit, &w, DType::F16)?;
     let (lh, lw) = (
-        height / 8 * 8 / vae_factor(&spec.vae),
-        width / 8 * 8 / vae_factor(&spec.vae),
+        height / 8 * 8 / spec.vae.scale_factor(),
+        width / 8 * 8 / spec.vae.scale_factor(),
     );
     let mut g = Graph::new(gpu.target());
-    let x = g.input("latents", &[batch, 16, lh, lw], DType::F32);
+    let x = g.input("latents", &[batch, LATENT_CHANNELS, lh, lw], DType::F32);
     let c = g.input(
         "context",
-        &[batch, 77 + spec.t5_tokens, spec.mmdit.context_dim],
+        &[batch, CLIP_TOKENS + spec.t5_tokens, spec.mmdit.context_dim],
         DType::F32,
     );
     let p = g.input("pooled", &[batch, spec.mmdit.pooled_dim], DType::F32);
@@ -222,14 +224,14 @@ pub fn record_graphs(
     graphs.push(("mmdit", g));
     let v = Vae::load_from(gpu, &spec.vae, &w, DType::F16)?;
     let mut g = Graph::new(gpu.target());
-    let z = g.input("latents", &[batch / 2 + batch % 2, 16, lh, lw], DType::F32);
+    let z = g.input(
+        "latents",
+        &[batch / 2 + batch % 2, LATENT_CHANNELS, lh, lw],
+        DType::F32,
+    );
     v.decode(&mut g, z)?;
     graphs.push(("vae", g));
     Ok(ArchGraphs { graphs })
-}
-
-fn vae_factor(v: &VaeConfig) -> usize {
-    1 << (v.block_out_channels.len() - 1)
 }
 
 /// Op class of a kernel family, for the report.
@@ -299,7 +301,7 @@ pub struct BenchReport {
 /// Runs the benchmark.
 pub fn run(gpu: &Gpu, o: &BenchOptions) -> Result<BenchReport> {
     let spec = o.arch.spec();
-    let f = vae_factor(&spec.vae) * spec.mmdit.patch;
+    let f = spec.vae.scale_factor() * spec.mmdit.patch;
     if o.width == 0 || o.height == 0 || !o.width.is_multiple_of(f) || !o.height.is_multiple_of(f) {
         return Err(Error::Graph(format!(
             "width and height must be positive multiples of {f}"
@@ -312,25 +314,25 @@ pub fn run(gpu: &Gpu, o: &BenchOptions) -> Result<BenchReport> {
     let batch = if do_cfg { 2 } else { 1 };
     let mut stages = Vec::new();
     let mut profiles: Vec<Profile> = Vec::new();
-    let tokens = 77 + spec.t5_tokens;
+    let tokens = CLIP_TOKENS + spec.t5_tokens;
     let mut context = vec![0f32; batch * tokens * spec.mmdit.context_dim];
     let mut pooled = vec![0f32; batch * spec.mmdit.pooled_dim];
     if want("text") {
         let mut text_ns = 0.0;
         let mut text_flops = 0;
-        let ids: Vec<u32> = (0..batch * 77)
+        let ids: Vec<u32> = (0..batch * CLIP_TOKENS)
             .map(|i| {
-                if i % 77 == 10 {
+                if i % CLIP_TOKENS == 10 {
                     spec.clip_l.vocab as u32 - 1
                 } else {
-                    (i % 77) as u32
+                    (i % CLIP_TOKENS) as u32
                 }
             })
             .collect();
         for (name, cfg) in [("clip_l", &spec.clip_l), ("clip_g", &spec.clip_g)] {
             let m = Clip::load_from(gpu, cfg, &weights, o.dtype)?;
             let mut g = Graph::new(gpu.target());
-            let idv = g.input("ids", &[batch * 77], DType::U32);
+            let idv = g.input("ids", &[batch * CLIP_TOKENS], DType::U32);
             let rows = g.input("pool_rows", &[batch], DType::U32);
             let (seq, pool) = g.scoped(name, |g| m.forward(g, idv, rows, batch))?;
             g.keep(seq);
@@ -340,7 +342,9 @@ pub fn run(gpu: &Gpu, o: &BenchOptions) -> Result<BenchReport> {
             plan.write_u32(
                 gpu,
                 rows,
-                &(0..batch as u32).map(|b| b * 77 + 10).collect::<Vec<_>>(),
+                &(0..batch as u32)
+                    .map(|b| b * CLIP_TOKENS as u32 + 10)
+                    .collect::<Vec<_>>(),
             )?;
             let p = plan.run_profiled(gpu)?;
             text_ns += p.gpu_ns();
@@ -372,7 +376,7 @@ pub fn run(gpu: &Gpu, o: &BenchOptions) -> Result<BenchReport> {
         let t5_out = plan.read(gpu, out)?;
         profiles.push(p);
         for b in 0..batch {
-            let dst = (b * tokens + 77) * spec.mmdit.context_dim;
+            let dst = (b * tokens + CLIP_TOKENS) * spec.mmdit.context_dim;
             let n = spec.t5_tokens * spec.mmdit.context_dim;
             context[dst..dst + n].copy_from_slice(&t5_out[b * n..(b + 1) * n]);
         }
@@ -383,10 +387,10 @@ pub fn run(gpu: &Gpu, o: &BenchOptions) -> Result<BenchReport> {
         });
     }
     let (lh, lw) = (
-        o.height / vae_factor(&spec.vae),
-        o.width / vae_factor(&spec.vae),
+        o.height / spec.vae.scale_factor(),
+        o.width / spec.vae.scale_factor(),
     );
-    let n = 16 * lh * lw;
+    let n = LATENT_CHANNELS * lh * lw;
     let mut latents = noise(Rng::Native, o.seed, n);
     if want("mmdit") {
         let m = Mmdit::load_from(gpu, &spec.mmdit, &weights, o.dtype)?;

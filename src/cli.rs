@@ -10,7 +10,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::decode::{numbered, read_latents, write_latents};
 use crate::files::{check_output, check_outputs_apart, write_bytes};
 use crate::gpu::{list_adapters, Gpu, GpuOptions};
-use crate::pipeline::{image_metadata, GenerateRequest, Latents, Pipeline, PipelineOptions};
+use crate::pipeline::{
+    defaults, image_metadata, GenerateRequest, Latents, Pipeline, PipelineOptions,
+};
 use crate::{bench, DType};
 
 #[derive(Parser)]
@@ -60,7 +62,7 @@ pub enum Command {
         #[arg(long)]
         vae_tile: Option<usize>,
         /// Overlap between tiles, in latent pixels.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = defaults::TILE_OVERLAP)]
         tile_overlap: usize,
         /// Tile when a full-frame decode needs more than this many MiB of intermediates.
         #[arg(long)]
@@ -147,7 +149,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub height: Option<usize>,
     /// T5 tokens.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = defaults::MAX_T5_TOKENS)]
     pub max_t5_tokens: usize,
     /// Images to generate.
     #[arg(long, default_value_t = 1)]
@@ -156,7 +158,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub init_image: Option<PathBuf>,
     /// img2img strength (1 = ignore the image).
-    #[arg(long, default_value_t = 0.6)]
+    #[arg(long, default_value_t = defaults::STRENGTH)]
     pub strength: f32,
     /// Initial noise: safetensors with an f32 tensor `latents` [batch, 16, h/8, w/8].
     #[arg(long)]
@@ -186,13 +188,13 @@ pub struct GenerateArgs {
     #[arg(long, value_delimiter = ',')]
     pub slg_layers: Vec<usize>,
     /// Skip-layer guidance scale.
-    #[arg(long, default_value_t = 2.8)]
+    #[arg(long, default_value_t = defaults::SLG_SCALE)]
     pub slg_scale: f32,
     /// Skip-layer guidance starts after this fraction of the steps.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = defaults::SLG_START)]
     pub slg_start: f32,
     /// Skip-layer guidance stops at this fraction of the steps.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = defaults::SLG_STOP)]
     pub slg_stop: f32,
 }
 
@@ -361,7 +363,7 @@ pub fn generate_request(a: &GenerateArgs) -> Result<GenerateRequest, Box<dyn std
     req.strength = a.strength;
     req.init_latents = match &a.init_latents {
         Some(p) => {
-            let (shape, data) = read_latents(p, 16)?;
+            let (shape, data) = read_latents(p, crate::weights::vae::LATENT_CHANNELS)?;
             Some(Latents {
                 shape: shape.to_vec(),
                 data,

@@ -1,9 +1,9 @@
 //! The crate's error type.
 
 use std::fmt;
+use std::path::PathBuf;
 
 use crate::gpu::GpuError;
-use crate::weights::WeightsError;
 
 /// Everything that can go wrong in the engine, each with a message that names
 /// the op, tensor or file and what was expected.
@@ -62,3 +62,85 @@ impl From<WeightsError> for Error {
         Error::Weights(e)
     }
 }
+
+/// Errors reading weights, each naming the file or tensor and what was expected.
+#[derive(Debug)]
+pub enum WeightsError {
+    /// The path does not exist or cannot be read.
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        err: String,
+    },
+    /// Not a safetensors file, or a truncated one, or a bad index.
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A tensor the model needs is absent.
+    Missing {
+        /// The tensor's name in the file's own naming scheme.
+        name: String,
+        /// Where it was looked for.
+        source: String,
+    },
+    /// A tensor has the wrong rank or shape.
+    Shape {
+        /// The file (or shards) holding it.
+        file: String,
+        /// Tensor name.
+        name: String,
+        /// What was expected, e.g. `[64]` or `rank 2 [out, in]`.
+        expected: String,
+        /// Shape found.
+        found: Vec<usize>,
+    },
+    /// A tensor is stored in a dtype we cannot convert.
+    Dtype {
+        /// The file (or shards) holding it.
+        file: String,
+        /// Tensor name.
+        name: String,
+        /// The stored dtype.
+        found: String,
+    },
+    /// The layout or model is not one we know, or a config value is out of range.
+    Unsupported(String),
+}
+
+impl fmt::Display for WeightsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WeightsError::Io { path, err } => write!(f, "{}: {err}", path.display()),
+            WeightsError::Format { path, msg } => {
+                write!(
+                    f,
+                    "{}: not a readable safetensors file: {msg}",
+                    path.display()
+                )
+            }
+            WeightsError::Missing { name, source } => {
+                write!(f, "tensor '{name}' is missing from {source}")
+            }
+            WeightsError::Shape {
+                file,
+                name,
+                expected,
+                found,
+            } => write!(
+                f,
+                "{file}: tensor '{name}' has shape {found:?}, expected {expected}"
+            ),
+            WeightsError::Dtype { file, name, found } => write!(
+                f,
+                "{file}: tensor '{name}' is stored as {found}; supported: F32, F16, BF16, F8_E4M3, F8_E5M2"
+            ),
+            WeightsError::Unsupported(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for WeightsError {}

@@ -44,6 +44,24 @@ pub const MAX_SHIFT: f64 = 100.0;
 /// Longest prompt accepted, in bytes (the encoders keep 77 / 512 tokens).
 pub const MAX_PROMPT_BYTES: usize = 1 << 20;
 
+/// Defaults of a request and of loading (the CLI takes its defaults from here).
+pub mod defaults {
+    /// T5 tokens (diffusers' `max_sequence_length`).
+    pub const MAX_T5_TOKENS: usize = 256;
+    /// img2img strength.
+    pub const STRENGTH: f32 = 0.6;
+    /// Skip-layer guidance scale (diffusers' SD3 pipeline).
+    pub const SLG_SCALE: f32 = 2.8;
+    /// Skip-layer guidance start, as a fraction of the steps.
+    pub const SLG_START: f32 = 0.01;
+    /// Skip-layer guidance stop, as a fraction of the steps.
+    pub const SLG_STOP: f32 = 0.2;
+    /// VAE tile overlap in latent pixels.
+    pub const TILE_OVERLAP: usize = 8;
+    /// Image side when neither the request nor an init image gives one.
+    pub const SIDE: usize = 1024;
+}
+
 /// Latents with their shape, e.g. the initial noise of a generation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Latents {
@@ -92,7 +110,7 @@ impl Default for PipelineOptions {
             dtype: DType::F16,
             keep_loaded: false,
             vae_tile: None,
-            tile_overlap: 8,
+            tile_overlap: defaults::TILE_OVERLAP,
             vae_budget: None,
         }
     }
@@ -155,16 +173,16 @@ impl GenerateRequest {
             rng: Rng::Native,
             width: None,
             height: None,
-            max_t5_tokens: 256,
+            max_t5_tokens: defaults::MAX_T5_TOKENS,
             batch: 1,
             init_image: None,
-            strength: 0.6,
+            strength: defaults::STRENGTH,
             init_latents: None,
             profile: false,
             slg_layers: Vec::new(),
-            slg_scale: 2.8,
-            slg_start: 0.01,
-            slg_stop: 0.2,
+            slg_scale: defaults::SLG_SCALE,
+            slg_start: defaults::SLG_START,
+            slg_stop: defaults::SLG_STOP,
         }
     }
 }
@@ -431,14 +449,15 @@ impl Pipeline {
                 self.options.tile_overlap
             )));
         }
+        // Image pixels per transformer token along each axis (16 for SD3).
+        let scale = self.vae.config.scale_factor() * c.patch;
         let init_image = match &req.init_image {
-            Some(p) => Some(load_image(p, 16)?),
+            Some(p) => Some(load_image(p, scale)?),
             None => None,
         };
-        let scale = (1usize << (self.vae.config.block_out_channels.len() - 1)) * c.patch;
         let dims = init_image.as_ref().map(|(_, h, w)| (*w, *h));
-        let width = req.width.or(dims.map(|d| d.0)).unwrap_or(1024);
-        let height = req.height.or(dims.map(|d| d.1)).unwrap_or(1024);
+        let width = req.width.or(dims.map(|d| d.0)).unwrap_or(defaults::SIDE);
+        let height = req.height.or(dims.map(|d| d.1)).unwrap_or(defaults::SIDE);
         for (flag, v) in [("--width", width), ("--height", height)] {
             if v == 0 || !v.is_multiple_of(scale) {
                 return Err(invalid(format!(
@@ -465,7 +484,7 @@ impl Pipeline {
         if let Some((w, h)) = dims {
             if (w, h) != (width, height) {
                 return Err(invalid(format!(
-                    "the init image is {w}×{h} after cropping to multiples of 16, but {width}×{height} was asked for"
+                    "the init image is {w}×{h} after cropping to multiples of {scale}, but {width}×{height} was asked for"
                 )));
             }
         }

@@ -33,7 +33,6 @@ fn flop_counter_matches_a_hand_count_for_one_block() {
     let gpu = common::gpu();
     let g = record_graphs(gpu, Arch::Sd3Medium, 1024, 1024, 2).unwrap();
     let mmdit = &g.graphs.iter().find(|(n, _)| *n == "mmdit").unwrap().1;
-    let (b, h, x, c) = (2u64, 1536u64, 4096u64, 333u64);
     let mut linear = 0;
     let mut attention = 0;
     for (label, family, cost) in mmdit.op_costs() {
@@ -46,10 +45,27 @@ fn flop_counter_matches_a_hand_count_for_one_block() {
             _ => {}
         }
     }
-    // Per stream: qkv 3h², proj h², MLP 8h² per token; adaLN: 6h² per sample and stream.
-    let want_linear = 2 * b * (12 * h * h * (x + c)) + 2 * b * (6 * h * h) * 2;
-    let t = x + c;
-    let want_attention = 4 * b * 24 * t * t * 64;
+    // Counted by hand, one line per matrix product of block 3 at 1024² with CFG:
+    // (rows, inner, columns), each 2·rows·inner·columns FLOP. 4096 image tokens,
+    // 333 context tokens (77 CLIP + 256 T5), hidden 1536, batch 2.
+    let products: [(u64, u64, u64); 10] = [
+        (2, 1536, 9216),        // x adaLN: SiLU(c) → 6 chunks of 1536
+        (2, 1536, 9216),        // context adaLN
+        (2 * 4096, 1536, 4608), // x qkv
+        (2 * 333, 1536, 4608),  // context qkv
+        (2 * 4096, 1536, 1536), // x proj
+        (2 * 333, 1536, 1536),  // context proj
+        (2 * 4096, 1536, 6144), // x fc1
+        (2 * 4096, 6144, 1536), // x fc2
+        (2 * 333, 1536, 6144),  // context fc1
+        (2 * 333, 6144, 1536),  // context fc2
+    ];
+    let want_linear: u64 = products.iter().map(|(m, k, n)| 2 * m * k * n).sum();
+    // Joint attention over 4429 tokens, 24 heads of 64, batch 2: per (sample,
+    // head) q·kᵀ is (4429, 64, 4429) and p·v (4429, 4429, 64).
+    let per_head: u64 = 2 * 4429 * 64 * 4429 + 2 * 4429 * 4429 * 64;
+    let want_attention: u64 = 2 * 24 * per_head;
+    assert_eq!(want_linear, 501_680_701_440, "the hand count itself");
     assert_eq!(linear, want_linear);
     assert_eq!(attention, want_attention);
     // Whole forward ≈ 8.9 TFLOP per sample (sd3-facts), batch 2 with CFG.

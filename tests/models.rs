@@ -179,14 +179,12 @@ mod vae {
                 dec.out_shape[2],
                 dec.out_shape[3],
             );
-            let mut off = 0usize;
             for bi in 0..b {
                 for y in 0..h {
                     for x in 0..w {
                         for ci in 0..c {
                             let ours = to_u8(got[((bi * c + ci) * h + y) * w + x]) as f32;
                             let theirs = rgb8[((bi * h + y) * w + x) * c + ci];
-                            off += ((ours - theirs).abs() > 1.0) as usize;
                             assert!(
                                 (ours - theirs).abs() <= 1.0,
                                 "pixel ({bi},{y},{x},{ci}): {ours} vs {theirs}"
@@ -195,7 +193,6 @@ mod vae {
                     }
                 }
             }
-            assert_eq!(off, 0);
             let enc = VaeRun::encoder(gpu(), &vae, is[0], is[2], is[3]).unwrap();
             let got = enc.run(gpu(), &image).unwrap();
             let e = rel_err(&got, &f64s(&encoded));

@@ -6,29 +6,13 @@
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::graph::{Graph, Value};
-use crate::models::mmdit::Linear;
+use crate::models::layers::{LayerNorm, Linear};
 use crate::ops::attention::{self, AttentionOptions, Heads, HEAD_DIM};
 use crate::ops::elementwise::{self, Act};
-use crate::ops::{layout, norm};
+use crate::ops::layout;
 use crate::tensor::{DType, Tensor};
 use crate::weights::text::TextSource;
 use crate::weights::{TensorProvider, WeightsError};
-
-/// A LayerNorm's weight and bias.
-pub struct LayerNorm {
-    /// [d].
-    pub weight: Tensor,
-    /// [d].
-    pub bias: Tensor,
-}
-
-impl LayerNorm {
-    fn forward(&self, g: &mut Graph, x: Value, eps: f32) -> Result<Value> {
-        let w = g.weight("weight", &self.weight);
-        let b = g.weight("bias", &self.bias);
-        norm::layer_norm(g, x, Some(w), Some(b), eps)
-    }
-}
 
 /// The architecture, from config.json or the tensors.
 #[derive(Clone, Debug, PartialEq)]

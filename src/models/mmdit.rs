@@ -7,10 +7,11 @@
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::graph::{Graph, Value};
+use crate::models::layers::{Linear, Mlp};
 use crate::ops::attention::{self, AttentionOptions, Heads, HEAD_DIM};
 use crate::ops::elementwise::{self, Act};
 use crate::ops::norm::{self, ModChunk};
-use crate::ops::{conv, layout, linear};
+use crate::ops::{conv, layout};
 use crate::tensor::{DType, Tensor};
 use crate::weights::mmdit::{MmditConfig, MmditSource};
 use crate::weights::TensorProvider;
@@ -18,39 +19,6 @@ use crate::weights::TensorProvider;
 const EPS: f32 = 1e-6;
 /// Width of the sinusoidal timestep embedding.
 pub const TIMESTEP_DIM: usize = 256;
-
-/// A linear layer's weights on the GPU.
-pub struct Linear {
-    /// [out, in], f32 or f16.
-    pub weight: Tensor,
-    /// [out].
-    pub bias: Option<Tensor>,
-}
-
-impl Linear {
-    /// Records x · weightᵀ + bias.
-    pub fn forward(&self, g: &mut Graph, x: Value) -> Result<Value> {
-        let w = g.weight("weight", &self.weight);
-        let b = self.bias.as_ref().map(|b| g.weight("bias", b));
-        linear::linear(g, x, w, b)
-    }
-}
-
-/// Linear → activation → Linear.
-pub struct Mlp {
-    /// First layer (`mlp.0` / `fc1`).
-    pub fc1: Linear,
-    /// Second layer (`mlp.2` / `fc2`).
-    pub fc2: Linear,
-}
-
-impl Mlp {
-    fn forward(&self, g: &mut Graph, x: Value, act: Act) -> Result<Value> {
-        let h = g.scoped("fc1", |g| self.fc1.forward(g, x))?;
-        let h = elementwise::activation(g, h, act)?;
-        g.scoped("fc2", |g| self.fc2.forward(g, h))
-    }
-}
 
 /// Self-attention weights of one stream: fused qkv, optional per-head RMSNorm
 /// of q and k, output projection (absent in the last block's context stream).

@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::graph::{Graph, Value};
-use crate::models::mmdit::Linear;
+use crate::models::layers::Linear;
 use crate::ops::attention::{self, AttentionOptions, Heads, HEAD_DIM};
 use crate::ops::elementwise::{self, Act};
 use crate::ops::{layout, norm};

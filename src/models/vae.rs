@@ -327,7 +327,7 @@ impl Vae {
 
     /// How many image pixels one latent pixel becomes (8 for SD3).
     pub fn scale(&self) -> usize {
-        1 << (self.config.block_out_channels.len() - 1)
+        self.config.scale_factor()
     }
 
     /// Records decoding: sampler latents [b, 16, h, w] (before scale/shift) →

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use super::recipe::Recipe;
 use super::{Checkpoint, WeightsError};
+use crate::ops::attention::HEAD_DIM;
 
 /// Prefix of the diffusion model in Stability single files.
 pub const SINGLE_FILE_PREFIX: &str = "model.diffusion_model.";
@@ -257,14 +258,14 @@ impl MmditSource {
             MAX_CHANNELS,
         )?;
         cfg.patch = dim("the patch size (x_embedder)", p, 1, MAX_PATCH)?;
-        if !cfg.hidden.is_multiple_of(64) {
+        if !cfg.hidden.is_multiple_of(HEAD_DIM) {
             return Err(WeightsError::Unsupported(format!(
                 "{}: hidden width {} ({proj_name}) is not a multiple of the head dim 64",
                 origin.display(),
                 cfg.hidden
             )));
         }
-        cfg.heads = cfg.hidden / 64;
+        cfg.heads = cfg.hidden / HEAD_DIM;
         let [_, context_dim] = dims2("context_embedder.weight", "[hidden, context_dim]")?;
         cfg.context_dim = dim(
             "the context width (context_embedder)",
@@ -399,7 +400,7 @@ fn check_config(
         ),
     ];
     if let (Some(h), Some(d)) = (num("num_attention_heads")?, num("attention_head_dim")?) {
-        if d != 64 {
+        if d != HEAD_DIM {
             return Err(WeightsError::Unsupported(format!(
                 "{}: config.json's attention_head_dim {d} is not supported (SD3 uses 64)",
                 path.display()

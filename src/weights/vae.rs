@@ -33,6 +33,17 @@ pub struct VaeConfig {
     pub has_encoder: bool,
 }
 
+impl VaeConfig {
+    /// Image pixels per latent pixel along each axis (8 for SD3: one halving
+    /// per level after the first).
+    pub fn scale_factor(&self) -> usize {
+        1 << self.block_out_channels.len().saturating_sub(1)
+    }
+}
+
+/// Latent channels of SD3's VAE and transformer.
+pub const LATENT_CHANNELS: usize = 16;
+
 /// An opened VAE.
 pub struct VaeSource {
     /// The tensors.
