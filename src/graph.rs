@@ -663,6 +663,11 @@ impl Plan {
         read_buffer(gpu, buf, s.dtype, numel(&info.shape))
     }
 
+    /// Labels of the planned ops, in order.
+    pub fn labels(&self) -> Vec<&str> {
+        self.ops.iter().map(|o| o.label.as_str()).collect()
+    }
+
     /// Number of dispatches per run.
     pub fn len(&self) -> usize {
         self.ops.len()

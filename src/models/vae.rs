@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::graph::{Graph, Plan, Value};
 use crate::ops::elementwise;
+use crate::ops::linear::{Gemm, LinearParams};
 use crate::ops::{conv, layout, linear, norm, softmax};
 use crate::tensor::{numel, DType, Tensor};
 use crate::weights::vae::{VaeConfig, VaeSource};
@@ -75,6 +76,9 @@ impl ResnetBlock {
     }
 }
 
+/// Most bytes one chunk of the mid block's attention scores may take.
+pub const SCORE_CHUNK_BYTES: usize = 64 << 20;
+
 /// Single-head self-attention over all positions (the mid block's).
 pub struct AttentionBlock {
     /// GroupNorm before attention.
@@ -87,6 +91,9 @@ pub struct AttentionBlock {
     pub to_v: Layer,
     /// Output projection.
     pub to_out: Layer,
+    /// Most bytes one chunk of attention scores may take (queries are
+    /// processed in chunks that fit).
+    pub score_chunk_bytes: usize,
 }
 
 impl AttentionBlock {
@@ -98,13 +105,47 @@ impl AttentionBlock {
         let q = g.scoped("to_q", |g| self.to_q.linear(g, tokens))?;
         let k = g.scoped("to_k", |g| self.to_k.linear(g, tokens))?;
         let v = g.scoped("to_v", |g| self.to_v.linear(g, tokens))?;
-        // One head of width c: the scores are [b, hw, hw] (what tiled decoding bounds).
-        let scores = linear::batched_matmul(g, q, k)?;
-        let scores = g.reshape(scores, &[b, 1, hw, hw])?;
-        let probs = softmax::attention_softmax(g, scores, 1.0 / (c as f32).sqrt(), false, None)?;
-        let probs = g.reshape(probs, &[b, hw, hw])?;
+        // One head of width c. The full scores would be [b, hw, hw] (1 GiB at
+        // 1024² in f32): queries go in chunks whose scores stay under
+        // SCORE_CHUNK_BYTES, each chunk's buffer reused by the next.
         let vt = layout::permute(g, v, &[0, 2, 1])?;
-        let out = linear::batched_matmul(g, probs, vt)?;
+        let rows = (self.score_chunk_bytes / (4 * b * hw).max(1)).clamp(1, hw);
+        let scale = 1.0 / (c as f32).sqrt();
+        let mut out: Option<Value> = None;
+        for (i, start) in (0..hw).step_by(rows).enumerate() {
+            let len = rows.min(hw - start);
+            let part = g.scoped(&format!("chunk{i}"), |g| {
+                let scores = g.alloc(&[b, len, hw], DType::F32);
+                let u = |v: usize| v as u32;
+                let qk = Gemm {
+                    p: LinearParams {
+                        m: u(len),
+                        n: u(hw),
+                        k: u(c),
+                        batch_inner: 1,
+                        lda: u(c),
+                        ldw: u(c),
+                        ldy: u(hw),
+                        x_off: u(start * c),
+                        x_sb: u(hw * c),
+                        w_sb: u(hw * c),
+                        y_sb: u(len * hw),
+                        ..Default::default()
+                    },
+                    batch_outer: b,
+                };
+                linear::gemm(g, "scores", q, k, None, scores, qk)?;
+                let scores = g.reshape(scores, &[b, 1, len, hw])?;
+                let probs = softmax::attention_softmax(g, scores, scale, false, None)?;
+                let probs = g.reshape(probs, &[b, len, hw])?;
+                linear::batched_matmul(g, probs, vt)
+            })?;
+            out = Some(match out {
+                None => part,
+                Some(o) => layout::concat(g, o, part, 1)?,
+            });
+        }
+        let out = out.ok_or_else(|| g.shape_error("attention", "no positions to attend over"))?;
         let out = g.scoped("to_out", |g| self.to_out.linear(g, out))?;
         let out = layout::permute(g, out, &[0, 2, 1])?;
         let out = g.reshape(out, &s)?;
@@ -226,6 +267,7 @@ impl Loader<'_> {
                 to_k: self.layer(&format!("{a}.to_k"), &[c, c])?,
                 to_v: self.layer(&format!("{a}.to_v"), &[c, c])?,
                 to_out: self.layer(&format!("{a}.to_out.0"), &[c, c])?,
+                score_chunk_bytes: SCORE_CHUNK_BYTES,
             },
         })
     }
