@@ -1,3 +1,7 @@
+#if F16
+enable f16;
+#endif
+
 // Multi-head attention, head dim 64, flash-style: keys and values stream
 // through workgroup memory in tiles of 32 and each query row keeps an online
 // softmax (running max, running sum, rescaled accumulator), so the score matrix
@@ -19,14 +23,34 @@ struct Params {
     scale: f32, flags: u32, eps: f32, _pad: u32,
 }
 
+#if Q_F16
+alias Q_T = f16;
+#else
+alias Q_T = f32;
+#endif
+#if K_F16
+alias K_T = f16;
+#else
+alias K_T = f32;
+#endif
+#if V_F16
+alias V_T = f16;
+#else
+alias V_T = f32;
+#endif
+#if OUT_F16
+alias OUT_T = f16;
+#else
+alias OUT_T = f32;
+#endif
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k: array<f32>;
-@group(0) @binding(3) var<storage, read> v: array<f32>;
+@group(0) @binding(1) var<storage, read> q: array<Q_T>;
+@group(0) @binding(2) var<storage, read> k: array<K_T>;
+@group(0) @binding(3) var<storage, read> v: array<V_T>;
 @group(0) @binding(4) var<storage, read> q_norm: array<f32>;
 @group(0) @binding(5) var<storage, read> k_norm: array<f32>;
 @group(0) @binding(6) var<storage, read> bias: array<f32>;
-@group(0) @binding(7) var<storage, read_write> out: array<f32>;
+@group(0) @binding(7) var<storage, read_write> out: array<OUT_T>;
 
 // Head dim, fixed by the models. BC sizes a private array and BR = 2·BC
 // (half the invocations load keys, half values), so the tile stays const.
@@ -64,7 +88,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         var ss = 0.0;
         for (var d = 0u; d < D4; d++) {
             let e = base + d * 4u;
-            qr[d] = vec4<f32>(q[e], q[e + 1u], q[e + 2u], q[e + 3u]);
+            qr[d] = vec4<f32>(f32(q[e]), f32(q[e + 1u]), f32(q[e + 2u]), f32(q[e + 3u]));
             ss += dot(qr[d], qr[d]);
         }
         let r = select(1.0, inverseSqrt(ss / f32(D) + p.eps), use_norm);
@@ -97,7 +121,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
                 let base = p.k_off + (b * p.tk + kj) * p.k_stride + h * D;
                 for (var d = 0u; d < D4; d++) {
                     let e = base + d * 4u;
-                    row[d] = vec4<f32>(k[e], k[e + 1u], k[e + 2u], k[e + 3u]);
+                    row[d] = vec4<f32>(f32(k[e]), f32(k[e + 1u]), f32(k[e + 2u]), f32(k[e + 3u]));
                     ss += dot(row[d], row[d]);
                 }
             } else {
@@ -119,7 +143,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
                 let base = p.v_off + (b * p.tk + kj) * p.v_stride + h * D;
                 for (var d = 0u; d < D4; d++) {
                     let e = base + d * 4u;
-                    vs[r * D4 + d] = vec4<f32>(v[e], v[e + 1u], v[e + 2u], v[e + 3u]);
+                    vs[r * D4 + d] = vec4<f32>(f32(v[e]), f32(v[e + 1u]), f32(v[e + 2u]), f32(v[e + 3u]));
                 }
             } else {
                 for (var d = 0u; d < D4; d++) {
@@ -175,10 +199,10 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         let base = p.out_off + (b * p.tq + qi) * p.out_stride + h * D;
         for (var d = 0u; d < D4; d++) {
             let o = acc[d] * inv;
-            out[base + d * 4u] = o.x;
-            out[base + d * 4u + 1u] = o.y;
-            out[base + d * 4u + 2u] = o.z;
-            out[base + d * 4u + 3u] = o.w;
+            out[base + d * 4u] = OUT_T(o.x);
+            out[base + d * 4u + 1u] = OUT_T(o.y);
+            out[base + d * 4u + 2u] = OUT_T(o.z);
+            out[base + d * 4u + 3u] = OUT_T(o.w);
         }
     }
 }

@@ -1,3 +1,7 @@
+#if F16
+enable f16;
+#endif
+
 // 2-D convolution and nearest upsampling on NCHW tensors.
 //
 // conv2d:      x [batch, cin, h, w], w [cout, cin, kh, kw] (f32 or f16),
@@ -16,12 +20,22 @@ struct Params {
     n: u32, _pad0: u32, _pad1: u32, _pad2: u32,
 }
 
+#if X_F16
+alias X_T = f16;
+#else
+alias X_T = f32;
+#endif
+#if Y_F16
+alias Y_T = f16;
+#else
+alias Y_T = f32;
+#endif
 @group(0) @binding(0) var<uniform> p: Params;
 #include "weights.wgsl"
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<X_T>;
 @group(0) @binding(2) var<storage, read> w: array<WElem>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<Y_T>;
 
 const OC_PER: u32 = 4u;
 
@@ -55,7 +69,7 @@ fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
                 if (ix >= p.wd) {
                     continue;
                 }
-                let xv = x[xplane + iy * p.wd + ix];
+                let xv = f32(x[xplane + iy * p.wd + ix]);
                 let tap = ci * wk + ky * p.kw + kx;
                 for (var j = 0u; j < OC_PER; j++) {
                     let oc = oc0 + j;
@@ -73,7 +87,7 @@ fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
             if (p.has_bias != 0u) {
                 v += bias[oc];
             }
-            y[((b * p.cout + oc) * p.oh + oy) * p.ow + ox] = v;
+            y[((b * p.cout + oc) * p.oh + oy) * p.ow + ox] = Y_T(v);
         }
     }
 }
@@ -91,5 +105,5 @@ fn upsample2x(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let ox = i % ow;
     let oy = (i / ow) % oh;
     let plane = i / (ow * oh);
-    y[i] = x[(plane * p.h + oy / 2u) * p.wd + ox / 2u];
+    y[i] = Y_T(f32(x[(plane * p.h + oy / 2u) * p.wd + ox / 2u]));
 }

@@ -1,3 +1,7 @@
+#if F16
+enable f16;
+#endif
+
 // Memory-bound elementwise kernels over flat arrays of n values.
 //
 // unary:          out = act(a · scale + shift); ACT selects the activation
@@ -13,11 +17,31 @@ struct Params {
     mod_stride: u32, gate_off: u32, scale: f32, shift: f32,
 }
 
+#if A_F16
+alias A_T = f16;
+#else
+alias A_T = f32;
+#endif
+#if B_F16
+alias B_T = f16;
+#else
+alias B_T = f32;
+#endif
+#if C_F16
+alias C_T = f16;
+#else
+alias C_T = f32;
+#endif
+#if OUT_F16
+alias OUT_T = f16;
+#else
+alias OUT_T = f32;
+#endif
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
-@group(0) @binding(3) var<storage, read> c: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(1) var<storage, read> a: array<A_T>;
+@group(0) @binding(2) var<storage, read> b: array<B_T>;
+@group(0) @binding(3) var<storage, read> c: array<C_T>;
+@group(0) @binding(4) var<storage, read_write> out: array<OUT_T>;
 
 // 0 identity, 1 SiLU, 2 GELU (tanh approximation), 3 GELU (erf), 4 quick-GELU.
 override ACT: u32 = 0u;
@@ -65,7 +89,7 @@ fn unary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
          @builtin(local_invocation_index) lid: u32) {
     let i = flat_index(wid, nwg, lid, WG);
     if (i < p.n) {
-        out[i] = activate(a[i] * p.scale + p.shift);
+        out[i] = OUT_T(activate(f32(a[i]) * p.scale + p.shift));
     }
 }
 
@@ -74,8 +98,8 @@ fn binary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
           @builtin(local_invocation_index) lid: u32) {
     let i = flat_index(wid, nwg, lid, WG);
     if (i < p.n) {
-        let rhs = b[i % p.b_len];
-        out[i] = select(a[i] + rhs, a[i] * rhs, BINOP == 1u);
+        let rhs = f32(b[i % p.b_len]);
+        out[i] = OUT_T(select(f32(a[i]) + rhs, f32(a[i]) * rhs, BINOP == 1u));
     }
 }
 
@@ -86,6 +110,6 @@ fn gated_residual(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     if (i < p.n) {
         let col = i % p.cols;
         let batch = i / (p.cols * p.inner);
-        out[i] = a[i] + b[batch * p.mod_stride + p.gate_off + col] * c[i];
+        out[i] = OUT_T(f32(a[i]) + f32(b[batch * p.mod_stride + p.gate_off + col]) * f32(c[i]));
     }
 }

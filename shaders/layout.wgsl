@@ -1,3 +1,7 @@
+#if F16
+enable f16;
+#endif
+
 // Data movement: strided copies (permute, slice, patchify/unpatchify, f16→f32
 // conversion), concatenation and embedding lookup.
 //
@@ -18,12 +22,22 @@ struct Params {
     stride: array<vec4<u32>, 2>,
 }
 
+#if SRC2_F16
+alias SRC2_T = f16;
+#else
+alias SRC2_T = f32;
+#endif
+#if DST_F16
+alias DST_T = f16;
+#else
+alias DST_T = f32;
+#endif
 @group(0) @binding(0) var<uniform> p: Params;
 #include "weights.wgsl"
 @group(0) @binding(1) var<storage, read> w: array<WElem>;
-@group(0) @binding(2) var<storage, read> src2: array<f32>;
+@group(0) @binding(2) var<storage, read> src2: array<SRC2_T>;
 @group(0) @binding(3) var<storage, read> ids: array<u32>;
-@group(0) @binding(4) var<storage, read_write> dst: array<f32>;
+@group(0) @binding(4) var<storage, read_write> dst: array<DST_T>;
 
 @compute @workgroup_size(WG)
 fn copy_strided(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -40,7 +54,7 @@ fn copy_strided(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         rem /= dim;
         src_i += idx * p.stride[d / 4][d % 4];
     }
-    dst[i] = load_w(src_i);
+    dst[i] = DST_T(load_w(src_i));
 }
 
 @compute @workgroup_size(WG)
@@ -55,9 +69,9 @@ fn concat(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let j = (i / p.inner) % len;
     let o = i / (p.inner * len);
     if (j < p.len_a) {
-        dst[i] = load_w((o * p.len_a + j) * p.inner + t);
+        dst[i] = DST_T(load_w((o * p.len_a + j) * p.inner + t));
     } else {
-        dst[i] = src2[(o * p.len_b + (j - p.len_a)) * p.inner + t];
+        dst[i] = DST_T(f32(src2[(o * p.len_b + (j - p.len_a)) * p.inner + t]));
     }
 }
 
@@ -70,8 +84,8 @@ fn gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     }
     let id = ids[i / p.cols];
     if (id < p.rows) {
-        dst[i] = load_w(id * p.cols + i % p.cols);
+        dst[i] = DST_T(load_w(id * p.cols + i % p.cols));
     } else {
-        dst[i] = bitcast<f32>(0x7fc00000u);
+        dst[i] = DST_T(bitcast<f32>(0x7fc00000u));
     }
 }

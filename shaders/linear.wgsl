@@ -1,3 +1,7 @@
+#if F16
+enable f16;
+#endif
+
 // Strided batched GEMM with bias: y = x · wᵀ + b.
 //
 // x: [batch, m, k] (row stride lda), w: [batch | 1, n, k] (row stride ldw),
@@ -20,6 +24,16 @@ struct Params {
     y_sb: u32, y_sh: u32, _pad1: u32, _pad2: u32,
 }
 
+#if X_F16
+alias X_T = f16;
+#else
+alias X_T = f32;
+#endif
+#if Y_F16
+alias Y_T = f16;
+#else
+alias Y_T = f32;
+#endif
 @group(0) @binding(0) var<uniform> p: Params;
 #if VEC4
 #if W_F16
@@ -27,14 +41,14 @@ alias WElem = vec2<u32>;
 #else
 alias WElem = vec4<f32>;
 #endif
-@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> x: array<vec4<X_T>>;
 #else
 #include "weights.wgsl"
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<X_T>;
 #endif
 @group(0) @binding(2) var<storage, read> w: array<WElem>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<Y_T>;
 
 override BM: u32;
 override BN: u32;
@@ -47,14 +61,14 @@ var<workgroup> ws: array<f32, BK * BN>; // [BK][BN]
 fn load_x4(base: u32, kk: u32) -> vec4<f32> {
 #if VEC4
     if (kk < p.k) {
-        return x[(base + kk) >> 2u];
+        return vec4<f32>(x[(base + kk) >> 2u]);
     }
     return vec4<f32>(0.0);
 #else
     var v = vec4<f32>(0.0);
     for (var j = 0u; j < 4u; j++) {
         if (kk + j < p.k) {
-            v[j] = x[base + kk + j];
+            v[j] = f32(x[base + kk + j]);
         }
     }
     return v;
@@ -155,7 +169,7 @@ fn linear(
                     if (p.has_bias != 0u) {
                         v += bias[col];
                     }
-                    y[y_base + row * p.ldy + col] = v;
+                    y[y_base + row * p.ldy + col] = Y_T(v);
                 }
             }
         }

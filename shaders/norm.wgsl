@@ -1,3 +1,7 @@
+#if F16
+enable f16;
+#endif
+
 // Row normalisations, each one workgroup per row (or per group), statistics in
 // f32 with a two-pass mean/variance for accuracy.
 //
@@ -19,11 +23,26 @@ struct Params {
     spatial: u32, ch_per_group: u32, groups: u32, _pad: u32,
 }
 
+#if X_F16
+alias X_T = f16;
+#else
+alias X_T = f32;
+#endif
+#if WEIGHT_F16
+alias WEIGHT_T = f16;
+#else
+alias WEIGHT_T = f32;
+#endif
+#if Y_F16
+alias Y_T = f16;
+#else
+alias Y_T = f32;
+#endif
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> weight: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<X_T>;
+@group(0) @binding(2) var<storage, read> weight: array<WEIGHT_T>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<Y_T>;
 
 #include "reduce.wgsl"
 
@@ -35,7 +54,7 @@ override SILU: u32;
 fn row_mean(base: u32, lid: u32) -> f32 {
     var s = 0.0;
     for (var i = lid; i < p.cols; i += WG) {
-        s += x[base + i];
+        s += f32(x[base + i]);
     }
     return workgroup_sum(s, lid) / f32(p.cols);
 }
@@ -43,7 +62,7 @@ fn row_mean(base: u32, lid: u32) -> f32 {
 fn row_rstd(base: u32, mean: f32, lid: u32) -> f32 {
     var s = 0.0;
     for (var i = lid; i < p.cols; i += WG) {
-        let d = x[base + i] - mean;
+        let d = f32(x[base + i]) - mean;
         s += d * d;
     }
     return inverseSqrt(workgroup_sum(s, lid) / f32(p.cols) + p.eps);
@@ -64,14 +83,14 @@ fn layer_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let mean = row_mean(base, lid);
     let rstd = row_rstd(base, mean, lid);
     for (var i = lid; i < p.cols; i += WG) {
-        var v = (x[base + i] - mean) * rstd;
+        var v = (f32(x[base + i]) - mean) * rstd;
         if ((p.flags & HAS_WEIGHT) != 0u) {
-            v *= weight[i];
+            v *= f32(weight[i]);
         }
         if ((p.flags & HAS_BIAS) != 0u) {
             v += bias[i];
         }
-        y[base + i] = v;
+        y[base + i] = Y_T(v);
     }
 }
 
@@ -85,16 +104,16 @@ fn rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     let base = row * p.cols;
     var s = 0.0;
     for (var i = lid; i < p.cols; i += WG) {
-        let v = x[base + i];
+        let v = f32(x[base + i]);
         s += v * v;
     }
     let rms = inverseSqrt(workgroup_sum(s, lid) / f32(p.cols) + p.eps);
     for (var i = lid; i < p.cols; i += WG) {
-        var v = x[base + i] * rms;
+        var v = f32(x[base + i]) * rms;
         if ((p.flags & HAS_WEIGHT) != 0u) {
-            v *= weight[i];
+            v *= f32(weight[i]);
         }
-        y[base + i] = v;
+        y[base + i] = Y_T(v);
     }
 }
 
@@ -110,8 +129,8 @@ fn adaln_modulate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     let rstd = row_rstd(base, mean, lid);
     let m = (row / p.inner) * p.mod_stride;
     for (var i = lid; i < p.cols; i += WG) {
-        let v = (x[base + i] - mean) * rstd;
-        y[base + i] = v * (1.0 + weight[m + p.scale_off + i]) + weight[m + p.shift_off + i];
+        let v = (f32(x[base + i]) - mean) * rstd;
+        y[base + i] = Y_T(v * (1.0 + f32(weight[m + p.scale_off + i])) + f32(weight[m + p.shift_off + i]));
     }
 }
 
@@ -128,9 +147,9 @@ fn group_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let c0 = (row % p.groups) * p.ch_per_group;
     for (var i = lid; i < p.cols; i += WG) {
         let c = c0 + i / p.spatial;
-        var v = (x[base + i] - mean) * rstd;
+        var v = (f32(x[base + i]) - mean) * rstd;
         if ((p.flags & HAS_WEIGHT) != 0u) {
-            v *= weight[c];
+            v *= f32(weight[c]);
         }
         if ((p.flags & HAS_BIAS) != 0u) {
             v += bias[c];
@@ -138,6 +157,6 @@ fn group_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
         if ((p.flags & SILU) != 0u) {
             v = v / (1.0 + exp(-v));
         }
-        y[base + i] = v;
+        y[base + i] = Y_T(v);
     }
 }

@@ -1,3 +1,7 @@
+#if F16
+enable f16;
+#endif
+
 // One denoising update on the GPU, so the latents never leave it:
 //
 //   pred  = v_u + G · (v_c − v_u)     classifier-free guidance (CFG set): v holds
@@ -16,9 +20,14 @@ struct Params {
     n: u32, flags: u32, guidance: f32, _pad: u32,
 }
 
+#if V_F16
+alias V_T = f16;
+#else
+alias V_T = f32;
+#endif
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(2) var<storage, read> v: array<V_T>;
 @group(0) @binding(3) var<storage, read> step: array<f32>;
 @group(0) @binding(4) var<storage, read> skip: array<f32>;
 @group(0) @binding(5) var<storage, read_write> x_out: array<f32>;
@@ -34,9 +43,9 @@ fn guided_euler(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     if (i >= p.n) {
         return;
     }
-    var pred = v[i];
+    var pred = f32(v[i]);
     if ((p.flags & CFG) != 0u) {
-        let c = v[p.n + i];
+        let c = f32(v[p.n + i]);
         pred = pred + p.guidance * (c - pred);
         if ((p.flags & SLG) != 0u) {
             pred += (c - skip[i]) * step[1];

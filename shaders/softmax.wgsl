@@ -1,3 +1,7 @@
+#if F16
+enable f16;
+#endif
+
 // Row softmax over the last axis with the extras attention needs:
 // y = softmax(x · scale + bias) with an optional causal mask.
 //
@@ -12,10 +16,20 @@ struct Params {
     scale: f32, flags: u32, _pad0: u32, _pad1: u32,
 }
 
+#if X_F16
+alias X_T = f16;
+#else
+alias X_T = f32;
+#endif
+#if Y_F16
+alias Y_T = f16;
+#else
+alias Y_T = f32;
+#endif
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<X_T>;
 @group(0) @binding(2) var<storage, read> bias: array<f32>;
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<Y_T>;
 
 var<workgroup> red: array<f32, WG>;
 
@@ -31,7 +45,7 @@ fn logit(row: u32, j: u32) -> f32 {
     if ((p.flags & CAUSAL) != 0u && j > qi) {
         return NEG;
     }
-    var v = x[row * p.n + j] * p.scale;
+    var v = f32(x[row * p.n + j]) * p.scale;
     if ((p.flags & BIAS) != 0u) {
         let h = (row / p.tq) % p.heads;
         v += bias[(h * p.tq + qi) * p.n + j];
@@ -78,6 +92,6 @@ fn softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     let inv = 1.0 / red[0];
     for (var j = lid; j < p.n; j += WG) {
         let l = logit(row, j);
-        y[row * p.n + j] = select(0.0, exp(l - mx) * inv, l > NEG);
+        y[row * p.n + j] = Y_T(select(0.0, exp(l - mx) * inv, l > NEG));
     }
 }

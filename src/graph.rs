@@ -88,6 +88,7 @@ pub struct Graph {
     implementations: Vec<&'static str>,
     target: Target,
     feedback: Vec<(Value, Value)>,
+    activations: Vec<DType>,
 }
 
 impl Graph {
@@ -101,7 +102,26 @@ impl Graph {
             implementations: Vec::new(),
             target,
             feedback: Vec::new(),
+            activations: Vec::new(),
         }
+    }
+
+    /// The element type ops give their outputs now: the target's activation
+    /// dtype, unless [`Graph::with_activation`] says otherwise.
+    pub fn act(&self) -> DType {
+        self.activations
+            .last()
+            .copied()
+            .unwrap_or(self.target.activation)
+    }
+
+    /// Runs `f` with op outputs of element type `dtype` (e.g. f32 for a
+    /// residual stream that would overflow f16).
+    pub fn with_activation<T>(&mut self, dtype: DType, f: impl FnOnce(&mut Graph) -> T) -> T {
+        self.activations.push(dtype);
+        let r = f(self);
+        self.activations.pop();
+        r
     }
 
     /// After every run, copy kept value `from` into input `to` on the GPU

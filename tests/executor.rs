@@ -163,7 +163,7 @@ fn shape_errors_name_the_op_and_shapes() {
     let e = elementwise::activation(&mut g, ids, Act::Silu)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("must be f32, found u32"), "{e}");
+    assert!(e.contains("must be f32 or f16, found u32"), "{e}");
     let e = g.reshape(x, &[5, 5]).unwrap_err().to_string();
     assert!(e.contains("cannot reshape"), "{e}");
 }

@@ -58,6 +58,20 @@ fn every_case_with_runtime_checks() {
     }
 }
 
+/// Every case again with activations stored as f16 (inputs rounded to f16,
+/// outputs written as f16, arithmetic in f32), on adapters with SHADER_F16.
+#[test]
+fn every_case_with_f16_activations() {
+    let Some(gpu) = f16_gpu() else {
+        eprintln!("skipped: the adapter has no SHADER_F16");
+        return;
+    };
+    for (name, case) in ALL {
+        eprintln!("f16 activations: {name}");
+        case(gpu);
+    }
+}
+
 /// CPU references in f64.
 mod reference {
     pub fn linear(
@@ -268,6 +282,7 @@ mod cases {
             (3, 4, 129),
         ];
         let mut g = Graph::new(gpu.target());
+        let at = g.act();
         let mut expect = Vec::new();
         let mut outs = Vec::new();
         for (i, &(m, k, n)) in sizes.iter().enumerate() {
@@ -277,7 +292,7 @@ mod cases {
                 let wd = rand(seed + 100, n * k);
                 let bd = rand(seed + 200, n);
                 let with_bias = (i + j) % 2 == 0;
-                let x = weight(gpu, &mut g, "x", &[m, k], DType::F32, &xd);
+                let x = act(gpu, &mut g, "x", &[m, k], &xd);
                 let w = weight(gpu, &mut g, "w", &[n, k], dtype, &wd);
                 let b = with_bias.then(|| weight(gpu, &mut g, "b", &[n], DType::F32, &bd));
                 let y = linear::linear(&mut g, x, w, b).unwrap();
@@ -287,7 +302,7 @@ mod cases {
                 expect.push((
                     format!("linear {m}x{k}x{n} {dtype:?} bias={with_bias}"),
                     reference::linear(
-                        &f64s(&xd),
+                        &stored(&xd, at),
                         &stored(&wd, dtype),
                         with_bias.then_some(&bref[..]),
                         m,
@@ -299,7 +314,7 @@ mod cases {
         }
         let got = run(gpu, g, &outs);
         for ((name, r), o) in expect.iter().zip(&got) {
-            assert_close(name, o, r, TOL_F32);
+            assert_close(name, o, r, tol(at));
         }
     }
 
@@ -309,7 +324,8 @@ mod cases {
         let wb = rand(2, b * n * k);
         let ws = rand(3, n * k);
         let mut g = Graph::new(gpu.target());
-        let x = weight(gpu, &mut g, "x", &[b, m, k], DType::F32, &xd);
+        let at = g.act();
+        let x = act(gpu, &mut g, "x", &[b, m, k], &xd);
         let w1 = weight(gpu, &mut g, "wb", &[b, n, k], DType::F32, &wb);
         let w2 = weight(gpu, &mut g, "ws", &[n, k], DType::F16, &ws);
         let y1 = linear::batched_matmul(&mut g, x, w1).unwrap();
@@ -317,7 +333,7 @@ mod cases {
         g.keep(y1);
         g.keep(y2);
         let got = run(gpu, g, &[y1, y2]);
-        let (x64, wb64, ws64) = (f64s(&xd), f64s(&wb), stored(&ws, DType::F16));
+        let (x64, wb64, ws64) = (stored(&xd, at), f64s(&wb), stored(&ws, DType::F16));
         let mut r1 = Vec::new();
         let mut r2 = Vec::new();
         for i in 0..b {
@@ -338,8 +354,8 @@ mod cases {
                 n,
             ));
         }
-        assert_close("batched w", &got[0], &r1, TOL_F32);
-        assert_close("shared f16 w", &got[1], &r2, TOL_F32);
+        assert_close("batched w", &got[0], &r1, tol(at));
+        assert_close("shared f16 w", &got[1], &r2, tol(at));
     }
 
     /// Views with every stride different (lda ≠ ldw ≠ ldy), offsets and two
@@ -361,7 +377,9 @@ mod cases {
                 let xd = rand(70 + ci as u64, xn);
                 let wd = rand(80 + ci as u64, wn);
                 let mut g = Graph::new(gpu.target());
-                let x = weight(gpu, &mut g, "x", &[xn], DType::F32, &xd);
+                let at = g.act();
+                let x = act(gpu, &mut g, "x", &[xn], &xd);
+                let xd = round_to(&xd, at);
                 let w = weight(gpu, &mut g, "w", &[wn], dtype, &wd);
                 let y = g.alloc(&[yn], DType::F32);
                 let u = |v: usize| v as u32;
@@ -420,7 +438,7 @@ mod cases {
                     &format!("strided gemm case {ci} {dtype:?}"),
                     &out,
                     &want,
-                    TOL_F32,
+                    tol(at),
                 );
             }
         }
@@ -429,6 +447,7 @@ mod cases {
     pub fn layer_norm_with_and_without_affine(gpu: &Gpu) {
         let eps = 1e-6;
         let mut g = Graph::new(gpu.target());
+        let at = g.act();
         let mut outs = Vec::new();
         let mut expect = Vec::new();
         for (i, &(rows, cols)) in [(5, 77), (3, 1536), (2, 1), (300, 7)].iter().enumerate() {
@@ -442,7 +461,7 @@ mod cases {
                 .map(|v| 1.0 + 0.1 * v)
                 .collect();
             let bd = rand(90 + i as u64, cols);
-            let x = weight(gpu, &mut g, "x", &[rows, cols], DType::F32, &xd);
+            let x = act(gpu, &mut g, "x", &[rows, cols], &xd);
             let w = weight(gpu, &mut g, "w", &[cols], DType::F32, &wd);
             let b = weight(gpu, &mut g, "b", &[cols], DType::F32, &bd);
             for affine in [false, true] {
@@ -453,7 +472,7 @@ mod cases {
                 };
                 g.keep(y);
                 outs.push(y);
-                let x64 = f64s(&xd);
+                let x64 = stored(&xd, at);
                 let mut r = Vec::new();
                 for row in x64.chunks(cols) {
                     let (mean, rstd) = reference::stats(row, eps as f64);
@@ -472,7 +491,7 @@ mod cases {
         let got = run(gpu, g, &outs);
         for ((name, r), o) in expect.iter().zip(&got) {
             // A row of one value normalises to exactly 0 (‖ref‖ = 0): compare absolutely.
-            assert_close(name, o, r, TOL_F32);
+            assert_close(name, o, r, tol(at));
         }
     }
 
@@ -483,15 +502,16 @@ mod cases {
         let wd: Vec<f32> = rand(8, cols).iter().map(|v| 1.0 + 0.1 * v).collect();
         let xd2 = rand(9, 3 * 300);
         let mut g = Graph::new(gpu.target());
-        let x = weight(gpu, &mut g, "x", &[rows, cols], DType::F32, &xd);
+        let at = g.act();
+        let x = act(gpu, &mut g, "x", &[rows, cols], &xd);
         let w = weight(gpu, &mut g, "w", &[cols], DType::F32, &wd);
-        let x2 = weight(gpu, &mut g, "x2", &[3, 300], DType::F32, &xd2);
+        let x2 = act(gpu, &mut g, "x2", &[3, 300], &xd2);
         let y = norm::rms_norm(&mut g, x, Some(w), eps).unwrap();
         let y2 = norm::rms_norm(&mut g, x2, None, eps).unwrap();
         g.keep(y);
         g.keep(y2);
         let got = run(gpu, g, &[y, y2]);
-        let r: Vec<f64> = f64s(&xd)
+        let r: Vec<f64> = stored(&xd, at)
             .chunks(cols)
             .flat_map(|row| {
                 let s = reference::rms(row, eps as f64);
@@ -501,15 +521,15 @@ mod cases {
                     .collect::<Vec<_>>()
             })
             .collect();
-        let r2: Vec<f64> = f64s(&xd2)
+        let r2: Vec<f64> = stored(&xd2, at)
             .chunks(300)
             .flat_map(|row| {
                 let s = reference::rms(row, eps as f64);
                 row.iter().map(move |v| v * s).collect::<Vec<_>>()
             })
             .collect();
-        assert_close("rms_norm weighted", &got[0], &r, TOL_F32);
-        assert_close("rms_norm plain", &got[1], &r2, TOL_F32);
+        assert_close("rms_norm weighted", &got[0], &r, tol(at));
+        assert_close("rms_norm plain", &got[1], &r2, tol(at));
     }
 
     pub fn adaln_modulate_from_chunks(gpu: &Gpu) {
@@ -517,14 +537,15 @@ mod cases {
         let xd: Vec<f32> = rand(11, b * t * c).iter().map(|v| 2.0 * v - 0.5).collect();
         let md = rand(12, b * chunks * c);
         let mut g = Graph::new(gpu.target());
-        let x = weight(gpu, &mut g, "x", &[b, t, c], DType::F32, &xd);
-        let m = weight(gpu, &mut g, "mod", &[b, chunks * c], DType::F32, &md);
+        let at = g.act();
+        let x = act(gpu, &mut g, "x", &[b, t, c], &xd);
+        let m = act(gpu, &mut g, "mod", &[b, chunks * c], &md);
         let (shift, scale) = (ModChunk { m, index: 3 }, ModChunk { m, index: 4 });
         let y = norm::adaln_modulate(&mut g, x, shift, scale, 1e-6).unwrap();
         g.keep(y);
         let got = run(gpu, g, &[y]);
         let mut r = Vec::new();
-        for (row_i, row) in f64s(&xd).chunks(c).enumerate() {
+        for (row_i, row) in stored(&xd, at).chunks(c).enumerate() {
             let bi = row_i / t;
             let (mean, rstd) = reference::stats(row, 1e-6);
             for (ci, v) in row.iter().enumerate() {
@@ -533,7 +554,7 @@ mod cases {
                 r.push((v - mean) * rstd * (1.0 + sc) + sh);
             }
         }
-        assert_close("adaln_modulate", &got[0], &r, TOL_F32);
+        assert_close("adaln_modulate", &got[0], &r, tol(at));
     }
 
     pub fn group_norm_and_silu(gpu: &Gpu) {
@@ -545,6 +566,7 @@ mod cases {
             (3, 6, 1, 1, 3),
         ];
         let mut g = Graph::new(gpu.target());
+        let at = g.act();
         let mut outs = Vec::new();
         let mut expect = Vec::new();
         for (i, &(n, c, h, w, groups)) in shapes.iter().enumerate() {
@@ -557,7 +579,7 @@ mod cases {
                 .map(|v| 1.0 + 0.2 * v)
                 .collect();
             let bd = rand(40 + i as u64, c);
-            let x = weight(gpu, &mut g, "x", &[n, c, h, w], DType::F32, &xd);
+            let x = act(gpu, &mut g, "x", &[n, c, h, w], &xd);
             let wv = weight(gpu, &mut g, "w", &[c], DType::F32, &wd);
             let bv = weight(gpu, &mut g, "b", &[c], DType::F32, &bd);
             let silu = i % 2 == 0;
@@ -566,7 +588,7 @@ mod cases {
             outs.push(y);
             let per = c / groups * h * w;
             let mut r = Vec::new();
-            for (gi, grp) in f64s(&xd).chunks(per).enumerate() {
+            for (gi, grp) in stored(&xd, at).chunks(per).enumerate() {
                 let (mean, rstd) = reference::stats(grp, 1e-6);
                 for (j, v) in grp.iter().enumerate() {
                     let ch = (gi % groups) * (c / groups) + j / (h * w);
@@ -581,7 +603,7 @@ mod cases {
         }
         let got = run(gpu, g, &outs);
         for ((name, r), o) in expect.iter().zip(&got) {
-            assert_close(name, o, r, TOL_F32);
+            assert_close(name, o, r, tol(at));
         }
     }
 
@@ -590,7 +612,8 @@ mod cases {
         // Far tails: tanh and exp must saturate, never overflow into NaN.
         xd.extend_from_slice(&[-100.0, -30.0, -12.0, 12.0, 30.0, 100.0, 0.0]);
         let mut g = Graph::new(gpu.target());
-        let x = weight(gpu, &mut g, "x", &[xd.len()], DType::F32, &xd);
+        let at = g.act();
+        let x = act(gpu, &mut g, "x", &[xd.len()], &xd);
         let acts = [Act::Silu, Act::GeluTanh, Act::GeluErf, Act::QuickGelu];
         let outs: Vec<_> = acts
             .iter()
@@ -603,7 +626,7 @@ mod cases {
         let got = run(gpu, g, &outs);
         for ((a, o), id) in acts.iter().zip(&got).zip([1, 2, 3, 4]) {
             let r: Vec<f64> = xd.iter().map(|&v| reference::act(id, v as f64)).collect();
-            assert_close(&format!("{a:?}"), o, &r, TOL_F32);
+            assert_close(&format!("{a:?}"), o, &r, tol(at));
         }
     }
 
@@ -612,8 +635,9 @@ mod cases {
         let ad = rand(60, b * t * c);
         let bd = rand(61, t * c);
         let mut g = Graph::new(gpu.target());
-        let a = weight(gpu, &mut g, "a", &[b, t, c], DType::F32, &ad);
-        let bb = weight(gpu, &mut g, "b", &[t, c], DType::F32, &bd);
+        let at = g.act();
+        let a = act(gpu, &mut g, "a", &[b, t, c], &ad);
+        let bb = act(gpu, &mut g, "b", &[t, c], &bd);
         let s = elementwise::add(&mut g, a, bb).unwrap();
         let p = elementwise::mul(&mut g, a, bb).unwrap();
         let f = elementwise::affine(&mut g, a, 1.5305, -0.0609).unwrap();
@@ -632,9 +656,9 @@ mod cases {
             .iter()
             .map(|&v| v as f64 * 1.5305f32 as f64 + (-0.0609f32) as f64)
             .collect();
-        assert_close("add", &got[0], &rs, TOL_F32);
-        assert_close("mul", &got[1], &rp, TOL_F32);
-        assert_close("affine", &got[2], &rf, TOL_F32);
+        assert_close("add", &got[0], &rs, tol(at));
+        assert_close("mul", &got[1], &rp, tol(at));
+        assert_close("affine", &got[2], &rf, tol(at));
     }
 
     pub fn gated_residual_from_chunk(gpu: &Gpu) {
@@ -643,9 +667,10 @@ mod cases {
         let yd = rand(71, b * t * c);
         let md = rand(72, b * 6 * c);
         let mut g = Graph::new(gpu.target());
-        let x = weight(gpu, &mut g, "x", &[b, t, c], DType::F32, &xd);
-        let y = weight(gpu, &mut g, "y", &[b, t, c], DType::F32, &yd);
-        let m = weight(gpu, &mut g, "m", &[b, 6 * c], DType::F32, &md);
+        let at = g.act();
+        let x = act(gpu, &mut g, "x", &[b, t, c], &xd);
+        let y = act(gpu, &mut g, "y", &[b, t, c], &yd);
+        let m = act(gpu, &mut g, "m", &[b, 6 * c], &md);
         let out = elementwise::gated_residual(&mut g, x, ModChunk { m, index: 5 }, y).unwrap();
         g.keep(out);
         let got = run(gpu, g, &[out]);
@@ -655,7 +680,7 @@ mod cases {
                 xd[i] as f64 + md[bi * 6 * c + 5 * c + ci] as f64 * yd[i] as f64
             })
             .collect();
-        assert_close("gated_residual", &got[0], &r, TOL_F32);
+        assert_close("gated_residual", &got[0], &r, tol(at));
     }
 
     pub fn softmax_rows_and_attention_softmax(gpu: &Gpu) {
@@ -665,8 +690,9 @@ mod cases {
         let sd = rand(81, b * h * t * t);
         let bias = rand(82, h * t * t);
         let mut g = Graph::new(gpu.target());
-        let x = weight(gpu, &mut g, "x", &[rows, n], DType::F32, &xd);
-        let s = weight(gpu, &mut g, "s", &[b, h, t, t], DType::F32, &sd);
+        let at = g.act();
+        let x = act(gpu, &mut g, "x", &[rows, n], &xd);
+        let s = act(gpu, &mut g, "s", &[b, h, t, t], &sd);
         let bv = weight(gpu, &mut g, "bias", &[h, t, t], DType::F32, &bias);
         let y = softmax::softmax(&mut g, x).unwrap();
         let y2 = softmax::attention_softmax(&mut g, s, 0.3, true, Some(bv)).unwrap();
@@ -678,7 +704,7 @@ mod cases {
             let z: f64 = row.iter().map(|v| (v - m).exp()).sum();
             row.iter().map(|v| (v - m).exp() / z).collect::<Vec<_>>()
         };
-        let r: Vec<f64> = f64s(&xd).chunks(n).flat_map(sm).collect();
+        let r: Vec<f64> = stored(&xd, at).chunks(n).flat_map(sm).collect();
         let mut r2 = Vec::new();
         for (row_i, row) in sd.chunks(t).enumerate() {
             let (qi, hi) = (row_i % t, (row_i / t) % h);
@@ -695,8 +721,8 @@ mod cases {
                 .collect();
             r2.extend(sm(&logits));
         }
-        assert_close("softmax", &got[0], &r, TOL_F32);
-        assert_close("attention_softmax causal+bias", &got[1], &r2, TOL_F32);
+        assert_close("softmax", &got[0], &r, tol(at));
+        assert_close("attention_softmax causal+bias", &got[1], &r2, tol(at));
     }
 
     struct AttnCase {
@@ -779,10 +805,11 @@ mod cases {
             let w = c.heads * 64;
             let seed = 100 + 10 * ci as u64;
             let mut g = Graph::new(gpu.target());
+            let at = g.act();
             let (qd, kd, vd, q, k, v);
             if c.fused_qkv {
                 let d = rand(seed, c.batch * c.tq * 3 * w);
-                let qkv = weight(gpu, &mut g, "qkv", &[c.batch, c.tq, 3 * w], DType::F32, &d);
+                let qkv = act(gpu, &mut g, "qkv", &[c.batch, c.tq, 3 * w], &d);
                 q = Heads {
                     value: qkv,
                     col_offset: 0,
@@ -800,9 +827,9 @@ mod cases {
                 qd = rand(seed, c.batch * c.tq * w);
                 kd = rand(seed + 1, c.batch * c.tk * w);
                 vd = rand(seed + 2, c.batch * c.tk * w);
-                q = weight(gpu, &mut g, "q", &[c.batch, c.tq, w], DType::F32, &qd).into();
-                k = weight(gpu, &mut g, "k", &[c.batch, c.tk, w], DType::F32, &kd).into();
-                v = weight(gpu, &mut g, "v", &[c.batch, c.tk, w], DType::F32, &vd).into();
+                q = act(gpu, &mut g, "q", &[c.batch, c.tq, w], &qd).into();
+                k = act(gpu, &mut g, "k", &[c.batch, c.tk, w], &kd).into();
+                v = act(gpu, &mut g, "v", &[c.batch, c.tk, w], &vd).into();
             }
             let bias_d: Vec<f32> = rand(seed + 3, c.heads * c.tq * c.tk)
                 .iter()
@@ -839,7 +866,7 @@ mod cases {
                 })
                 .collect();
             let got = run(gpu, g, &outs);
-            let (q64, k64, v64) = (f64s(&qd), f64s(&kd), f64s(&vd));
+            let (q64, k64, v64) = (stored(&qd, at), stored(&kd, at), stored(&vd, at));
             let width = |fused| if fused { 3 * w } else { w };
             let view = |data, tokens, off| reference::View {
                 data,
@@ -864,7 +891,7 @@ mod cases {
                     &format!("attention {}, {}", imp.name, c.name),
                     out,
                     &r,
-                    TOL_F32,
+                    tol(at),
                 );
             }
         }
@@ -881,6 +908,7 @@ mod cases {
             (1, 128, 6, 5, 3, 3, 1, 1, false, true),
         ];
         let mut g = Graph::new(gpu.target());
+        let at = g.act();
         let mut outs = Vec::new();
         let mut expect = Vec::new();
         for (i, &(n, cin, h, w, cout, k, stride, pad, f16w, with_bias)) in cases.iter().enumerate()
@@ -894,7 +922,7 @@ mod cases {
                 .collect();
             let bd = rand(320 + i as u64, cout);
             let dt = if f16w { DType::F16 } else { DType::F32 };
-            let x = weight(gpu, &mut g, "x", &[n, cin, h, w], DType::F32, &xd);
+            let x = act(gpu, &mut g, "x", &[n, cin, h, w], &xd);
             let wv = weight(gpu, &mut g, "w", &[cout, cin, k, k], dt, &wd);
             let bv = with_bias.then(|| weight(gpu, &mut g, "b", &[cout], DType::F32, &bd));
             // Odd cases pad (pad, pad); even ones (0, 1) after, like the VAE downsampler.
@@ -908,7 +936,7 @@ mod cases {
             outs.push(y);
             let b64 = f64s(&bd);
             let (r, oh, ow) = reference::conv2d(
-                &f64s(&xd),
+                &stored(&xd, at),
                 &stored(&wd, dt),
                 with_bias.then_some(&b64[..]),
                 n,
@@ -928,7 +956,7 @@ mod cases {
         }
         let got = run(gpu, g, &outs);
         for ((name, r), o) in expect.iter().zip(&got) {
-            assert_close(name, o, r, TOL_F32);
+            assert_close(name, o, r, tol(at));
         }
     }
 
@@ -936,7 +964,9 @@ mod cases {
         let (n, c, h, w) = (2, 3, 4, 5);
         let xd = rand(400, n * c * h * w);
         let mut g = Graph::new(gpu.target());
-        let x = weight(gpu, &mut g, "x", &[n, c, h, w], DType::F32, &xd);
+        let at = g.act();
+        let x = act(gpu, &mut g, "x", &[n, c, h, w], &xd);
+        let xd = round_to(&xd, at);
         let y = conv::upsample_nearest2x(&mut g, x).unwrap();
         g.keep(y);
         let got = run(gpu, g, &[y]);
@@ -956,8 +986,10 @@ mod cases {
         let xd = rand(500, 120);
         let yd = rand(501, 2 * 3 * 2 * 5);
         let mut g = Graph::new(gpu.target());
-        let x = weight(gpu, &mut g, "x", &s, DType::F32, &xd);
-        let y = weight(gpu, &mut g, "y", &[2, 3, 2, 5], DType::F32, &yd);
+        let at = g.act();
+        let x = act(gpu, &mut g, "x", &s, &xd);
+        let y = act(gpu, &mut g, "y", &[2, 3, 2, 5], &yd);
+        let (xh, yd) = (round_to(&xd, at), round_to(&yd, at));
         let p = layout::permute(&mut g, x, &[0, 2, 3, 1]).unwrap();
         let sl = layout::slice(&mut g, x, 2, 1, 2).unwrap();
         let cat = layout::concat(&mut g, x, y, 2).unwrap();
@@ -969,7 +1001,7 @@ mod cases {
             g.keep(v);
         }
         let got = run(gpu, g, &outs);
-        let at = |a: usize, b: usize, c: usize, d: usize| xd[((a * 3 + b) * 4 + c) * 5 + d] as f64;
+        let el = |a: usize, b: usize, c: usize, d: usize| xh[((a * 3 + b) * 4 + c) * 5 + d] as f64;
         let mut rp = Vec::new();
         let mut rs = Vec::new();
         let mut rc = Vec::new();
@@ -977,20 +1009,20 @@ mod cases {
             for c in 0..4 {
                 for d in 0..5 {
                     for b in 0..3 {
-                        rp.push(at(a, b, c, d));
+                        rp.push(el(a, b, c, d));
                     }
                 }
             }
             for b in 0..3 {
                 for c in 1..3 {
                     for d in 0..5 {
-                        rs.push(at(a, b, c, d));
+                        rs.push(el(a, b, c, d));
                     }
                 }
                 for c in 0..6 {
                     for d in 0..5 {
                         rc.push(if c < 4 {
-                            at(a, b, c, d)
+                            el(a, b, c, d)
                         } else {
                             yd[((a * 3 + b) * 2 + c - 4) * 5 + d] as f64
                         });
@@ -998,7 +1030,7 @@ mod cases {
                 }
             }
         }
-        let r0: Vec<f64> = f64s(&xd).iter().chain(f64s(&xd).iter()).cloned().collect();
+        let r0: Vec<f64> = f64s(&xh).iter().chain(f64s(&xh).iter()).cloned().collect();
         assert_close("permute", &got[0], &rp, 0.0);
         assert_close("slice", &got[1], &rs, 0.0);
         assert_close("concat axis 2", &got[2], &rc, 0.0);
@@ -1011,6 +1043,7 @@ mod cases {
         let td = rand(600, rows * cols);
         let ids_d = [3u32, 0, 49, 3, 17];
         let mut g = Graph::new(gpu.target());
+        let at = g.act();
         let t32 = weight(gpu, &mut g, "t32", &[rows, cols], DType::F32, &td);
         let t16 = weight(gpu, &mut g, "t16", &[rows, cols], DType::F16, &td);
         let ids_t = sd3_wgpu::Tensor::from_u32(gpu, &[ids_d.len()], &ids_d).unwrap();
@@ -1030,12 +1063,19 @@ mod cases {
                 .flat_map(|&i| t[i as usize * cols..][..cols].to_vec())
                 .collect::<Vec<_>>()
         };
-        assert_close("gather f32", &got[0], &pick(&f64s(&td)), 0.0);
-        assert_close("gather f16", &got[1], &pick(&stored(&td, DType::F16)), 0.0);
+        // Outputs are stored in the activation type.
+        let out = |v: Vec<f64>| stored(&v.iter().map(|&x| x as f32).collect::<Vec<_>>(), at);
+        assert_close("gather f32", &got[0], &out(pick(&f64s(&td))), 0.0);
+        assert_close(
+            "gather f16",
+            &got[1],
+            &out(pick(&stored(&td, DType::F16))),
+            0.0,
+        );
         assert_close(
             "gather good id",
             &got[2][..cols],
-            &f64s(&td[cols..2 * cols]),
+            &out(f64s(&td[cols..2 * cols])),
             0.0,
         );
         assert!(
@@ -1049,7 +1089,9 @@ mod cases {
         let (b, h, w, p, c) = (2, 3, 4, 2, 5);
         let td = rand(700, b * h * w * p * p * c);
         let mut g = Graph::new(gpu.target());
-        let t = weight(gpu, &mut g, "t", &[b, h * w, p * p * c], DType::F32, &td);
+        let at = g.act();
+        let t = act(gpu, &mut g, "t", &[b, h * w, p * p * c], &td);
+        let td = round_to(&td, at);
         let img = layout::unpatchify(&mut g, t, h, w, p).unwrap();
         let back = layout::nchw_to_tokens(&mut g, img).unwrap();
         g.keep(img);
@@ -1124,9 +1166,10 @@ mod cases {
             let yd = rand(91, b * t * c);
             let md = rand(92, b * 6 * c);
             let mut g = Graph::new(gpu.target());
-            let x = weight(gpu, &mut g, "x", &[b, t, c], DType::F32, &xd);
-            let y = weight(gpu, &mut g, "y", &[b, t, c], DType::F32, &yd);
-            let m = weight(gpu, &mut g, "m", &[b, 6 * c], DType::F32, &md);
+            let at = g.act();
+            let x = act(gpu, &mut g, "x", &[b, t, c], &xd);
+            let y = act(gpu, &mut g, "y", &[b, t, c], &yd);
+            let m = act(gpu, &mut g, "m", &[b, 6 * c], &md);
             let ch = |index| ModChunk { m, index };
             let (xo, ho) = norm::residual_adaln(&mut g, x, ch(2), y, ch(3), ch(4), 1e-6).unwrap();
             let xc = elementwise::gated_residual(&mut g, x, ch(2), y).unwrap();
@@ -1157,15 +1200,15 @@ mod cases {
                 &format!("residual_adaln x {b}x{t}x{c}"),
                 &got[0],
                 &rx,
-                TOL_F32,
+                tol(at),
             );
             assert_close(
                 &format!("residual_adaln h {b}x{t}x{c}"),
                 &got[1],
                 &rh,
-                TOL_F32,
+                tol(at),
             );
-            assert_close(&format!("composed h {b}x{t}x{c}"), &got[2], &rh, TOL_F32);
+            assert_close(&format!("composed h {b}x{t}x{c}"), &got[2], &rh, tol(at));
         }
     }
 
@@ -1185,10 +1228,12 @@ mod cases {
             let vd = rand(seed + 1, halves * n);
             let sd = rand(seed + 2, n);
             let mut g = Graph::new(gpu.target());
+            let at = g.act();
             let x = weight(gpu, &mut g, "x", &shape, DType::F32, &xd);
             let mut vshape = shape;
             vshape[0] *= halves;
-            let v = weight(gpu, &mut g, "v", &vshape, DType::F32, &vd);
+            let v = act(gpu, &mut g, "v", &vshape, &vd);
+            let vd = round_to(&vd, at);
             let step = weight(gpu, &mut g, "step", &[2], DType::F32, &[dt, w]);
             let s = skip.then(|| weight(gpu, &mut g, "skip", &shape, DType::F32, &sd));
             let y = sampler::guided_euler(&mut g, x, v, step, s, guided.then_some(scale)).unwrap();
@@ -1212,7 +1257,7 @@ mod cases {
                 &format!("guided_euler guided={guided} skip={skip}"),
                 got,
                 &want,
-                TOL_F32,
+                tol(at),
             );
         }
     }

@@ -54,7 +54,9 @@ fn parse(k: &Kernel, flags: &[&str]) -> (naga::Module, naga::valid::ModuleInfo) 
     // Vulkan, Metal and DX12 (downlevel flag SHADER_F16_IN_F32).
     let info = Validator::new(
         ValidationFlags::all(),
-        Capabilities::default() | Capabilities::SHADER_FLOAT16_IN_FLOAT32,
+        Capabilities::default()
+            | Capabilities::SHADER_FLOAT16_IN_FLOAT32
+            | Capabilities::SHADER_FLOAT16,
     )
     .validate(&module)
     .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
@@ -99,7 +101,11 @@ fn every_specialisation_translates_to_spirv_msl_and_hlsl() {
                 };
                 msl::write_string(&m, &i, &msl_lang, &msl_opts)
                     .unwrap_or_else(|e| panic!("{what}: MSL: {e}"));
-                let hlsl_opts = hlsl::Options::default();
+                // f16 storage needs shader model 6.2 (DXC with 16-bit types).
+                let hlsl_opts = hlsl::Options {
+                    shader_model: hlsl::ShaderModel::V6_2,
+                    ..Default::default()
+                };
                 let hlsl_pipe = hlsl::PipelineOptions {
                     entry_point: Some((ShaderStage::Compute, k.entry.to_string())),
                 };

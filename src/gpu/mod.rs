@@ -122,6 +122,8 @@ pub struct GpuOptions {
     /// `auto` or `portable`: which op implementations recording may choose
     /// (`--kernels`, `SD3_KERNELS`); auto when `None`.
     pub kernels: Option<String>,
+    /// Store activations as f16 where the adapter has SHADER_F16.
+    pub f16_activations: bool,
 }
 
 impl GpuOptions {
@@ -135,6 +137,7 @@ impl GpuOptions {
             runtime_checks: get("SD3_RUNTIME_CHECKS").is_some_and(|v| v != "0"),
             portable_only: false,
             kernels: get("SD3_KERNELS"),
+            f16_activations: false,
         }
     }
 }
@@ -359,6 +362,8 @@ pub struct Gpu {
     faults: std::sync::Arc<Faults>,
     /// Which op implementations recording may choose.
     pub kernels: KernelChoice,
+    /// Element type of activations (f16 only where SHADER_F16 is enabled).
+    pub activation: crate::tensor::DType,
     readbacks: std::sync::atomic::AtomicU64,
     /// Cooperative-matrix configurations (empty unless the feature is enabled).
     pub coop: Vec<CoopConfig>,
@@ -484,6 +489,11 @@ impl Gpu {
             memory: Default::default(),
             faults,
             kernels,
+            activation: if opts.f16_activations && caps.f16 {
+                crate::tensor::DType::F16
+            } else {
+                crate::tensor::DType::F32
+            },
             readbacks: Default::default(),
             coop: if coop_on {
                 coop_configs(adapter)
@@ -501,7 +511,7 @@ impl Gpu {
             subgroup: self.caps.subgroup,
             coop: self.coop.clone(),
             limits: self.limits.clone(),
-            activation: crate::tensor::DType::F32,
+            activation: self.activation,
             kernels: self.kernels,
         }
     }

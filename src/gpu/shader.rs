@@ -8,6 +8,11 @@
 //! - `#include "file.wgsl"`: paste another file from `shaders/` (once per file).
 //! - `#if FLAG` / `#if !FLAG`, `#else`, `#endif`: keep lines when FLAG is (not) set.
 //!
+//! Storage types: `W_F16` reads weights as f16 packed two to a u32 (no
+//! feature needed); `<BINDING>_F16` (e.g. `X_F16`, `Y_F16`) makes that
+//! activation binding a native `array<f16>`. Any of the latter also sets
+//! `F16`, under which a file opens with `enable f16;` (SHADER_F16).
+//!
 //! Nothing else: WGSL is never assembled from Rust strings.
 
 use super::GpuError;
@@ -57,13 +62,25 @@ pub fn preprocess(file: &str, flags: &[&str]) -> Result<String, GpuError> {
             "{file}: unknown flag '{f}' (its #if directives test {known:?})"
         )));
     }
+    let mut flags = flags.to_vec();
+    if flags.iter().any(|f| is_activation_f16(f)) {
+        flags.push("F16");
+    }
+    let flags = &flags[..];
     let mut out = String::new();
     let mut included = Vec::new();
     expand(file, flags, &mut out, &mut included)?;
     Ok(out)
 }
 
-/// Every flag an `#if` of `file` or of its includes tests.
+/// Whether `flag` makes an activation binding f16 (`X_F16`, not `W_F16`),
+/// which needs `enable f16;`.
+pub fn is_activation_f16(flag: &str) -> bool {
+    flag.ends_with("_F16") && flag != "W_F16"
+}
+
+/// Every flag an `#if` of `file` or of its includes tests (`F16` aside: it
+/// follows from the activation flags).
 pub fn known_flags(file: &str) -> Result<Vec<String>, GpuError> {
     fn walk(file: &str, seen: &mut Vec<String>, flags: &mut Vec<String>) -> Result<(), GpuError> {
         if seen.iter().any(|f| f == file) {
@@ -85,6 +102,7 @@ pub fn known_flags(file: &str) -> Result<Vec<String>, GpuError> {
     }
     let mut flags = Vec::new();
     walk(file, &mut Vec::new(), &mut flags)?;
+    flags.retain(|f| f != "F16");
     Ok(flags)
 }
 

@@ -7,7 +7,7 @@
 
 use super::choice::{record_first, Implementation};
 use super::linear::{gemm, Gemm, LinearParams};
-use super::{bytes_of, expect_dtype, expect_shape, layout, norm, softmax, u32_of};
+use super::{bytes_of, expect_dtype, expect_shape, f16_flags, layout, norm, softmax, u32_of, ACT};
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
 use crate::graph::{Cost, Graph, OpCall, Value};
@@ -31,7 +31,7 @@ pub static ATTENTION: Kernel = Kernel {
         Binding::read("bias"),
         Binding::write("out"),
     ],
-    flags: &[],
+    flags: &["Q_F16", "K_F16", "V_F16", "OUT_F16"],
     constants: &[],
     overrides: &[("CAUSAL", CAUSAL), ("BIAS", BIAS), ("QK_NORM", QK_NORM)],
     consts: &[("D", HEAD_DIM as u32), ("BR", BLOCK_Q as u32)],
@@ -154,7 +154,7 @@ fn check(
     let width = o.heads * HEAD_DIM;
     let mut dims = Vec::new();
     for (name, h) in [("q", q), ("k", k), ("v", v)] {
-        expect_dtype(g, kind, name, h.value, &[DType::F32])?;
+        expect_dtype(g, kind, name, h.value, ACT)?;
         let s = super::expect_rank(g, kind, name, h.value, 3, "[batch, tokens, width]")?;
         if h.col_offset + width > s[2] {
             return Err(g.shape_error(
@@ -207,12 +207,14 @@ fn check(
     })
 }
 
-fn cost(d: &Dims, heads: usize) -> Cost {
+/// FLOPs and ideal bytes (q, k, v read once, out written once) with
+/// elements of `elem` bytes.
+fn cost(d: &Dims, heads: usize, elem: u64) -> Cost {
     let (b, h, tq, tk) = (d.batch as u64, heads as u64, d.tq as u64, d.tk as u64);
     let e = HEAD_DIM as u64;
     Cost {
         flops: 4 * b * h * tq * tk * e,
-        bytes: 4 * b * h * e * (2 * tq + 2 * tk),
+        bytes: elem * b * h * e * (2 * tq + 2 * tk),
     }
 }
 
@@ -285,7 +287,7 @@ pub fn attention_flash(
     let kind = "attention";
     let d = check(g, kind, q, k, v, o)?;
     let width = o.heads * HEAD_DIM;
-    let out = g.alloc(&[d.batch, d.tq, width], DType::F32);
+    let out = g.alloc(&[d.batch, d.tq, width], g.act());
     let p = AttentionParams {
         batch: d.batch as u32,
         heads: o.heads as u32,
@@ -306,8 +308,21 @@ pub fn attention_flash(
         eps: o.eps,
         _pad: 0,
     };
+    let flags = f16_flags(
+        g,
+        &[
+            ("Q_F16", Some(q.value)),
+            ("K_F16", Some(k.value)),
+            ("V_F16", Some(v.value)),
+            ("OUT_F16", Some(out)),
+        ],
+    );
     let call = OpCall {
-        key: PipelineKey::new(&ATTENTION),
+        key: PipelineKey {
+            kernel: &ATTENTION,
+            flags,
+            constants: Vec::new(),
+        },
         params: bytes_of(&p),
         args: vec![
             Some(q.value),
@@ -323,7 +338,11 @@ pub fn attention_flash(
             o.heads as u32,
             d.batch as u32,
         ],
-        cost: cost(&d, o.heads),
+        cost: cost(
+            &d,
+            o.heads,
+            if g.dtype(q.value) == DType::F16 { 2 } else { 4 },
+        ),
     };
     g.record(kind, call)?;
     Ok(out)
@@ -373,6 +392,8 @@ pub fn attention_composed(
     let (b, h, tq, tk, e) = (d.batch, o.heads, d.tq, d.tk, HEAD_DIM);
     let (qv, qw, qoff) = heads_contiguous(g, q, h, o.qk_norm.map(|n| n.0), o.eps)?;
     let (kv, kw, koff) = heads_contiguous(g, k, h, o.qk_norm.map(|n| n.1), o.eps)?;
+    // Scores and probabilities stay f32 whatever the activations: the softmax
+    // of f16 scores would lose the small probabilities.
     let scores = g.alloc(&[b, h, tq, tk], DType::F32);
     let u = |x: usize| x as u32;
     let qk = Gemm {
@@ -397,7 +418,9 @@ pub fn attention_composed(
         batch_outer: b,
     };
     gemm(g, "scores", qv, kv, None, scores, qk)?;
-    let probs = softmax::attention_softmax(g, scores, o.scale, o.causal, o.bias)?;
+    let probs = g.with_activation(DType::F32, |g| {
+        softmax::attention_softmax(g, scores, o.scale, o.causal, o.bias)
+    })?;
     // vᵀ per head: [b, h, 64, tk], so that probs · (vᵀ)ᵀ is another x · wᵀ.
     let vw = d.vw;
     let vt = layout::strided_copy(
@@ -408,7 +431,7 @@ pub fn attention_composed(
         &[b, h, e, tk],
         &[tk * vw, e, 1, vw],
     )?;
-    let out = g.alloc(&[b, tq, h * e], DType::F32);
+    let out = g.alloc(&[b, tq, h * e], g.act());
     let pv = Gemm {
         p: LinearParams {
             m: u(tq),

@@ -5,7 +5,8 @@
 //! `upsample_nearest2x`: [batch, c, h, w] → [batch, c, 2h, 2w].
 
 use super::{
-    bytes_of, check_index_space, expect_dtype, expect_shape, grid_for, u32_of, weight_flags, WG,
+    bytes_of, check_index_space, expect_dtype, expect_shape, f16_flags, grid_for, u32_of,
+    weight_flags, ACT, WG,
 };
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
@@ -25,7 +26,7 @@ pub static CONV2D: Kernel = Kernel {
     entry: "conv2d",
     params: &ConvParams::LAYOUT,
     bindings: BINDINGS,
-    flags: &["W_F16"],
+    flags: &["W_F16", "X_F16", "Y_F16"],
     constants: &[],
     overrides: &[("WG", WG as u32)],
     consts: &[("OC_PER", OC_PER as u32)],
@@ -36,7 +37,7 @@ pub static UPSAMPLE2X: Kernel = Kernel {
     entry: "upsample2x",
     params: &ConvParams::LAYOUT,
     bindings: BINDINGS,
-    flags: &["W_F16"],
+    flags: &["W_F16", "X_F16", "Y_F16"],
     constants: &[],
     overrides: &[("WG", WG as u32)],
     consts: &[],
@@ -110,7 +111,7 @@ pub fn conv2d_padded(
 ) -> Result<Value> {
     let [pad, pad_end] = pad;
     let kind = "conv2d";
-    expect_dtype(g, kind, "x", x, &[DType::F32])?;
+    expect_dtype(g, kind, "x", x, ACT)?;
     expect_dtype(g, kind, "w", w, &[DType::F32, DType::F16])?;
     let xs = super::expect_rank(g, kind, "x", x, 4, "[batch, cin, h, w]")?;
     let ws = super::expect_rank(g, kind, "w", w, 4, "[cout, cin, kh, kw]")?;
@@ -166,13 +167,15 @@ pub fn conv2d_padded(
         _pad1: 0,
         _pad2: 0,
     };
-    let y = g.alloc(&out_shape, DType::F32);
+    let y = g.alloc(&out_shape, g.act());
+    let mut flags = weight_flags(g, w);
+    flags.extend(f16_flags(g, &[("X_F16", Some(x)), ("Y_F16", Some(y))]));
     let macs = (numel(&out_shape) * xs[1] * ws[2] * ws[3]) as u64;
     let wbytes = if g.dtype(w) == DType::F16 { 2 } else { 4 };
     let call = OpCall {
         key: PipelineKey {
             kernel: &CONV2D,
-            flags: weight_flags(g, w),
+            flags,
             constants: Vec::new(),
         },
         params: bytes_of(&p),
@@ -190,7 +193,7 @@ pub fn conv2d_padded(
 /// Nearest-neighbour 2× upsampling of [batch, c, h, w].
 pub fn upsample_nearest2x(g: &mut Graph, x: Value) -> Result<Value> {
     let kind = "upsample2x";
-    expect_dtype(g, kind, "x", x, &[DType::F32])?;
+    expect_dtype(g, kind, "x", x, ACT)?;
     let xs = super::expect_rank(g, kind, "x", x, 4, "[batch, c, h, w]")?;
     let out_shape = [xs[0], xs[1], 2 * xs[2], 2 * xs[3]];
     check_index_space(g, kind, numel(&out_shape))?;
@@ -201,9 +204,13 @@ pub fn upsample_nearest2x(g: &mut Graph, x: Value) -> Result<Value> {
         n: n as u32,
         ..Default::default()
     };
-    let y = g.alloc(&out_shape, DType::F32);
+    let y = g.alloc(&out_shape, g.act());
     let call = OpCall {
-        key: PipelineKey::new(&UPSAMPLE2X),
+        key: PipelineKey {
+            kernel: &UPSAMPLE2X,
+            flags: f16_flags(g, &[("X_F16", Some(x)), ("Y_F16", Some(y))]),
+            constants: Vec::new(),
+        },
         params: bytes_of(&p),
         args: vec![Some(x), None, None, Some(y)],
         workgroups: grid_for(n),

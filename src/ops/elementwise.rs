@@ -6,11 +6,11 @@
 //! x, y [batch, tokens, c] with a gate chunk of a modulation [batch, chunks·c].
 
 use super::norm::{chunk_offset, ModChunk};
-use super::{bytes_of, check_index_space, expect_dtype, grid_for, WG};
+use super::{bytes_of, check_index_space, expect_dtype, f16_flags, grid_for, ACT, WG};
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
 use crate::graph::{Cost, Graph, OpCall, Value};
-use crate::tensor::{numel, shape_str, DType};
+use crate::tensor::{numel, shape_str};
 
 const BINDINGS: &[Binding] = &[
     Binding::read("a"),
@@ -25,7 +25,7 @@ pub static UNARY: Kernel = Kernel {
     entry: "unary",
     params: &ElementwiseParams::LAYOUT,
     bindings: BINDINGS,
-    flags: &[],
+    flags: &["A_F16", "B_F16", "C_F16", "OUT_F16"],
     constants: &[("ACT", &[0.0, 1.0, 2.0, 3.0, 4.0])],
     overrides: &[("WG", WG as u32)],
     consts: &[],
@@ -36,7 +36,7 @@ pub static BINARY: Kernel = Kernel {
     entry: "binary",
     params: &ElementwiseParams::LAYOUT,
     bindings: BINDINGS,
-    flags: &[],
+    flags: &["A_F16", "B_F16", "C_F16", "OUT_F16"],
     constants: &[("BINOP", &[0.0, 1.0])],
     overrides: &[("WG", WG as u32)],
     consts: &[],
@@ -47,7 +47,7 @@ pub static GATED_RESIDUAL: Kernel = Kernel {
     entry: "gated_residual",
     params: &ElementwiseParams::LAYOUT,
     bindings: BINDINGS,
-    flags: &[],
+    flags: &["A_F16", "B_F16", "C_F16", "OUT_F16"],
     constants: &[],
     overrides: &[("WG", WG as u32)],
     consts: &[],
@@ -110,16 +110,25 @@ impl Act {
 fn record(
     g: &mut Graph,
     kind: &str,
-    key: PipelineKey,
+    mut key: PipelineKey,
     p: ElementwiseParams,
     args: [Option<Value>; 3],
     shape: &[usize],
     per_element: (u64, u64),
 ) -> Result<Value> {
     check_index_space(g, kind, numel(shape))?;
-    let y = g.alloc(shape, DType::F32);
+    let y = g.alloc(shape, g.act());
     let n = numel(shape) as u64;
     let (flops, reads) = per_element;
+    key.flags.extend(f16_flags(
+        g,
+        &[
+            ("A_F16", args[0]),
+            ("B_F16", args[1]),
+            ("C_F16", args[2]),
+            ("OUT_F16", Some(y)),
+        ],
+    ));
     let call = OpCall {
         key,
         params: bytes_of(&p),
@@ -143,7 +152,7 @@ pub fn activation_affine(
     shift: f32,
 ) -> Result<Value> {
     let kind = act.name();
-    expect_dtype(g, kind, "x", x, &[DType::F32])?;
+    expect_dtype(g, kind, "x", x, ACT)?;
     let shape = g.shape(x).to_vec();
     let p = ElementwiseParams {
         n: numel(&shape) as u32,
@@ -172,8 +181,8 @@ pub fn affine(g: &mut Graph, x: Value, scale: f32, shift: f32) -> Result<Value> 
 }
 
 fn binary(g: &mut Graph, kind: &str, op: u32, a: Value, b: Value) -> Result<Value> {
-    expect_dtype(g, kind, "a", a, &[DType::F32])?;
-    expect_dtype(g, kind, "b", b, &[DType::F32])?;
+    expect_dtype(g, kind, "a", a, ACT)?;
+    expect_dtype(g, kind, "b", b, ACT)?;
     let sa = g.shape(a).to_vec();
     let sb = g.shape(b).to_vec();
     if sb.len() > sa.len() || sa[sa.len() - sb.len()..] != sb[..] {
@@ -213,8 +222,8 @@ pub fn mul(g: &mut Graph, a: Value, b: Value) -> Result<Value> {
 /// modulation vector [batch, chunks·c] (adaLN-Zero residuals).
 pub fn gated_residual(g: &mut Graph, x: Value, gate: ModChunk, y: Value) -> Result<Value> {
     let kind = "gated_residual";
-    expect_dtype(g, kind, "x", x, &[DType::F32])?;
-    expect_dtype(g, kind, "y", y, &[DType::F32])?;
+    expect_dtype(g, kind, "x", x, ACT)?;
+    expect_dtype(g, kind, "y", y, ACT)?;
     let xs = super::expect_rank(g, kind, "x", x, 3, "[batch, tokens, c]")?;
     super::expect_shape(g, kind, "y", y, &xs)?;
     let (mod_stride, gate_off) = chunk_offset(g, kind, "gate", gate, xs[0], xs[2])?;

@@ -4,7 +4,9 @@
 //! Shapes: `permute`: up to 6 axes; `slice`/`concat` along any axis;
 //! `gather`: table [rows, c] (f32/f16), ids [t] u32 → [t, c].
 
-use super::{bytes_of, check_index_space, expect_dtype, grid_for, weight_flags, WG};
+use super::{
+    bytes_of, check_index_space, expect_dtype, f16_flags, grid_for, weight_flags, ACT, WG,
+};
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
 use crate::graph::{Cost, Graph, OpCall, Value};
@@ -25,7 +27,7 @@ macro_rules! layout_kernel {
             entry: $entry,
             params: &LayoutParams::LAYOUT,
             bindings: BINDINGS,
-            flags: &["W_F16"],
+            flags: &["W_F16", "SRC2_F16", "DST_F16"],
             constants: &[],
             overrides: &[("WG", WG as u32)],
             consts: &[],
@@ -68,18 +70,22 @@ crate::params_struct! {
     }
 }
 
+/// Records a layout op; the source bound at `w` may be f32 or f16 (weights and
+/// activations share the packed-f16 read path), `src2` and the output
+/// follow their own types.
 fn record(
     g: &mut Graph,
     kind: &str,
     kernel: &'static Kernel,
-    flags: Vec<&'static str>,
     p: LayoutParams,
     args: [Option<Value>; 3],
     shape: &[usize],
 ) -> Result<Value> {
     check_index_space(g, kind, numel(shape))?;
-    let y = g.alloc(shape, DType::F32);
+    let y = g.alloc(shape, g.act());
     let n = numel(shape) as u64;
+    let mut flags = args[0].map(|w| weight_flags(g, w)).unwrap_or_default();
+    flags.extend(f16_flags(g, &[("SRC2_F16", args[1]), ("DST_F16", Some(y))]));
     let call = OpCall {
         key: PipelineKey {
             kernel,
@@ -99,7 +105,8 @@ fn record(
 }
 
 /// Copies the view `x[offset + Σ idx_k · strides_k]` of shape `shape` into a
-/// new contiguous f32 value. The view must stay inside x.
+/// new contiguous value of the graph's activation type. The view must stay
+/// inside x.
 pub fn strided_copy(
     g: &mut Graph,
     kind: &str,
@@ -146,16 +153,7 @@ pub fn strided_copy(
         p.shape[pad + i] = d as u32;
         p.stride[pad + i] = s as u32;
     }
-    let flags = weight_flags(g, x);
-    record(
-        g,
-        kind,
-        &COPY_STRIDED,
-        flags,
-        p,
-        [Some(x), None, None],
-        shape,
-    )
+    record(g, kind, &COPY_STRIDED, p, [Some(x), None, None], shape)
 }
 
 fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
@@ -212,21 +210,24 @@ pub fn slice(g: &mut Graph, x: Value, axis: usize, start: usize, len: usize) -> 
 
 /// A copy of x as f32 (converts f16 weights once, e.g. for norm weights).
 pub fn to_f32(g: &mut Graph, x: Value) -> Result<Value> {
+    cast(g, x, DType::F32)
+}
+
+/// A copy of x stored as `dtype` (f32 or f16).
+pub fn cast(g: &mut Graph, x: Value, dtype: DType) -> Result<Value> {
     let xs = g.shape(x).to_vec();
-    let st = contiguous_strides(&xs);
-    if xs.len() > MAX_DIMS {
-        let flat = g.reshape(x, &[numel(&xs)])?;
-        let y = strided_copy(g, "to_f32", flat, 0, &[numel(&xs)], &[1])?;
-        return g.reshape(y, &xs);
-    }
-    strided_copy(g, "to_f32", x, 0, &xs, &st)
+    let flat = g.reshape(x, &[numel(&xs)])?;
+    let y = g.with_activation(dtype, |g| {
+        strided_copy(g, "cast", flat, 0, &[numel(&xs)], &[1])
+    })?;
+    g.reshape(y, &xs)
 }
 
 /// Joins a and b along `axis`; all other axes must match.
 pub fn concat(g: &mut Graph, a: Value, b: Value, axis: usize) -> Result<Value> {
     let kind = "concat";
-    expect_dtype(g, kind, "a", a, &[DType::F32])?;
-    expect_dtype(g, kind, "b", b, &[DType::F32])?;
+    expect_dtype(g, kind, "a", a, ACT)?;
+    expect_dtype(g, kind, "b", b, ACT)?;
     let sa = g.shape(a).to_vec();
     let sb = g.shape(b).to_vec();
     let same_rest = sa.len() == sb.len()
@@ -255,15 +256,7 @@ pub fn concat(g: &mut Graph, a: Value, b: Value, axis: usize) -> Result<Value> {
         inner: numel(&sa[axis + 1..]).max(1) as u32,
         ..Default::default()
     };
-    record(
-        g,
-        kind,
-        &CONCAT,
-        Vec::new(),
-        p,
-        [Some(a), Some(b), None],
-        &shape,
-    )
+    record(g, kind, &CONCAT, p, [Some(a), Some(b), None], &shape)
 }
 
 /// Embedding lookup: table [rows, c] (f32 or f16), ids [t] (u32) → [t, c].
@@ -282,16 +275,7 @@ pub fn gather(g: &mut Graph, table: Value, ids: Value) -> Result<Value> {
         cols: ts[1].max(1) as u32,
         ..Default::default()
     };
-    let flags = weight_flags(g, table);
-    record(
-        g,
-        kind,
-        &GATHER,
-        flags,
-        p,
-        [Some(table), None, Some(ids)],
-        &shape,
-    )
+    record(g, kind, &GATHER, p, [Some(table), None, Some(ids)], &shape)
 }
 
 /// Conv output [batch, c, h, w] → tokens [batch, h·w, c] (row-major patches).

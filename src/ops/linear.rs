@@ -2,9 +2,10 @@
 //!
 //! Shapes: `linear`: x [.., k] · w [n, k]ᵀ + b [n] → y [.., n];
 //! `batched_matmul`: x [batch, m, k] · w [batch or 1, n, k]ᵀ → y [batch, m, n].
-//! Activations f32; w f32 or f16; f32 accumulation.
+//! Activations f32 or f16 (each binding on its own); w f32 or f16; f32
+//! accumulation.
 
-use super::{bytes_of, expect_dtype, u32_of, weight_flags};
+use super::{bytes_of, expect_dtype, f16_flags, u32_of, weight_flags, ACT};
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
 use crate::graph::{Cost, Graph, OpCall, Value};
@@ -23,7 +24,7 @@ pub static LINEAR: Kernel = Kernel {
     entry: "linear",
     params: &LinearParams::LAYOUT,
     bindings: BINDINGS,
-    flags: &["W_F16", "VEC4"],
+    flags: &["W_F16", "VEC4", "X_F16", "Y_F16"],
     constants: &[],
     overrides: &[("BM", TILE_M as u32), ("BN", TILE_N as u32), ("BK", TILE_K)],
     consts: &[],
@@ -162,8 +163,9 @@ pub fn gemm(
     y: Value,
     mut gemm: Gemm,
 ) -> Result<()> {
-    expect_dtype(g, kind, "x", x, &[DType::F32])?;
+    expect_dtype(g, kind, "x", x, ACT)?;
     expect_dtype(g, kind, "w", w, &[DType::F32, DType::F16])?;
+    expect_dtype(g, kind, "y", y, ACT)?;
     let p = &mut gemm.p;
     p.has_bias = bias.is_some() as u32;
     let views = [
@@ -230,16 +232,18 @@ pub fn gemm(
         }
     }
     let mut flags = weight_flags(g, w);
+    flags.extend(f16_flags(g, &[("X_F16", Some(x)), ("Y_F16", Some(y))]));
     if gemm.vec4_ok() {
         flags.push("VEC4");
     }
     let batches = u32_of(g, kind, "batch", gemm.batches())?;
     let (m, n, k) = (gemm.p.m as u64, gemm.p.n as u64, gemm.p.k as u64);
     let b = batches as u64;
-    let wbytes = if g.dtype(w) == DType::F16 { 2 } else { 4 };
+    let size = |v: Value| if g.dtype(v) == DType::F16 { 2 } else { 4 };
+    let (xbytes, ybytes, wbytes) = (size(x), size(y), size(w));
     let cost = Cost {
         flops: 2 * b * m * n * k,
-        bytes: b * (4 * m * k + 4 * m * n)
+        bytes: b * (xbytes * m * k + ybytes * m * n)
             + n * k
                 * wbytes
                 * if gemm.p.w_sb == 0 && gemm.p.w_sh == 0 {
@@ -286,7 +290,7 @@ pub fn linear(g: &mut Graph, x: Value, w: Value, b: Option<Value>) -> Result<Val
     u32_of(g, kind, "rows", m * k.max(n))?;
     let mut ys = xs.clone();
     *ys.last_mut().expect("x has rank ≥ 1") = n;
-    let y = g.alloc(&ys, DType::F32);
+    let y = g.alloc(&ys, g.act());
     gemm(g, kind, x, w, b, y, Gemm::contiguous(1, m, n, k, false))?;
     Ok(y)
 }
@@ -312,7 +316,7 @@ pub fn batched_matmul(g: &mut Graph, x: Value, w: Value) -> Result<Value> {
     let (batch, m, k) = (xs[0], xs[1], xs[2]);
     let n = ws[ws.len() - 2];
     u32_of(g, kind, "elements", batch * m * k.max(n))?;
-    let y = g.alloc(&[batch, m, n], DType::F32);
+    let y = g.alloc(&[batch, m, n], g.act());
     gemm(
         g,
         kind,

@@ -128,6 +128,20 @@ pub(crate) fn expect_rank(
     Ok(s)
 }
 
+/// Element types an activation binding accepts.
+pub(crate) const ACT: &[DType] = &[DType::F32, DType::F16];
+
+/// The `<BINDING>_F16` flag of each bound value stored as f16 (the shader
+/// then declares that binding `array<f16>`; reads and writes convert, all
+/// arithmetic stays f32).
+pub(crate) fn f16_flags(g: &Graph, pairs: &[(&'static str, Option<Value>)]) -> Vec<&'static str> {
+    pairs
+        .iter()
+        .filter(|(_, v)| v.is_some_and(|v| g.dtype(v) == DType::F16))
+        .map(|(f, _)| *f)
+        .collect()
+}
+
 /// The `W_F16` flag when a weight-like value is stored as f16.
 pub(crate) fn weight_flags(g: &Graph, v: Value) -> Vec<&'static str> {
     if g.dtype(v) == DType::F16 {

@@ -6,7 +6,9 @@
 //! `group_norm`: x [batch, channels, h, w] with weight/bias [channels].
 //! All f32, statistics in f32.
 
-use super::{bytes_of, check_index_space, expect_dtype, expect_shape, grid, u32_of, WG};
+use super::{
+    bytes_of, check_index_space, expect_dtype, expect_shape, f16_flags, grid, u32_of, ACT, WG,
+};
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
 use crate::graph::{Cost, Graph, OpCall, Value};
@@ -27,7 +29,7 @@ macro_rules! norm_kernel {
             entry: $entry,
             params: &NormParams::LAYOUT,
             bindings: BINDINGS,
-            flags: &[],
+            flags: &["X_F16", "WEIGHT_F16", "Y_F16"],
             constants: &[],
             overrides: &[
                 ("WG", WG as u32),
@@ -98,7 +100,7 @@ fn check_vec(g: &Graph, kind: &str, name: &str, v: Option<Value>, len: usize) ->
 }
 
 fn rows_cols(g: &Graph, kind: &str, x: Value) -> Result<(usize, usize)> {
-    expect_dtype(g, kind, "x", x, &[DType::F32])?;
+    expect_dtype(g, kind, "x", x, ACT)?;
     let s = g.shape(x);
     let Some(&cols) = s.last() else {
         return Err(g.shape_error(kind, "x must have at least one dimension"));
@@ -117,10 +119,18 @@ fn record(
     p: NormParams,
 ) -> Result<Value> {
     let shape = g.shape(x).to_vec();
-    let y = g.alloc(&shape, DType::F32);
+    let y = g.alloc(&shape, g.act());
     let n = numel(&shape) as u64;
+    let flags = f16_flags(
+        g,
+        &[("X_F16", Some(x)), ("WEIGHT_F16", w), ("Y_F16", Some(y))],
+    );
     let call = OpCall {
-        key: PipelineKey::new(kernel),
+        key: PipelineKey {
+            kernel,
+            flags,
+            constants: Vec::new(),
+        },
         params: bytes_of(&p),
         args: vec![Some(x), w, b, Some(y)],
         workgroups: grid(p.rows as u64),
@@ -190,7 +200,7 @@ pub(crate) fn chunk_offset(
     batch: usize,
     c: usize,
 ) -> Result<(u32, u32)> {
-    expect_dtype(g, kind, name, chunk.m, &[DType::F32])?;
+    expect_dtype(g, kind, name, chunk.m, ACT)?;
     let ms = g.shape(chunk.m);
     if ms.len() != 2
         || ms[0] != batch
@@ -219,7 +229,7 @@ pub fn adaln_modulate(
     eps: f32,
 ) -> Result<Value> {
     let kind = "adaln_modulate";
-    expect_dtype(g, kind, "x", x, &[DType::F32])?;
+    expect_dtype(g, kind, "x", x, ACT)?;
     let xs = super::expect_rank(g, kind, "x", x, 3, "[batch, tokens, c]")?;
     if shift.m != scale.m {
         return Err(g.shape_error(
@@ -259,7 +269,7 @@ pub fn group_norm(
     } else {
         "group_norm"
     };
-    expect_dtype(g, kind, "x", x, &[DType::F32])?;
+    expect_dtype(g, kind, "x", x, ACT)?;
     let xs = super::expect_rank(g, kind, "x", x, 4, "[batch, channels, h, w]")?;
     let c = xs[1];
     if groups == 0 || c % groups != 0 {
@@ -298,7 +308,7 @@ pub static RESIDUAL_ADALN: Kernel = Kernel {
         Binding::write("x_out"),
         Binding::write("h_out"),
     ],
-    flags: &[],
+    flags: &["X_F16", "BRANCH_F16", "MODV_F16", "X_OUT_F16", "H_OUT_F16"],
     constants: &[],
     overrides: &[("WG", WG as u32)],
     consts: &[],
@@ -339,8 +349,8 @@ pub fn residual_adaln(
     eps: f32,
 ) -> Result<(Value, Value)> {
     let kind = "residual_adaln";
-    expect_dtype(g, kind, "x", x, &[DType::F32])?;
-    expect_dtype(g, kind, "branch", branch, &[DType::F32])?;
+    expect_dtype(g, kind, "x", x, ACT)?;
+    expect_dtype(g, kind, "branch", branch, ACT)?;
     let xs = super::expect_rank(g, kind, "x", x, 3, "[batch, tokens, c]")?;
     expect_shape(g, kind, "branch", branch, &xs)?;
     if gate.m != shift.m || gate.m != scale.m {
@@ -363,11 +373,25 @@ pub fn residual_adaln(
         scale_off,
         eps,
     };
-    let x_out = g.alloc(&xs, DType::F32);
-    let h_out = g.alloc(&xs, DType::F32);
+    let x_out = g.alloc(&xs, g.act());
+    let h_out = g.alloc(&xs, g.act());
     let n = numel(&xs) as u64;
+    let flags = f16_flags(
+        g,
+        &[
+            ("X_F16", Some(x)),
+            ("BRANCH_F16", Some(branch)),
+            ("MODV_F16", Some(gate.m)),
+            ("X_OUT_F16", Some(x_out)),
+            ("H_OUT_F16", Some(h_out)),
+        ],
+    );
     let call = OpCall {
-        key: PipelineKey::new(&RESIDUAL_ADALN),
+        key: PipelineKey {
+            kernel: &RESIDUAL_ADALN,
+            flags,
+            constants: Vec::new(),
+        },
         params: bytes_of(&p),
         args: vec![
             Some(x),

@@ -4,9 +4,11 @@
 //!
 //! Shapes: x [batch, c, h, w]; v [batch, …] or, with guidance, [2·batch, …]
 //! (uncond first); step [2] = (dt, skip-layer weight); skip like x → x_out
-//! like x. All f32.
+//! like x. The latents (x, x_out) and step are f32; v may be f16.
 
-use super::{bytes_of, check_index_space, expect_dtype, expect_shape, grid_for, WG};
+use super::{
+    bytes_of, check_index_space, expect_dtype, expect_shape, f16_flags, grid_for, ACT, WG,
+};
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
 use crate::graph::{Cost, Graph, OpCall, Value};
@@ -24,7 +26,7 @@ pub static GUIDED_EULER: Kernel = Kernel {
         Binding::read("skip"),
         Binding::write("x_out"),
     ],
-    flags: &[],
+    flags: &["V_F16"],
     constants: &[],
     overrides: &[("WG", WG as u32), ("CFG", CFG), ("SLG", SLG)],
     consts: &[],
@@ -66,9 +68,9 @@ pub fn guided_euler(
     let xs = g.shape(x).to_vec();
     let n = numel(&xs);
     let halves = if guidance.is_some() { 2 } else { 1 };
-    for (name, val) in [("x", x), ("v", v), ("step", step)] {
-        expect_dtype(g, kind, name, val, &[DType::F32])?;
-    }
+    expect_dtype(g, kind, "x", x, &[DType::F32])?;
+    expect_dtype(g, kind, "v", v, ACT)?;
+    expect_dtype(g, kind, "step", step, &[DType::F32])?;
     expect_shape(g, kind, "step", step, &[2])?;
     if xs.is_empty() || numel(g.shape(v)) != halves * n || g.shape(v)[1..] != xs[1..] {
         return Err(g.shape_error(
@@ -97,7 +99,11 @@ pub fn guided_euler(
     };
     let n64 = n as u64;
     let call = OpCall {
-        key: PipelineKey::new(&GUIDED_EULER),
+        key: PipelineKey {
+            kernel: &GUIDED_EULER,
+            flags: f16_flags(g, &[("V_F16", Some(v))]),
+            constants: Vec::new(),
+        },
         params: bytes_of(&p),
         args: vec![Some(x), Some(v), Some(step), skip, Some(out)],
         workgroups: grid_for(n),

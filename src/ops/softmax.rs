@@ -4,7 +4,7 @@
 //! Shapes: `softmax`: x [.., n]; `attention_softmax`: scores [batch, heads, tq, tk]
 //! with bias [heads, tq, tk].
 
-use super::{bytes_of, check_index_space, expect_dtype, expect_shape, grid, WG};
+use super::{bytes_of, check_index_space, expect_dtype, expect_shape, f16_flags, grid, ACT, WG};
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
 use crate::graph::{Cost, Graph, OpCall, Value};
@@ -20,7 +20,7 @@ pub static SOFTMAX: Kernel = Kernel {
         Binding::read("bias"),
         Binding::write("y"),
     ],
-    flags: &[],
+    flags: &["X_F16", "Y_F16"],
     constants: &[],
     overrides: &[("WG", WG as u32), ("CAUSAL", CAUSAL), ("BIAS", BIAS)],
     consts: &[],
@@ -64,10 +64,14 @@ fn record(
     p: SoftmaxParams,
 ) -> Result<Value> {
     let shape = g.shape(x).to_vec();
-    let y = g.alloc(&shape, DType::F32);
+    let y = g.alloc(&shape, g.act());
     let n = numel(&shape) as u64;
     let call = OpCall {
-        key: PipelineKey::new(&SOFTMAX),
+        key: PipelineKey {
+            kernel: &SOFTMAX,
+            flags: f16_flags(g, &[("X_F16", Some(x)), ("Y_F16", Some(y))]),
+            constants: Vec::new(),
+        },
         params: bytes_of(&p),
         args: vec![Some(x), bias, Some(y)],
         workgroups: grid(p.rows as u64),
@@ -83,7 +87,7 @@ fn record(
 /// Softmax over the last axis.
 pub fn softmax(g: &mut Graph, x: Value) -> Result<Value> {
     let kind = "softmax";
-    expect_dtype(g, kind, "x", x, &[DType::F32])?;
+    expect_dtype(g, kind, "x", x, ACT)?;
     let s = g.shape(x).to_vec();
     let Some(&n) = s.last() else {
         return Err(g.shape_error(kind, "x must have at least one dimension"));
@@ -113,7 +117,7 @@ pub fn attention_softmax(
     bias: Option<Value>,
 ) -> Result<Value> {
     let kind = "softmax";
-    expect_dtype(g, kind, "scores", scores, &[DType::F32])?;
+    expect_dtype(g, kind, "scores", scores, ACT)?;
     let s = super::expect_rank(g, kind, "scores", scores, 4, "[batch, heads, tq, tk]")?;
     if let Some(b) = bias {
         expect_dtype(g, kind, "bias", b, &[DType::F32])?;

@@ -94,6 +94,7 @@ pub fn rel_err(out: &[f32], reference: &[f64]) -> f64 {
 /// Fails with the case name, error and tolerance unless out ≈ reference.
 pub fn assert_close(what: &str, out: &[f32], reference: &[f64], tol: f64) {
     let e = rel_err(out, reference);
+    eprintln!("{what}: relative error {e:.2e} (tolerance {tol:.0e})");
     assert!(
         e <= tol,
         "{what}: relative error {e:.3e} > {tol:.1e} (len {} vs {}, first values {:?} vs {:?})",
@@ -252,4 +253,57 @@ pub fn implementations<A>(
         "{op}: no implementation runs on this adapter"
     );
     run
+}
+
+/// Tolerance for results stored as f16 activations against an f64 reference
+/// computed from the same (f16-rounded) inputs: f16 keeps 11 significant
+/// bits, so storing the result alone costs about 3e-4 relative; the largest
+/// error measured over every kernel case on lavapipe was 3.9e-4.
+pub const TOL_F16: f64 = 1e-3;
+
+/// The tolerance for outputs of element type `dtype`.
+pub fn tol(dtype: DType) -> f64 {
+    if dtype == DType::F16 {
+        TOL_F16
+    } else {
+        TOL_F32
+    }
+}
+
+/// An activation input of the graph's activation type (f32, or f16 on the
+/// f16 test device); compare against `stored(data, g.act())`.
+pub fn act(gpu: &Gpu, g: &mut Graph, name: &str, shape: &[usize], data: &[f32]) -> Value {
+    let d = g.act();
+    weight(gpu, g, name, shape, d, data)
+}
+
+/// A third device whose graphs store activations as f16 (`None` when the
+/// adapter has no SHADER_F16; `SD3_REQUIRE=f16` makes that a failure).
+pub fn f16_gpu() -> Option<&'static Gpu> {
+    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
+    GPU.get_or_init(|| {
+        let opts = GpuOptions {
+            f16_activations: true,
+            ..GpuOptions::from_env()
+        };
+        let g = match Gpu::new(&opts) {
+            Ok(g) => g,
+            Err(e) => panic!("tests need a GPU adapter: {e}"),
+        };
+        if g.activation == DType::F16 {
+            Some(g)
+        } else {
+            assert!(
+                !required().contains(&sd3_wgpu::target::Feature::F16),
+                "SD3_REQUIRE demands f16 but the adapter has no SHADER_F16"
+            );
+            None
+        }
+    })
+    .as_ref()
+}
+
+/// `data` as the GPU holds it after storage in `dtype` (rounded through f16).
+pub fn round_to(data: &[f32], dtype: DType) -> Vec<f32> {
+    stored(data, dtype).iter().map(|&v| v as f32).collect()
 }
