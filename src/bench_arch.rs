@@ -184,20 +184,23 @@ pub fn record_graphs(
     width: usize,
     height: usize,
     batch: usize,
+    activation: DType,
 ) -> Result<ArchGraphs> {
+    let mut target = gpu.target();
+    target.activation = activation;
     let spec = arch.spec();
     let w = ShapeOnlyWeights::new(gpu)?;
     let mut graphs = Vec::new();
     for (name, cfg) in [("clip_l", &spec.clip_l), ("clip_g", &spec.clip_g)] {
-        let m = Clip::load_from(gpu, cfg, &w, DType::F16)?;
-        let mut g = Graph::new(gpu.target());
+        let m = Clip::load_from(gpu, cfg, &w, activation)?;
+        let mut g = Graph::new(target.clone());
         let ids = g.input("ids", &[batch * CLIP_TOKENS], DType::U32);
         let rows = g.input("pool_rows", &[batch], DType::U32);
         m.forward(&mut g, ids, rows, batch)?;
         graphs.push((name, g));
     }
-    let t5 = T5::load_from(gpu, &spec.t5, "shared.weight", &w, DType::F16)?;
-    let mut g = Graph::new(gpu.target());
+    let t5 = T5::load_from(gpu, &spec.t5, "shared.weight", &w, activation)?;
+    let mut g = Graph::new(target.clone());
     let ids = g.input("ids", &[batch * spec.t5_tokens], DType::U32);
     let bias = g.input(
         "bias",
@@ -206,12 +209,12 @@ pub fn record_graphs(
     );
     t5.forward(&mut g, ids, bias, batch)?;
     graphs.push(("t5", g));
-    let m = Mmdit::load_from(gpu, &spec.mmdit, &w, DType::F16)?;
+    let m = Mmdit::load_from(gpu, &spec.mmdit, &w, activation)?;
     let (lh, lw) = (
         height / 8 * 8 / spec.vae.scale_factor(),
         width / 8 * 8 / spec.vae.scale_factor(),
     );
-    let mut g = Graph::new(gpu.target());
+    let mut g = Graph::new(target.clone());
     let x = g.input("latents", &[batch, LATENT_CHANNELS, lh, lw], DType::F32);
     let c = g.input(
         "context",
@@ -222,8 +225,9 @@ pub fn record_graphs(
     let t = g.input("t_emb", &[batch, TIMESTEP_DIM], DType::F32);
     m.forward(&mut g, x, c, p, t)?;
     graphs.push(("mmdit", g));
-    let v = Vae::load_from(gpu, &spec.vae, &w, DType::F16)?;
-    let mut g = Graph::new(gpu.target());
+    let mut v = Vae::load_from(gpu, &spec.vae, &w, activation)?;
+    v.activation = activation;
+    let mut g = Graph::new(target.clone());
     let z = g.input(
         "latents",
         &[batch / 2 + batch % 2, LATENT_CHANNELS, lh, lw],

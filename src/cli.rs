@@ -166,7 +166,8 @@ pub struct GenerateArgs {
     /// Also save the final latents (before the VAE's scale/shift) as safetensors.
     #[arg(long)]
     pub save_latents: Option<PathBuf>,
-    /// Storage of the models' matrices.
+    /// f16: f16 matrices and, where the adapter has SHADER_F16, f16 activations
+    /// (f32 accumulation); f32: the exact path.
     #[arg(long, value_enum, default_value_t = WeightType::F16)]
     pub dtype: WeightType,
     /// Output PNG (numbered -0, -1, … for a batch).
@@ -216,7 +217,7 @@ pub struct BenchArgs {
     /// Guidance scale (> 1 runs cond and uncond as a batch of 2).
     #[arg(long, default_value_t = 7.0)]
     pub cfg: f32,
-    /// Storage of the matrices.
+    /// f16: f16 matrices and (with SHADER_F16) activations; f32: the exact path.
     #[arg(long, value_enum, default_value_t = WeightType::F16)]
     pub dtype: WeightType,
     /// Stages to run: text, mmdit, vae (comma separated).
@@ -500,10 +501,14 @@ fn bench_arch(cli: &Cli, a: &BenchArgs) -> Result<(), Box<dyn std::error::Error>
         check_output(p)?;
     }
     check_outputs_apart(&outputs, &[])?;
-    let gpu = Gpu::new(&gpu_options(cli))?;
+    let gpu = Gpu::new(&GpuOptions {
+        f16_activations: a.dtype.dtype() == DType::F16,
+        ..gpu_options(cli)
+    })?;
     if a.dry_run {
         let batch = if a.cfg > 1.0 { 2 } else { 1 };
-        let g = record_graphs(&gpu, arch, width, height, batch)?;
+        // Plans as a GPU with f16 would run them, whatever this adapter has.
+        let g = record_graphs(&gpu, arch, width, height, batch, a.dtype.dtype())?;
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         println!(
             "{:<8} {:>6} {:>10} {:>12} {:>16} {:>10}",
@@ -512,7 +517,7 @@ fn bench_arch(cli: &Cli, a: &BenchArgs) -> Result<(), Box<dyn std::error::Error>
         for (name, graph) in &g.graphs {
             let acts = graph.pooled_bytes() + graph.input_bytes();
             println!(
-                "{name:<8} {:>6} {:>10.1} {:>12.2} {:>16.2} {:>10.2}",
+                "{name:<8} {:>6} {:>10.1} {:>12.2} {:>16.3} {:>10.2}",
                 graph.len(),
                 graph.cost().flops as f64 / 1e9,
                 gib(graph.weight_bytes()),
@@ -521,7 +526,8 @@ fn bench_arch(cli: &Cli, a: &BenchArgs) -> Result<(), Box<dyn std::error::Error>
             );
         }
         println!(
-            "(weights as --dtype f16 stores them; each component is loaded, run and freed in turn)"
+            "(weights and activations as --dtype {} stores them; each component is loaded, run and freed in turn)",
+            a.dtype.dtype().name()
         );
         return Ok(());
     }

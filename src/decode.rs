@@ -86,9 +86,34 @@ pub const MIN_TILE: usize = 4;
 /// Largest VAE tile accepted, in latent pixels.
 pub const MAX_TILE: usize = 4096;
 
+/// Decodes with tiles when needed (see [`decode_sized`]). A VAE with f16
+/// activations whose image comes out with non-finite values overflowed f16
+/// somewhere (the real SD3 VAE's activations can exceed f16's 65504, which
+/// becomes infinity and then NaN through every later op): the decode is then
+/// redone with f32 activations, so an overflow costs time, never the image.
+pub fn decode_auto(
+    gpu: &Gpu,
+    vae: &Vae,
+    shape: [usize; 4],
+    latents: &[f32],
+    tile: Option<usize>,
+    overlap: usize,
+    budget: Option<u64>,
+) -> Result<Vec<f32>> {
+    let image = decode_sized(gpu, vae, shape, latents, tile, overlap, budget)?;
+    if vae.activation == DType::F32 || image.iter().all(|v| v.is_finite()) {
+        return Ok(image);
+    }
+    let f32_vae = Vae {
+        activation: DType::F32,
+        ..vae.clone()
+    };
+    decode_sized(gpu, &f32_vae, shape, latents, tile, overlap, budget)
+}
+
 /// Decodes with tiles when needed: the full frame when it fits `budget` and
 /// the adapter's limits, else the largest power-of-two tile (from 64) that does.
-pub fn decode_auto(
+pub fn decode_sized(
     gpu: &Gpu,
     vae: &Vae,
     shape: [usize; 4],

@@ -114,7 +114,10 @@ impl Denoiser {
                 let pooled = g.input("pooled", &[b, c.pooled_dim], DType::F32);
                 let t_emb = g.input("t_emb", &[b, TIMESTEP_DIM], DType::F32);
                 let out = g.scoped("skip_layers", |g| {
-                    model.forward_skipping(g, latents, context, pooled, t_emb, &s.layers)
+                    let v =
+                        model.forward_skipping(g, latents, context, pooled, t_emb, &s.layers)?;
+                    // Copied byte for byte into the main plan's f32 input.
+                    layout::cast(g, v, DType::F32)
                 })?;
                 g.keep(out);
                 Some(SkipPass {

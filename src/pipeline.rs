@@ -318,7 +318,12 @@ impl Pipeline {
         } else {
             3.0
         };
-        let gpu = Gpu::new(&options.gpu)?;
+        // --dtype f16: f16 matrices and, where the adapter has SHADER_F16, f16
+        // activations; f32 keeps the exact path.
+        let gpu = Gpu::new(&GpuOptions {
+            f16_activations: options.dtype == DType::F16,
+            ..options.gpu.clone()
+        })?;
         Ok(Pipeline {
             gpu,
             mmdit,
@@ -618,7 +623,16 @@ impl Pipeline {
         if let Some(img) = &prepared.init_image {
             let vae = self.vae(&mut loaded)?;
             let enc = VaeRun::encoder(gpu, vae, 1, settings.height, settings.width)?;
-            let image_latents = enc.run(gpu, img)?;
+            let mut image_latents = enc.run(gpu, img)?;
+            if image_latents.iter().any(|v| !v.is_finite()) && vae.activation != DType::F32 {
+                // f16 overflowed inside the encoder: encode again in f32.
+                let f32_vae = Vae {
+                    activation: DType::F32,
+                    ..vae.clone()
+                };
+                image_latents = VaeRun::encoder(gpu, &f32_vae, 1, settings.height, settings.width)?
+                    .run(gpu, img)?;
+            }
             start = schedule.start_for_strength(req.strength);
             let sigma = schedule.sigmas[start];
             let per = image_latents.len();

@@ -3,6 +3,8 @@
 
 mod common;
 
+use sd3_wgpu::DType;
+
 use sd3_wgpu::bench_arch::{record_graphs, Arch};
 
 /// Limits of a typical discrete GPU under wgpu (NVIDIA, Vulkan).
@@ -19,7 +21,7 @@ fn gpu_limits() -> wgpu::Limits {
 fn real_architectures_record_and_fit_gpu_limits_at_1024() {
     let gpu = common::gpu();
     for arch in [Arch::Sd3Medium, Arch::Sd35Medium, Arch::Sd35Large] {
-        let g = record_graphs(gpu, arch, 1024, 1024, 2).unwrap();
+        let g = record_graphs(gpu, arch, 1024, 1024, 2, DType::F16).unwrap();
         for (name, graph) in &g.graphs {
             graph
                 .validate_limits(&gpu_limits())
@@ -31,7 +33,7 @@ fn real_architectures_record_and_fit_gpu_limits_at_1024() {
 #[test]
 fn flop_counter_matches_a_hand_count_for_one_block() {
     let gpu = common::gpu();
-    let g = record_graphs(gpu, Arch::Sd3Medium, 1024, 1024, 2).unwrap();
+    let g = record_graphs(gpu, Arch::Sd3Medium, 1024, 1024, 2, DType::F16).unwrap();
     let mmdit = &g.graphs.iter().find(|(n, _)| *n == "mmdit").unwrap().1;
     let mut linear = 0;
     let mut attention = 0;

@@ -36,6 +36,19 @@ fn f32_options() -> PipelineOptions {
 }
 
 fn check(variant: &str, with_t5: bool) {
+    check_with(variant, with_t5, f32_options(), 1e-3, 1);
+}
+
+/// Runs the fixture's request with `options`; the final latents must be within
+/// `bound` of diffusers' and 99.9 % of the pixels within `pixel` / 255.
+/// Returns the latents' relative error.
+fn check_with(
+    variant: &str,
+    with_t5: bool,
+    options: PipelineOptions,
+    bound: f64,
+    pixel: u8,
+) -> f64 {
     let dir = pipeline_folder(variant);
     let io =
         Checkpoint::open(&[fixtures().join(format!("pipeline/{variant}/pipeline_io.safetensors"))])
@@ -45,7 +58,7 @@ fn check(variant: &str, with_t5: bool) {
         &dir,
         PipelineOptions {
             no_t5: !with_t5,
-            ..f32_options()
+            ..options
         },
     )
     .unwrap();
@@ -63,9 +76,12 @@ fn check(variant: &str, with_t5: bool) {
         .map(|&v| v as f64)
         .collect();
     let e = common::rel_err(&out.latents, &want);
-    eprintln!("{variant} {key}: final latents rel err {e:.2e}");
+    eprintln!(
+        "{variant} {key} {:?}: final latents rel err {e:.2e}",
+        pipe.gpu.activation
+    );
     assert!(
-        e <= 1e-3,
+        e <= bound,
         "{variant} {key}: final latents relative error {e:.3e}"
     );
     let rgb = io
@@ -78,14 +94,22 @@ fn check(variant: &str, with_t5: bool) {
     let close = ours
         .iter()
         .zip(&rgb)
-        .filter(|(a, b)| a.abs_diff(**b) <= 1)
+        .filter(|(a, b)| a.abs_diff(**b) <= pixel)
         .count();
+    let worst = ours
+        .iter()
+        .zip(&rgb)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0);
+    eprintln!("{variant} {key}: worst pixel off by {worst}/255");
     assert!(
         close as f64 >= 0.999 * rgb.len() as f64,
-        "{variant} {key}: {close} of {} pixels within 1/255",
+        "{variant} {key}: {close} of {} pixels within {pixel}/255",
         rgb.len()
     );
     let _ = std::fs::remove_dir_all(dir);
+    e
 }
 
 #[test]
@@ -93,6 +117,36 @@ fn sd3_matches_diffusers_with_and_without_t5() {
     check("sd3", true);
     check("sd3", false);
 }
+
+/// `--dtype f16` as users run it (f16 matrices, f16 activations where the
+/// adapter has SHADER_F16) against diffusers' f32 run. The bound per variant
+/// is twice what PyTorch's own float16 does on the same fixture
+/// (tools/half_precision_reference.py: sd3 1.65e-2 with T5 and 1.47e-2
+/// without, SD3.5 medium 2.1e-3, SD3.5 large 2.6e-3; bfloat16 is 10× worse).
+#[test]
+fn f16_pipelines_stay_within_twice_pytorch_fp16() {
+    if common::f16_gpu().is_none() {
+        eprintln!("skipped: the adapter has no SHADER_F16");
+        return;
+    }
+    let f16 = || PipelineOptions {
+        dtype: DType::F16,
+        ..PipelineOptions::default()
+    };
+    let cases = [
+        ("sd3", true, 1.65e-2),
+        ("sd3", false, 1.47e-2),
+        ("sd35m", true, 2.1e-3),
+        ("sd35l", true, 2.6e-3),
+    ];
+    for (variant, t5, pytorch_fp16) in cases {
+        check_with(variant, t5, f16(), 2.0 * pytorch_fp16, F16_PIXEL);
+    }
+}
+
+/// Pixels within this many 1/255 steps of diffusers' f32 image (measured
+/// worst: 7 for sd3 with T5, whose latents differ most).
+const F16_PIXEL: u8 = 10;
 
 #[test]
 fn sd35_medium_matches_diffusers() {

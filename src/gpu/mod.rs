@@ -650,9 +650,26 @@ impl Gpu {
             let _ = tx.send(r);
         });
         self.wait()?;
-        let mapped = rx
-            .try_recv()
-            .map_err(|_| GpuError::Readback("the buffer was never mapped".into()))?;
+        // The work is done; the map callback may still be fired by another
+        // thread's poll. Wait for it (bounded), checking the device meanwhile.
+        let t0 = std::time::Instant::now();
+        let mapped = loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(2)) {
+                Ok(r) => break r,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                    if t0.elapsed() < std::time::Duration::from_secs(30) =>
+                {
+                    self.check_health()?;
+                    let _ = self.device.poll(wgpu::PollType::Poll);
+                }
+                Err(_) => {
+                    self.check_health()?;
+                    return Err(GpuError::Readback(
+                        "the buffer was never mapped (the device stopped answering)".into(),
+                    ));
+                }
+            }
+        };
         if let Err(e) = mapped {
             self.check_health()?;
             return Err(GpuError::Readback(e.to_string()));

@@ -249,7 +249,7 @@ impl T5 {
         let tokens = g.shape(ids)[0] / batch.max(1);
         g.scoped("t5", |g| {
             let table = g.weight("shared", &self.shared);
-            let x = layout::gather(g, table, ids)?;
+            let x = g.with_activation(DType::F32, |g| layout::gather(g, table, ids))?;
             let mut x = g.reshape(x, &[batch, tokens, c.d_model])?;
             for (i, blk) in self.blocks.iter().enumerate() {
                 x = g.scoped(&format!("block{i}"), |g| blk.forward(g, x, bias, c))?;
@@ -274,16 +274,22 @@ impl T5Block {
             col_offset,
         };
         let a = attention::attention(g, view(0), view(inner), view(2 * inner), &o)?;
-        let a = g.scoped("o", |g| self.o.forward(g, a))?;
-        let x = elementwise::add(g, x, a)?;
+        // T5's residual stream overflows f16: the projections into it (o, wo,
+        // which transformers keeps in f32 too) and the stream itself stay f32.
+        let x = g.with_activation(DType::F32, |g| {
+            let a = g.scoped("o", |g| self.o.forward(g, a))?;
+            elementwise::add(g, x, a)
+        })?;
         let w1 = g.weight("ln1", &self.ln1);
         let h = norm::rms_norm(g, x, Some(w1), c.eps)?;
         let gate = g.scoped("wi_0", |g| self.wi_0.forward(g, h))?;
         let gate = elementwise::activation(g, gate, Act::GeluTanh)?;
         let lin = g.scoped("wi_1", |g| self.wi_1.forward(g, h))?;
         let h = elementwise::mul(g, gate, lin)?;
-        let h = g.scoped("wo", |g| self.wo.forward(g, h))?;
-        elementwise::add(g, x, h)
+        g.with_activation(DType::F32, |g| {
+            let h = g.scoped("wo", |g| self.wo.forward(g, h))?;
+            elementwise::add(g, x, h)
+        })
     }
 }
 

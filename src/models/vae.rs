@@ -17,6 +17,7 @@ use crate::weights::TensorProvider;
 const EPS: f32 = 1e-6;
 
 /// Weight and bias of a conv, GroupNorm or linear layer.
+#[derive(Clone)]
 pub struct Layer {
     /// Weight (conv [out, in, k, k], linear [out, in], norm [c]).
     pub weight: Tensor,
@@ -49,6 +50,7 @@ impl Layer {
 }
 
 /// GroupNorm+SiLU → conv → GroupNorm+SiLU → conv, plus a (1×1 conv) shortcut.
+#[derive(Clone)]
 pub struct ResnetBlock {
     /// First norm.
     pub norm1: Layer,
@@ -80,6 +82,7 @@ impl ResnetBlock {
 pub const SCORE_CHUNK_BYTES: usize = 64 << 20;
 
 /// Single-head self-attention over all positions (the mid block's).
+#[derive(Clone)]
 pub struct AttentionBlock {
     /// GroupNorm before attention.
     pub group_norm: Layer,
@@ -154,6 +157,7 @@ impl AttentionBlock {
 }
 
 /// Resnet, attention, resnet at the lowest resolution.
+#[derive(Clone)]
 pub struct MidBlock {
     /// The two resnets.
     pub resnets: Vec<ResnetBlock>,
@@ -170,6 +174,7 @@ impl MidBlock {
 }
 
 /// One resolution level: resnets, then an optional resampling conv.
+#[derive(Clone)]
 pub struct Level {
     /// Resnets.
     pub resnets: Vec<ResnetBlock>,
@@ -179,6 +184,7 @@ pub struct Level {
 }
 
 /// latents → image.
+#[derive(Clone)]
 pub struct Decoder {
     /// 3×3 conv from the latent channels.
     pub conv_in: Layer,
@@ -193,6 +199,7 @@ pub struct Decoder {
 }
 
 /// image → latent distribution (mean, logvar).
+#[derive(Clone)]
 pub struct Encoder {
     /// 3×3 conv from image channels.
     pub conv_in: Layer,
@@ -207,9 +214,13 @@ pub struct Encoder {
 }
 
 /// The autoencoder.
+#[derive(Clone)]
 pub struct Vae {
     /// Architecture and latent scale/shift.
     pub config: VaeConfig,
+    /// Element type of its activations (the device's at load; see
+    /// [`crate::decode::decode_auto`] for the f32 retry after an f16 overflow).
+    pub activation: DType,
     /// Decoder.
     pub decoder: Decoder,
     /// Encoder, when the checkpoint has one.
@@ -364,6 +375,7 @@ impl Vae {
             config: c,
             decoder,
             encoder,
+            activation: gpu.activation,
         })
     }
 
@@ -375,6 +387,10 @@ impl Vae {
     /// Records decoding: sampler latents [b, 16, h, w] (before scale/shift) →
     /// image [b, 3, h·s, w·s] in about [-1, 1].
     pub fn decode(&self, g: &mut Graph, latents: Value) -> Result<Value> {
+        g.with_activation(self.activation, |g| self.decode_inner(g, latents))
+    }
+
+    fn decode_inner(&self, g: &mut Graph, latents: Value) -> Result<Value> {
         let c = &self.config;
         let s = g.shape(latents).to_vec();
         if s.len() != 4 || s[1] != c.latent_channels {
@@ -413,6 +429,10 @@ impl Vae {
     /// Records encoding: image [b, 3, H, W] in [-1, 1] → latents [b, 16, H/s, W/s]
     /// as the sampler uses them ((mean − shift) · scale).
     pub fn encode(&self, g: &mut Graph, image: Value) -> Result<Value> {
+        g.with_activation(self.activation, |g| self.encode_inner(g, image))
+    }
+
+    fn encode_inner(&self, g: &mut Graph, image: Value) -> Result<Value> {
         let c = &self.config;
         let Some(e) = &self.encoder else {
             return Err(Error::Graph(
