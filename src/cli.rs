@@ -317,6 +317,21 @@ fn devices(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
             has(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES),
             has(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
         );
+        println!(
+            "    subgroup size: {}..{}",
+            a.info.subgroup_min_size, a.info.subgroup_max_size
+        );
+        if !a.coop.is_empty() {
+            let configs: Vec<String> = a
+                .coop
+                .iter()
+                .map(|c| format!("{}×{}×{} {}→{}", c.m, c.n, c.k, c.ab, c.c))
+                .collect();
+            println!(
+                "    cooperative-matrix configurations (M×N×K A/B→C): {}",
+                configs.join(", ")
+            );
+        }
     }
     Ok(())
 }

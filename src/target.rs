@@ -94,6 +94,8 @@ pub struct Target {
     pub f16_weights: bool,
     /// `SUBGROUP` is enabled.
     pub subgroup: bool,
+    /// The adapter's largest subgroup size (0 when unknown).
+    pub subgroup_max: u32,
     /// Cooperative-matrix configurations (empty without the feature).
     pub coop: Vec<CoopConfig>,
     /// The device's limits.
@@ -112,6 +114,7 @@ impl Target {
             f16: false,
             f16_weights: true,
             subgroup: false,
+            subgroup_max: 0,
             coop: Vec::new(),
             limits: wgpu::Limits::default(),
             activation: DType::F32,

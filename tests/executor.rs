@@ -265,7 +265,12 @@ fn the_first_supported_implementation_is_recorded_and_named() {
     let mut small = gpu.target();
     small.limits.max_compute_workgroup_storage_size = 8192;
     let g = attention_graph(small);
-    assert!(!g.is_empty() && g.implementations().iter().all(|i| *i == "composed"));
+    assert!(
+        !g.is_empty()
+            && g.implementations()
+                .iter()
+                .all(|i| i.starts_with("composed"))
+    );
 }
 
 #[test]

@@ -285,37 +285,54 @@ mod cases {
         let at = g.act();
         let mut expect = Vec::new();
         let mut outs = Vec::new();
-        for (i, &(m, k, n)) in sizes.iter().enumerate() {
-            for (j, dtype) in [DType::F32, DType::F16].into_iter().enumerate() {
-                let seed = (i * 10 + j) as u64;
-                let xd = rand(seed, m * k);
-                let wd = rand(seed + 100, n * k);
-                let bd = rand(seed + 200, n);
-                let with_bias = (i + j) % 2 == 0;
-                let x = act(gpu, &mut g, "x", &[m, k], &xd);
-                let w = weight(gpu, &mut g, "w", &[n, k], dtype, &wd);
-                let b = with_bias.then(|| weight(gpu, &mut g, "b", &[n], DType::F32, &bd));
-                let y = linear::linear(&mut g, x, w, b).unwrap();
-                g.keep(y);
-                outs.push(y);
-                let bref = f64s(&bd);
-                expect.push((
-                    format!("linear {m}x{k}x{n} {dtype:?} bias={with_bias}"),
-                    reference::linear(
-                        &stored(&xd, at),
-                        &stored(&wd, dtype),
-                        with_bias.then_some(&bref[..]),
-                        m,
-                        k,
-                        n,
-                    ),
-                ));
+        let imps = gemm_implementations(gpu, &g);
+        for imp in &imps {
+            for (i, &(m, k, n)) in sizes.iter().enumerate() {
+                for (j, dtype) in [DType::F32, DType::F16].into_iter().enumerate() {
+                    let seed = (i * 10 + j) as u64;
+                    let xd = rand(seed, m * k);
+                    let wd = rand(seed + 100, n * k);
+                    let bd = rand(seed + 200, n);
+                    let with_bias = (i + j) % 2 == 0;
+                    let x = act(gpu, &mut g, "x", &[m, k], &xd);
+                    let w = weight(gpu, &mut g, "w", &[n, k], dtype, &wd);
+                    let b = with_bias.then(|| weight(gpu, &mut g, "b", &[n], DType::F32, &bd));
+                    let call = linear::linear_call(&mut g, x, w, b).unwrap();
+                    let y = imp.record(&mut g, &call).unwrap();
+                    g.keep(y);
+                    outs.push(y);
+                    let bref = f64s(&bd);
+                    expect.push((
+                        format!("linear {} {m}x{k}x{n} {dtype:?} bias={with_bias}", imp.name),
+                        reference::linear(
+                            &stored(&xd, at),
+                            &stored(&wd, dtype),
+                            with_bias.then_some(&bref[..]),
+                            m,
+                            k,
+                            n,
+                        ),
+                    ));
+                }
             }
         }
         let got = run(gpu, g, &outs);
         for ((name, r), o) in expect.iter().zip(&got) {
             assert_close(name, o, r, tol(at));
         }
+    }
+
+    /// The GEMM implementations this device runs (reported; a demanded but
+    /// missing one fails).
+    fn gemm_implementations(
+        gpu: &Gpu,
+        g: &Graph,
+    ) -> Vec<&'static sd3_wgpu::ops::choice::Implementation<linear::GemmCall>> {
+        let mut probe = Graph::new(gpu.target());
+        let x = probe.input("x", &[2, 3], DType::F32);
+        let w = probe.input("w", &[4, 3], DType::F32);
+        let call = linear::linear_call(&mut probe, x, w, None).unwrap();
+        implementations("gemm", linear::IMPLEMENTATIONS, g.target(), &call)
     }
 
     pub fn batched_matmul_shared_and_batched(gpu: &Gpu) {
@@ -328,11 +345,17 @@ mod cases {
         let x = act(gpu, &mut g, "x", &[b, m, k], &xd);
         let w1 = weight(gpu, &mut g, "wb", &[b, n, k], DType::F32, &wb);
         let w2 = weight(gpu, &mut g, "ws", &[n, k], DType::F16, &ws);
-        let y1 = linear::batched_matmul(&mut g, x, w1).unwrap();
-        let y2 = linear::batched_matmul(&mut g, x, w2).unwrap();
-        g.keep(y1);
-        g.keep(y2);
-        let got = run(gpu, g, &[y1, y2]);
+        let imps = gemm_implementations(gpu, &g);
+        let mut outs = Vec::new();
+        for imp in &imps {
+            for w in [w1, w2] {
+                let call = linear::batched_matmul_call(&mut g, x, w).unwrap();
+                let y = imp.record(&mut g, &call).unwrap();
+                g.keep(y);
+                outs.push(y);
+            }
+        }
+        let got = run(gpu, g, &outs);
         let (x64, wb64, ws64) = (stored(&xd, at), f64s(&wb), stored(&ws, DType::F16));
         let mut r1 = Vec::new();
         let mut r2 = Vec::new();
@@ -354,8 +377,20 @@ mod cases {
                 n,
             ));
         }
-        assert_close("batched w", &got[0], &r1, tol(at));
-        assert_close("shared f16 w", &got[1], &r2, tol(at));
+        for (i, imp) in imps.iter().enumerate() {
+            assert_close(
+                &format!("{} batched w", imp.name),
+                &got[2 * i],
+                &r1,
+                tol(at),
+            );
+            assert_close(
+                &format!("{} shared f16 w", imp.name),
+                &got[2 * i + 1],
+                &r2,
+                tol(at),
+            );
+        }
     }
 
     /// Views with every stride different (lda ≠ ldw ≠ ldy), offsets and two
@@ -369,77 +404,79 @@ mod cases {
             (9, 6, 12, 16, 20, 7, 4, 8, 5),
         ];
         let (outer, inner) = (2usize, 3usize);
-        for (ci, &(m, n, k, lda, ldw, ldy, xo, wo, yo)) in cases.iter().enumerate() {
-            for dtype in [DType::F32, DType::F16] {
-                let (x_sh, w_sh, y_sh) = (m * lda + 1, n * ldw + 4, m * ldy + 2);
-                let (x_sb, w_sb, y_sb) = (inner * x_sh + 8, inner * w_sh, inner * y_sh + 3);
-                let (xn, wn, yn) = (xo + outer * x_sb, wo + outer * w_sb, yo + outer * y_sb);
-                let xd = rand(70 + ci as u64, xn);
-                let wd = rand(80 + ci as u64, wn);
-                let mut g = Graph::new(gpu.target());
-                let at = g.act();
-                let x = act(gpu, &mut g, "x", &[xn], &xd);
-                let xd = round_to(&xd, at);
-                let w = weight(gpu, &mut g, "w", &[wn], dtype, &wd);
-                let y = g.alloc(&[yn], DType::F32);
-                let u = |v: usize| v as u32;
-                let p = LinearParams {
-                    m: u(m),
-                    n: u(n),
-                    k: u(k),
-                    batch_inner: u(inner),
-                    lda: u(lda),
-                    ldw: u(ldw),
-                    ldy: u(ldy),
-                    x_off: u(xo),
-                    w_off: u(wo),
-                    y_off: u(yo),
-                    x_sb: u(x_sb),
-                    x_sh: u(x_sh),
-                    w_sb: u(w_sb),
-                    w_sh: u(w_sh),
-                    y_sb: u(y_sb),
-                    y_sh: u(y_sh),
-                    ..Default::default()
-                };
-                linear::gemm(
-                    &mut g,
-                    "gemm",
-                    x,
-                    w,
-                    None,
-                    y,
-                    Gemm {
-                        p,
-                        batch_outer: outer,
-                    },
-                )
-                .unwrap();
-                g.keep(y);
-                let got = &run(gpu, g, &[y])[0];
-                let w64 = stored(&wd, dtype);
-                let (mut out, mut want) = (Vec::new(), Vec::new());
-                for zb in 0..outer {
-                    for zh in 0..inner {
-                        for r in 0..m {
-                            for c in 0..n {
-                                let mut acc = 0f64;
-                                for kk in 0..k {
-                                    acc += xd[xo + zb * x_sb + zh * x_sh + r * lda + kk] as f64
-                                        * w64[wo + zb * w_sb + zh * w_sh + c * ldw + kk];
+        let imps = gemm_implementations(gpu, &Graph::new(gpu.target()));
+        for imp in &imps {
+            for (ci, &(m, n, k, lda, ldw, ldy, xo, wo, yo)) in cases.iter().enumerate() {
+                for dtype in [DType::F32, DType::F16] {
+                    let (x_sh, w_sh, y_sh) = (m * lda + 1, n * ldw + 4, m * ldy + 2);
+                    let (x_sb, w_sb, y_sb) = (inner * x_sh + 8, inner * w_sh, inner * y_sh + 3);
+                    let (xn, wn, yn) = (xo + outer * x_sb, wo + outer * w_sb, yo + outer * y_sb);
+                    let xd = rand(70 + ci as u64, xn);
+                    let wd = rand(80 + ci as u64, wn);
+                    let mut g = Graph::new(gpu.target());
+                    let at = g.act();
+                    let x = act(gpu, &mut g, "x", &[xn], &xd);
+                    let xd = round_to(&xd, at);
+                    let w = weight(gpu, &mut g, "w", &[wn], dtype, &wd);
+                    let y = g.alloc(&[yn], DType::F32);
+                    let u = |v: usize| v as u32;
+                    let p = LinearParams {
+                        m: u(m),
+                        n: u(n),
+                        k: u(k),
+                        batch_inner: u(inner),
+                        lda: u(lda),
+                        ldw: u(ldw),
+                        ldy: u(ldy),
+                        x_off: u(xo),
+                        w_off: u(wo),
+                        y_off: u(yo),
+                        x_sb: u(x_sb),
+                        x_sh: u(x_sh),
+                        w_sb: u(w_sb),
+                        w_sh: u(w_sh),
+                        y_sb: u(y_sb),
+                        y_sh: u(y_sh),
+                        ..Default::default()
+                    };
+                    let call = linear::GemmCall {
+                        kind: "gemm",
+                        x,
+                        w,
+                        bias: None,
+                        y,
+                        gemm: Gemm {
+                            p,
+                            batch_outer: outer,
+                        },
+                    };
+                    imp.record(&mut g, &call).unwrap();
+                    g.keep(y);
+                    let got = &run(gpu, g, &[y])[0];
+                    let w64 = stored(&wd, dtype);
+                    let (mut out, mut want) = (Vec::new(), Vec::new());
+                    for zb in 0..outer {
+                        for zh in 0..inner {
+                            for r in 0..m {
+                                for c in 0..n {
+                                    let mut acc = 0f64;
+                                    for kk in 0..k {
+                                        acc += xd[xo + zb * x_sb + zh * x_sh + r * lda + kk] as f64
+                                            * w64[wo + zb * w_sb + zh * w_sh + c * ldw + kk];
+                                    }
+                                    want.push(acc);
+                                    out.push(got[yo + zb * y_sb + zh * y_sh + r * ldy + c]);
                                 }
-                                want.push(acc);
-                                out.push(got[yo + zb * y_sb + zh * y_sh + r * ldy + c]);
                             }
                         }
                     }
+                    assert_close(
+                        &format!("strided gemm {} case {ci} {dtype:?}", imp.name),
+                        &out,
+                        &want,
+                        tol(at),
+                    );
                 }
-                assert_close(
-                    &format!("strided gemm case {ci} {dtype:?}"),
-                    &out,
-                    &want,
-                    tol(at),
-                );
             }
         }
     }

@@ -145,8 +145,9 @@ fn f16_pipelines_stay_within_twice_pytorch_fp16() {
 }
 
 /// Pixels within this many 1/255 steps of diffusers' f32 image (measured
-/// worst: 7 for sd3 with T5, whose latents differ most).
-const F16_PIXEL: u8 = 10;
+/// worst: 7 for sd3 with T5, whose latents differ most; 10 with the
+/// tensor-core GEMM of the Mesa 26 lane).
+const F16_PIXEL: u8 = 12;
 
 #[test]
 fn sd35_medium_matches_diffusers() {

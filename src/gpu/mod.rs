@@ -168,6 +168,8 @@ pub struct AdapterReport {
     pub limits: wgpu::Limits,
     /// The adapter's features.
     pub features: wgpu::Features,
+    /// Its cooperative-matrix configurations (empty without the feature).
+    pub coop: Vec<CoopConfig>,
 }
 
 impl AdapterReport {
@@ -212,6 +214,14 @@ pub fn list_adapters(backend: Option<&str>) -> Result<Vec<AdapterReport>, GpuErr
             info: a.get_info(),
             limits: a.limits(),
             features: a.features(),
+            coop: if a
+                .features()
+                .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+            {
+                coop_configs(a)
+            } else {
+                Vec::new()
+            },
         })
         .collect())
 }
@@ -509,6 +519,7 @@ impl Gpu {
             f16: self.caps.f16,
             f16_weights: self.caps.f16_weights,
             subgroup: self.caps.subgroup,
+            subgroup_max: self.info.subgroup_max_size,
             coop: self.coop.clone(),
             limits: self.limits.clone(),
             activation: self.activation,

@@ -23,6 +23,10 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("weights.wgsl", include_str!("../../shaders/weights.wgsl")),
     ("reduce.wgsl", include_str!("../../shaders/reduce.wgsl")),
     ("linear.wgsl", include_str!("../../shaders/linear.wgsl")),
+    (
+        "linear_coop.wgsl",
+        include_str!("../../shaders/linear_coop.wgsl"),
+    ),
     ("norm.wgsl", include_str!("../../shaders/norm.wgsl")),
     ("softmax.wgsl", include_str!("../../shaders/softmax.wgsl")),
     (

@@ -5,10 +5,12 @@
 //! Activations f32 or f16 (each binding on its own); w f32 or f16; f32
 //! accumulation.
 
+use super::choice::{record_first, Implementation};
 use super::{bytes_of, expect_dtype, f16_flags, u32_of, weight_flags, ACT};
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
 use crate::graph::{Cost, Graph, OpCall, Value};
+use crate::target::{Feature, Target};
 use crate::tensor::{shape_str, DType};
 
 const BINDINGS: &[Binding] = &[
@@ -30,8 +32,27 @@ pub static LINEAR: Kernel = Kernel {
     consts: &[],
 };
 
+/// The cooperative-matrix GEMM (tensor cores).
+pub static LINEAR_COOP: Kernel = Kernel {
+    file: "linear_coop.wgsl",
+    entry: "linear_coop",
+    params: &LinearParams::LAYOUT,
+    bindings: BINDINGS,
+    flags: &["W_F16", "X_F16", "Y_F16", "COOP16"],
+    constants: &[("S", COOP_SUBGROUP_SIZES)],
+    overrides: &[("GM", COOP_GM), ("GN", COOP_GN)],
+    consts: &[],
+};
+
+/// Groups of the cooperative-matrix kernel's workgroup along m and n (each
+/// group owns 2×2 fragments).
+const COOP_GM: u32 = 2;
+const COOP_GN: u32 = 2;
+/// Subgroup sizes the cooperative-matrix kernel is built for.
+const COOP_SUBGROUP_SIZES: &[f64] = &[4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
 /// Kernels of this family.
-pub static KERNELS: &[&Kernel] = &[&LINEAR];
+pub static KERNELS: &[&Kernel] = &[&LINEAR, &LINEAR_COOP];
 
 /// Output tile of one workgroup (rows × columns) and its k step; each
 /// invocation owns a 4×4 block, so the workgroup has (TILE_M/4)·(TILE_N/4).
@@ -153,16 +174,68 @@ fn view_extent(
         + cols as u64
 }
 
-/// Records a GEMM described by `gemm`. Checks that every view stays inside its value.
+/// One GEMM call: y = x · wᵀ (+ bias) over the views `gemm` describes.
+#[derive(Clone, Copy, Debug)]
+pub struct GemmCall {
+    /// Label kind (`linear`, `matmul`, `scores`, …).
+    pub kind: &'static str,
+    /// Left operand.
+    pub x: Value,
+    /// Right operand, transposed ([n, k] rows).
+    pub w: Value,
+    /// Optional bias [n].
+    pub bias: Option<Value>,
+    /// Output (a fresh intermediate).
+    pub y: Value,
+    /// Sizes, strides, offsets.
+    pub gemm: Gemm,
+}
+
+/// The GEMM's implementations, in order of preference: tensor-core fragments
+/// (f16 inputs, f32 accumulation; only where activations are f16 anyway, so
+/// `--dtype f32` stays exact), then the register-tiled kernel.
+pub static IMPLEMENTATIONS: &[Implementation<GemmCall>] = &[
+    Implementation {
+        name: "coop",
+        needs: &[Feature::Coop],
+        supports: |t, _| coop_shape(t).map(|_| ()),
+        record: record_coop,
+    },
+    Implementation {
+        name: "tiled",
+        needs: &[],
+        supports: |_, _| Ok(()),
+        record: record_tiled,
+    },
+];
+
+/// Records a GEMM described by `gemm` with the first implementation that
+/// takes it. Checks that every view stays inside its value.
 pub fn gemm(
     g: &mut Graph,
-    kind: &str,
+    kind: &'static str,
     x: Value,
     w: Value,
     bias: Option<Value>,
     y: Value,
-    mut gemm: Gemm,
+    gemm: Gemm,
 ) -> Result<()> {
+    let call = GemmCall {
+        kind,
+        x,
+        w,
+        bias,
+        y,
+        gemm,
+    };
+    record_first(g, kind, IMPLEMENTATIONS, &call).map(|_| ())
+}
+
+/// The shape checks every implementation shares; returns the params (with
+/// `has_bias` set), the batch count and the cost.
+fn check(g: &Graph, c: &GemmCall) -> Result<(LinearParams, u32, Cost)> {
+    let (kind, x, w, y, bias) = (c.kind, c.x, c.w, c.y, c.bias);
+    let mut gemm = c.gemm;
     expect_dtype(g, kind, "x", x, ACT)?;
     expect_dtype(g, kind, "w", w, &[DType::F32, DType::F16])?;
     expect_dtype(g, kind, "y", y, ACT)?;
@@ -231,11 +304,6 @@ pub fn gemm(
             ));
         }
     }
-    let mut flags = weight_flags(g, w);
-    flags.extend(f16_flags(g, &[("X_F16", Some(x)), ("Y_F16", Some(y))]));
-    if gemm.vec4_ok() {
-        flags.push("VEC4");
-    }
     let batches = u32_of(g, kind, "batch", gemm.batches())?;
     let (m, n, k) = (gemm.p.m as u64, gemm.p.n as u64, gemm.p.k as u64);
     let b = batches as u64;
@@ -252,26 +320,112 @@ pub fn gemm(
                     b
                 },
     };
+    Ok((gemm.p, batches, cost))
+}
+
+/// The register-tiled kernel (linear.wgsl).
+fn record_tiled(g: &mut Graph, c: &GemmCall) -> Result<Value> {
+    let (p, batches, cost) = check(g, c)?;
+    let mut flags = weight_flags(g, c.w);
+    flags.extend(f16_flags(g, &[("X_F16", Some(c.x)), ("Y_F16", Some(c.y))]));
+    if c.gemm.vec4_ok() {
+        flags.push("VEC4");
+    }
     let call = OpCall {
         key: PipelineKey {
             kernel: &LINEAR,
             flags,
             constants: Vec::new(),
         },
-        params: bytes_of(&gemm.p),
-        args: vec![Some(x), Some(w), bias, Some(y)],
+        params: bytes_of(&p),
+        args: vec![Some(c.x), Some(c.w), c.bias, Some(c.y)],
         workgroups: [
-            (gemm.p.n as usize).div_ceil(TILE_N) as u32,
-            (gemm.p.m as usize).div_ceil(TILE_M) as u32,
+            (p.n as usize).div_ceil(TILE_N) as u32,
+            (p.m as usize).div_ceil(TILE_M) as u32,
             batches,
         ],
         cost,
     };
-    g.record(kind, call)
+    g.record(c.kind, call)?;
+    Ok(c.y)
+}
+
+/// The cooperative-matrix kernel's tile for this target: (fragment side F,
+/// invocations per group S). Needs f16 activations (tensor-core inputs are
+/// f16), an f16 → f32 fragment configuration of 16 or 8, and room for the
+/// workgroup.
+fn coop_shape(t: &Target) -> std::result::Result<(u32, u32), String> {
+    if t.activation != DType::F16 {
+        return Err("activations are f32 (the exact path): tensor-core inputs are f16".into());
+    }
+    let has = |f: u32| {
+        t.coop
+            .iter()
+            .any(|c| c.m == f && c.n == f && c.k == f && c.ab == "f16" && c.c == "f32")
+    };
+    let f = if has(16) {
+        16
+    } else if has(8) {
+        8
+    } else {
+        return Err("no 16×16 or 8×8 f16 → f32 fragment configuration".into());
+    };
+    let s = t.subgroup_max;
+    let threads = s * COOP_GM * COOP_GN;
+    let (bm, bn, bk) = (COOP_GM * 2 * f, COOP_GN * 2 * f, 2 * f);
+    let shared = 2 * (bm + bn) * bk + 4 * bm * bn;
+    let l = &t.limits;
+    if s == 0
+        || !COOP_SUBGROUP_SIZES.contains(&(s as f64))
+        || threads > l.max_compute_invocations_per_workgroup
+        || threads > l.max_compute_workgroup_size_x
+        || shared > l.max_compute_workgroup_storage_size
+    {
+        return Err(format!(
+            "a workgroup of {threads} invocations and {shared} bytes of workgroup memory (subgroups of {s})"
+        ));
+    }
+    Ok((f, s))
+}
+
+/// The cooperative-matrix kernel (linear_coop.wgsl).
+fn record_coop(g: &mut Graph, c: &GemmCall) -> Result<Value> {
+    let (f, s) = coop_shape(g.target()).map_err(|e| g.shape_error(c.kind, e))?;
+    let (p, batches, cost) = check(g, c)?;
+    let mut flags = weight_flags(g, c.w);
+    flags.extend(f16_flags(g, &[("X_F16", Some(c.x)), ("Y_F16", Some(c.y))]));
+    if f == 16 {
+        flags.push("COOP16");
+    }
+    let (bm, bn) = ((COOP_GM * 2 * f) as usize, (COOP_GN * 2 * f) as usize);
+    let call = OpCall {
+        key: PipelineKey {
+            kernel: &LINEAR_COOP,
+            flags,
+            constants: vec![("S", s as f64)],
+        },
+        params: bytes_of(&p),
+        args: vec![Some(c.x), Some(c.w), c.bias, Some(c.y)],
+        workgroups: [
+            (p.n as usize).div_ceil(bn) as u32,
+            (p.m as usize).div_ceil(bm) as u32,
+            batches,
+        ],
+        cost,
+    };
+    g.record(c.kind, call)?;
+    Ok(c.y)
 }
 
 /// y = x · wᵀ + b: x [.., k] f32, w [n, k] f32/f16, b [n] f32 → y [.., n].
 pub fn linear(g: &mut Graph, x: Value, w: Value, b: Option<Value>) -> Result<Value> {
+    let call = linear_call(g, x, w, b)?;
+    record_first(g, call.kind, IMPLEMENTATIONS, &call)
+}
+
+/// The GEMM call `linear` records (its output allocated), for recording a
+/// particular implementation.
+pub fn linear_call(g: &mut Graph, x: Value, w: Value, b: Option<Value>) -> Result<GemmCall> {
     let kind = "linear";
     let xs = g.shape(x).to_vec();
     let ws = g.shape(w).to_vec();
@@ -291,12 +445,24 @@ pub fn linear(g: &mut Graph, x: Value, w: Value, b: Option<Value>) -> Result<Val
     let mut ys = xs.clone();
     *ys.last_mut().expect("x has rank ≥ 1") = n;
     let y = g.alloc(&ys, g.act());
-    gemm(g, kind, x, w, b, y, Gemm::contiguous(1, m, n, k, false))?;
-    Ok(y)
+    Ok(GemmCall {
+        kind,
+        x,
+        w,
+        bias: b,
+        y,
+        gemm: Gemm::contiguous(1, m, n, k, false),
+    })
 }
 
 /// y[i] = x[i] · w[i]ᵀ: x [batch, m, k], w [batch, n, k] or [n, k] → y [batch, m, n].
 pub fn batched_matmul(g: &mut Graph, x: Value, w: Value) -> Result<Value> {
+    let call = batched_matmul_call(g, x, w)?;
+    record_first(g, call.kind, IMPLEMENTATIONS, &call)
+}
+
+/// The GEMM call `batched_matmul` records (its output allocated).
+pub fn batched_matmul_call(g: &mut Graph, x: Value, w: Value) -> Result<GemmCall> {
     let kind = "matmul";
     let xs = g.shape(x).to_vec();
     let ws = g.shape(w).to_vec();
@@ -317,14 +483,12 @@ pub fn batched_matmul(g: &mut Graph, x: Value, w: Value) -> Result<Value> {
     let n = ws[ws.len() - 2];
     u32_of(g, kind, "elements", batch * m * k.max(n))?;
     let y = g.alloc(&[batch, m, n], g.act());
-    gemm(
-        g,
+    Ok(GemmCall {
         kind,
         x,
         w,
-        None,
+        bias: None,
         y,
-        Gemm::contiguous(batch, m, n, k, ws.len() == 3),
-    )?;
-    Ok(y)
+        gemm: Gemm::contiguous(batch, m, n, k, ws.len() == 3),
+    })
 }
