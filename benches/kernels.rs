@@ -20,7 +20,12 @@ fn main() {
     );
     println!("{}", bench::header());
     for dtype in [DType::F16, DType::F32] {
-        for case in bench::cases(!small) {
+        let set = if small {
+            bench::CaseSet::Small
+        } else {
+            bench::CaseSet::Sd3
+        };
+        for case in bench::cases(set) {
             if dtype == DType::F32 && matches!(case, bench::Case::Attention { .. }) {
                 continue;
             }

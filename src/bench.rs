@@ -31,6 +31,10 @@ pub struct BenchResult {
     pub gbps: f64,
     /// Where the time came from.
     pub source: TimingSource,
+    /// The case's key (see [`Case::key`]).
+    pub key: String,
+    /// Counted FLOPs of one run.
+    pub flops: u64,
 }
 
 /// A case of the kernel benchmark.
@@ -56,29 +60,60 @@ pub enum Case {
     },
 }
 
-/// The SD3 shapes (`full`) or a scaled-down set for software adapters.
-pub fn cases(full: bool) -> Vec<Case> {
-    if full {
-        let m = 4429;
-        let mut v: Vec<Case> = [
-            (1536, 1536),
-            (1536, 6144),
-            (6144, 1536),
-            (2432, 2432),
-            (2432, 9728),
-            (9728, 2432),
-        ]
-        .iter()
-        .map(|&(k, n)| Case::Linear { m, k, n })
-        .collect();
-        v.push(Case::Attention {
-            batch: 1,
-            heads: 24,
-            tokens: 4429,
-        });
-        v
-    } else {
-        vec![
+/// Which shapes `sd3 bench kernels` times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaseSet {
+    /// Scaled-down shapes, for software adapters such as lavapipe.
+    Small,
+    /// SD3 medium and SD3.5 large at 1024² (one CFG half).
+    Sd3,
+    /// The shapes `tools/gpu-report` sets beside PyTorch's
+    /// (`torch_baseline.py`): for hidden d ∈ {1536, 2432}, m ∈ {4429, 8858}
+    /// tokens (one and both CFG halves) × (k, n) ∈ {(d, d), (d, 3d), (d, 4d),
+    /// (4d, d)}, and the joint attention of both CFG halves.
+    Report,
+}
+
+/// The cases of a set.
+pub fn cases(set: CaseSet) -> Vec<Case> {
+    match set {
+        CaseSet::Sd3 => {
+            let m = 4429;
+            let mut v: Vec<Case> = [
+                (1536, 1536),
+                (1536, 6144),
+                (6144, 1536),
+                (2432, 2432),
+                (2432, 9728),
+                (9728, 2432),
+            ]
+            .iter()
+            .map(|&(k, n)| Case::Linear { m, k, n })
+            .collect();
+            v.push(Case::Attention {
+                batch: 1,
+                heads: 24,
+                tokens: 4429,
+            });
+            v
+        }
+        CaseSet::Report => {
+            let mut v = Vec::new();
+            for d in [1536, 2432] {
+                for m in [4429, 2 * 4429] {
+                    for (k, n) in [(d, d), (d, 3 * d), (d, 4 * d), (4 * d, d)] {
+                        v.push(Case::Linear { m, k, n });
+                    }
+                }
+                v.push(Case::Attention {
+                    batch: 2,
+                    heads: d / 64,
+                    tokens: 4429,
+                });
+            }
+            v
+        }
+        CaseSet::Small => vec![
             Case::Linear {
                 m: 333,
                 k: 192,
@@ -94,7 +129,22 @@ pub fn cases(full: bool) -> Vec<Case> {
                 heads: 3,
                 tokens: 333,
             },
-        ]
+        ],
+    }
+}
+
+impl Case {
+    /// The key PyTorch's baseline prints for the same shape
+    /// (`linear 4429x1536->6144`, `attention 2x24x4429x64`).
+    pub fn key(&self) -> String {
+        match *self {
+            Case::Linear { m, k, n } => format!("linear {m}x{k}->{n}"),
+            Case::Attention {
+                batch,
+                heads,
+                tokens,
+            } => format!("attention {batch}x{heads}x{tokens}x64"),
+        }
     }
 }
 
@@ -136,7 +186,8 @@ fn build(gpu: &Gpu, case: Case, wdtype: DType) -> Result<Vec<Variant>> {
     match case {
         Case::Linear { m, k, n } => {
             let mut g = Graph::new(gpu.target());
-            let x = input(gpu, &mut g, "x", &[m, k], DType::F32, 1)?;
+            let a = g.act();
+            let x = input(gpu, &mut g, "x", &[m, k], a, 1)?;
             let w = input(gpu, &mut g, "w", &[n, k], wdtype, 2)?;
             let b = input(gpu, &mut g, "b", &[n], DType::F32, 3)?;
             let y = linear::linear(&mut g, x, w, Some(b))?;
@@ -153,7 +204,8 @@ fn build(gpu: &Gpu, case: Case, wdtype: DType) -> Result<Vec<Variant>> {
             let w = heads * attention::HEAD_DIM;
             for imp in attention::IMPLEMENTATIONS {
                 let mut g = Graph::new(gpu.target());
-                let qkv = input(gpu, &mut g, "qkv", &[batch, tokens, 3 * w], DType::F32, 4)?;
+                let a = g.act();
+                let qkv = input(gpu, &mut g, "qkv", &[batch, tokens, 3 * w], a, 4)?;
                 let h = |col_offset| attention::Heads {
                     value: qkv,
                     col_offset,
@@ -195,6 +247,8 @@ pub fn run_case(gpu: &Gpu, case: Case, wdtype: DType, reps: usize) -> Result<Vec
                     gflops: 0.0,
                     gbps: 0.0,
                     source: TimingSource::WallClock,
+                    key: case.key(),
+                    flops: 0,
                 });
                 continue;
             }
@@ -219,6 +273,8 @@ pub fn run_case(gpu: &Gpu, case: Case, wdtype: DType, reps: usize) -> Result<Vec
             gflops: cost.flops as f64 / ns,
             gbps: cost.bytes as f64 / ns,
             source,
+            key: case.key(),
+            flops: cost.flops,
         });
     }
     Ok(results)
@@ -254,4 +310,26 @@ pub fn print_case(results: &[BenchResult]) {
     for r in results {
         println!("{}", row(r, first));
     }
+}
+
+/// Results as JSON: one object per implementation of each case.
+pub fn json(results: &[BenchResult]) -> String {
+    use crate::gpu::profile::json_str;
+    let rows: Vec<String> = results
+        .iter()
+        .map(|r| {
+            format!(
+                "{{\"key\":{},\"name\":{},\"implementation\":{},\"skipped\":{},\"ms\":{},\"gflops\":{},\"gbps\":{},\"flops\":{}}}",
+                json_str(&r.key),
+                json_str(&r.name),
+                json_str(&r.implementation),
+                r.skipped,
+                r.ms,
+                r.gflops,
+                r.gbps,
+                r.flops
+            )
+        })
+        .collect();
+    format!("[{}]\n", rows.join(",\n"))
 }

@@ -89,8 +89,14 @@ pub enum BenchWhat {
     /// Time linear and attention kernels at SD3 shapes.
     Kernels {
         /// Scaled-down shapes, for software adapters such as lavapipe.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "report")]
         small: bool,
+        /// The shapes tools/gpu-report compares with PyTorch's.
+        #[arg(long)]
+        report: bool,
+        /// Also write every result as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
         /// Storage type of the linear weights.
         #[arg(long, value_enum, default_value_t = WeightType::F16)]
         weights: WeightType,
@@ -338,11 +344,20 @@ fn devices(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
 
 fn bench_kernels(
     cli: &Cli,
-    small: bool,
+    set: bench::CaseSet,
     weights: WeightType,
     reps: usize,
+    json: Option<&PathBuf>,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let gpu = Gpu::new(&gpu_options(cli))?;
+    if let Some(p) = json {
+        check_output(p)?;
+    }
+    // f16 weights run with f16 activations where the adapter has them, as
+    // `generate --dtype f16` does (the tensor-core GEMM needs them).
+    let gpu = Gpu::new(&GpuOptions {
+        f16_activations: weights.dtype() == DType::F16,
+        ..gpu_options(cli)
+    })?;
     println!(
         "adapter: {:?} {} ({})",
         gpu.info.backend, gpu.info.name, gpu.info.driver_info
@@ -351,9 +366,17 @@ fn bench_kernels(
         println!("note: a CPU adapter; these numbers say nothing about GPU performance");
     }
     let wd = weights.dtype();
+    println!("activations: {}", gpu.activation.name());
     println!("{}", bench::header());
-    for case in bench::cases(!small) {
-        bench::print_case(&bench::run_case(&gpu, case, wd, reps)?);
+    let mut all = Vec::new();
+    for case in bench::cases(set) {
+        let r = bench::run_case(&gpu, case, wd, reps)?;
+        bench::print_case(&r);
+        all.extend(r);
+    }
+    if let Some(p) = json {
+        write_bytes(p, bench::json(&all).as_bytes())?;
+        println!("wrote {}", p.display());
     }
     Ok(())
 }
@@ -629,11 +652,20 @@ pub fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
             what:
                 Some(BenchWhat::Kernels {
                     small,
+                    report,
+                    json,
                     weights,
                     reps,
                 }),
             ..
-        } => bench_kernels(cli, *small, *weights, *reps),
+        } => {
+            let set = match (small, report) {
+                (true, _) => bench::CaseSet::Small,
+                (_, true) => bench::CaseSet::Report,
+                _ => bench::CaseSet::Sd3,
+            };
+            bench_kernels(cli, set, *weights, *reps, json.as_ref())
+        }
         Command::Bench { what: None, arch } => bench_arch(cli, arch),
     }
 }

@@ -548,3 +548,54 @@ fn bench_dry_run_records_the_real_architectures() {
     let (ok, _, err) = sd3(&["bench", "--arch", "sd4"]);
     assert!(!ok && err.contains("unknown architecture 'sd4'"), "{err}");
 }
+
+/// tools/gpu-report end to end on the test adapter, in its dry-run form:
+/// devices, the small kernel cases (with JSON), the architectures' dry runs,
+/// and the assembled report.
+#[test]
+fn gpu_report_dry_run_assembles_the_report() {
+    let python = ["python3", "python"].into_iter().find(|p| {
+        Command::new(p)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    let Some(python) = python else {
+        panic!("tools/gpu-report needs python3 (present on the CI machines)");
+    };
+    let dir = temp_dir("gpu-report");
+    let out = Command::new(python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tools/gpu-report"))
+        .args([
+            "--dry-run",
+            "--archs",
+            "sd3-medium",
+            "--sd3",
+            env!("CARGO_BIN_EXE_sd3"),
+            "--out",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    for want in [
+        "### GPU report",
+        "dry run",
+        "sd3 bench kernels --small",
+        "sd3 bench --arch sd3-medium --dry-run",
+        "| linear 333x192->192 | tiled |",
+        "| attention 1x3x333x64 | flash |",
+        "| attention 1x3x333x64 | composed |",
+    ] {
+        assert!(report.contains(want), "{want} missing:\n{report}");
+    }
+    let kernels: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("kernels.json")).unwrap()).unwrap();
+    assert!(kernels.as_array().unwrap().len() >= 4);
+}
