@@ -51,21 +51,23 @@ override HAS_WEIGHT: u32;
 override HAS_BIAS: u32;
 override SILU: u32;
 
-fn row_mean(base: u32, lid: u32) -> f32 {
+fn row_mean(base: u32, ids: RowIds) -> f32 {
+    let lid = ids.lid;
     var s = 0.0;
     for (var i = lid; i < p.cols; i += WG) {
         s += f32(x[base + i]);
     }
-    return workgroup_sum(s, lid) / f32(p.cols);
+    return workgroup_sum(s, ids) / f32(p.cols);
 }
 
-fn row_rstd(base: u32, mean: f32, lid: u32) -> f32 {
+fn row_rstd(base: u32, mean: f32, ids: RowIds) -> f32 {
+    let lid = ids.lid;
     var s = 0.0;
     for (var i = lid; i < p.cols; i += WG) {
         let d = f32(x[base + i]) - mean;
         s += d * d;
     }
-    return inverseSqrt(workgroup_sum(s, lid) / f32(p.cols) + p.eps);
+    return inverseSqrt(workgroup_sum(s, ids) / f32(p.cols) + p.eps);
 }
 
 fn row_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
@@ -73,15 +75,17 @@ fn row_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
 }
 
 @compute @workgroup_size(WG)
-fn layer_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-              @builtin(local_invocation_index) lid: u32) {
+fn layer_norm(ids: RowIds) {
+    let wid = ids.wid;
+    let nwg = ids.nwg;
+    let lid = ids.lid;
     let row = row_index(wid, nwg);
     if (row >= p.rows) {
         return;
     }
     let base = row * p.cols;
-    let mean = row_mean(base, lid);
-    let rstd = row_rstd(base, mean, lid);
+    let mean = row_mean(base, ids);
+    let rstd = row_rstd(base, mean, ids);
     for (var i = lid; i < p.cols; i += WG) {
         var v = (f32(x[base + i]) - mean) * rstd;
         if ((p.flags & HAS_WEIGHT) != 0u) {
@@ -95,8 +99,10 @@ fn layer_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
 }
 
 @compute @workgroup_size(WG)
-fn rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-            @builtin(local_invocation_index) lid: u32) {
+fn rms_norm(ids: RowIds) {
+    let wid = ids.wid;
+    let nwg = ids.nwg;
+    let lid = ids.lid;
     let row = row_index(wid, nwg);
     if (row >= p.rows) {
         return;
@@ -107,7 +113,7 @@ fn rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         let v = f32(x[base + i]);
         s += v * v;
     }
-    let rms = inverseSqrt(workgroup_sum(s, lid) / f32(p.cols) + p.eps);
+    let rms = inverseSqrt(workgroup_sum(s, ids) / f32(p.cols) + p.eps);
     for (var i = lid; i < p.cols; i += WG) {
         var v = f32(x[base + i]) * rms;
         if ((p.flags & HAS_WEIGHT) != 0u) {
@@ -118,15 +124,17 @@ fn rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
 }
 
 @compute @workgroup_size(WG)
-fn adaln_modulate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                  @builtin(local_invocation_index) lid: u32) {
+fn adaln_modulate(ids: RowIds) {
+    let wid = ids.wid;
+    let nwg = ids.nwg;
+    let lid = ids.lid;
     let row = row_index(wid, nwg);
     if (row >= p.rows) {
         return;
     }
     let base = row * p.cols;
-    let mean = row_mean(base, lid);
-    let rstd = row_rstd(base, mean, lid);
+    let mean = row_mean(base, ids);
+    let rstd = row_rstd(base, mean, ids);
     let m = (row / p.inner) * p.mod_stride;
     for (var i = lid; i < p.cols; i += WG) {
         let v = (f32(x[base + i]) - mean) * rstd;
@@ -135,15 +143,17 @@ fn adaln_modulate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
 }
 
 @compute @workgroup_size(WG)
-fn group_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-              @builtin(local_invocation_index) lid: u32) {
+fn group_norm(ids: RowIds) {
+    let wid = ids.wid;
+    let nwg = ids.nwg;
+    let lid = ids.lid;
     let row = row_index(wid, nwg);
     if (row >= p.rows) {
         return;
     }
     let base = row * p.cols;
-    let mean = row_mean(base, lid);
-    let rstd = row_rstd(base, mean, lid);
+    let mean = row_mean(base, ids);
+    let rstd = row_rstd(base, mean, ids);
     let c0 = (row % p.groups) * p.ch_per_group;
     for (var i = lid; i < p.cols; i += WG) {
         let c = c0 + i / p.spatial;

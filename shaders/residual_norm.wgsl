@@ -52,8 +52,10 @@ alias H_OUT_T = f32;
 #include "reduce.wgsl"
 
 @compute @workgroup_size(WG)
-fn residual_adaln(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                  @builtin(local_invocation_index) lid: u32) {
+fn residual_adaln(ids: RowIds) {
+    let wid = ids.wid;
+    let nwg = ids.nwg;
+    let lid = ids.lid;
     let row = wid.y * nwg.x + wid.x;
     if (row >= p.rows) {
         return;
@@ -64,13 +66,13 @@ fn residual_adaln(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     for (var i = lid; i < p.cols; i += WG) {
         s += f32(x[base + i]) + f32(modv[m + p.gate_off + i]) * f32(branch[base + i]);
     }
-    let mean = workgroup_sum(s, lid) / f32(p.cols);
+    let mean = workgroup_sum(s, ids) / f32(p.cols);
     var ss = 0.0;
     for (var i = lid; i < p.cols; i += WG) {
         let d = f32(x[base + i]) + f32(modv[m + p.gate_off + i]) * f32(branch[base + i]) - mean;
         ss += d * d;
     }
-    let rstd = inverseSqrt(workgroup_sum(ss, lid) / f32(p.cols) + p.eps);
+    let rstd = inverseSqrt(workgroup_sum(ss, ids) / f32(p.cols) + p.eps);
     for (var i = lid; i < p.cols; i += WG) {
         let r = f32(x[base + i]) + f32(modv[m + p.gate_off + i]) * f32(branch[base + i]);
         x_out[base + i] = X_OUT_T(r);

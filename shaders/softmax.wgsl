@@ -31,7 +31,7 @@ alias Y_T = f32;
 @group(0) @binding(2) var<storage, read> bias: array<f32>;
 @group(0) @binding(3) var<storage, read_write> y: array<Y_T>;
 
-var<workgroup> red: array<f32, WG>;
+#include "reduce.wgsl"
 
 // Flag bits, set from Rust (ops::softmax).
 override CAUSAL: u32;
@@ -54,8 +54,10 @@ fn logit(row: u32, j: u32) -> f32 {
 }
 
 @compute @workgroup_size(WG)
-fn softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-           @builtin(local_invocation_index) lid: u32) {
+fn softmax(ids: RowIds) {
+    let wid = ids.wid;
+    let nwg = ids.nwg;
+    let lid = ids.lid;
     let row = wid.y * nwg.x + wid.x;
     if (row >= p.rows) {
         return;
@@ -64,16 +66,7 @@ fn softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     for (var j = lid; j < p.n; j += WG) {
         mx = max(mx, logit(row, j));
     }
-    red[lid] = mx;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            red[lid] = max(red[lid], red[lid + s]);
-        }
-        workgroupBarrier();
-    }
-    mx = red[0];
-    workgroupBarrier();
+    mx = workgroup_max(mx, ids);
     var sum = 0.0;
     for (var j = lid; j < p.n; j += WG) {
         let l = logit(row, j);
@@ -81,15 +74,7 @@ fn softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
             sum += exp(l - mx);
         }
     }
-    red[lid] = sum;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            red[lid] += red[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let inv = 1.0 / red[0];
+    let inv = 1.0 / workgroup_sum(sum, ids);
     for (var j = lid; j < p.n; j += WG) {
         let l = logit(row, j);
         y[row * p.n + j] = Y_T(select(0.0, exp(l - mx) * inv, l > NEG));

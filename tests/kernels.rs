@@ -58,6 +58,18 @@ fn every_case_with_runtime_checks() {
     }
 }
 
+/// Every case again with only the portable implementations (`--kernels
+/// portable`): the subgroup reductions' workgroup-memory fallback, and the
+/// reference path of every op.
+#[test]
+fn every_case_with_portable_kernels() {
+    let gpu = portable_gpu();
+    for (name, case) in ALL {
+        eprintln!("portable kernels: {name}");
+        case(gpu);
+    }
+}
+
 /// Every case again with activations stored as f16 (inputs rounded to f16,
 /// outputs written as f16, arithmetic in f32), on adapters with SHADER_F16.
 #[test]

@@ -64,7 +64,8 @@ fn parse(k: &Kernel, flags: &[&str]) -> (naga::Module, naga::valid::ModuleInfo) 
         Capabilities::default()
             | Capabilities::SHADER_FLOAT16_IN_FLOAT32
             | Capabilities::SHADER_FLOAT16
-            | Capabilities::COOPERATIVE_MATRIX,
+            | Capabilities::COOPERATIVE_MATRIX
+            | Capabilities::SUBGROUP,
     )
     .validate(&module)
     .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));

@@ -18,8 +18,10 @@ pub mod softmax;
 
 use crate::error::{Error, Result};
 use crate::gpu::Kernel;
-use crate::graph::{Graph, Value};
+use crate::graph::{Graph, OpCall, Value};
+use crate::target::Feature;
 use crate::tensor::{shape_str, DType};
+use choice::{record_first, Implementation};
 
 /// Every kernel the engine can dispatch (for the portability and binding tests).
 pub fn all_kernels() -> Vec<&'static Kernel> {
@@ -126,6 +128,61 @@ pub(crate) fn expect_rank(
         ));
     }
     Ok(s)
+}
+
+/// A row kernel's dispatch (norms, softmax) before its reduction is chosen.
+#[derive(Clone, Debug)]
+pub struct RowCall {
+    /// Label kind.
+    pub kind: &'static str,
+    /// The dispatch, without the SUBGROUP flag.
+    pub call: OpCall,
+    /// The value it writes (returned).
+    pub out: Value,
+}
+
+/// How a row kernel reduces, in order of preference: subgroup operations
+/// (`subgroupAdd`/`subgroupMax`, one partial per subgroup through workgroup
+/// memory), then a tree over workgroup memory.
+pub static ROW_REDUCTION: &[Implementation<RowCall>] = &[
+    Implementation {
+        name: "subgroup",
+        needs: &[Feature::Subgroup],
+        supports: |t, _| {
+            if t.subgroup_max == 0 || t.subgroup_max as u64 > WG {
+                return Err(format!(
+                    "subgroups of up to {} in workgroups of {WG}",
+                    t.subgroup_max
+                ));
+            }
+            Ok(())
+        },
+        record: |g, c| {
+            let mut call = c.call.clone();
+            call.key.flags.push("SUBGROUP");
+            g.record(c.kind, call)?;
+            Ok(c.out)
+        },
+    },
+    Implementation {
+        name: "workgroup",
+        needs: &[],
+        supports: |_, _| Ok(()),
+        record: |g, c| {
+            g.record(c.kind, c.call.clone())?;
+            Ok(c.out)
+        },
+    },
+];
+
+/// Records a row kernel with the first reduction the target takes.
+pub(crate) fn record_row(
+    g: &mut Graph,
+    kind: &'static str,
+    call: OpCall,
+    out: Value,
+) -> Result<Value> {
+    record_first(g, kind, ROW_REDUCTION, &RowCall { kind, call, out })
 }
 
 /// Element types an activation binding accepts.

@@ -7,7 +7,8 @@
 //! All f32, statistics in f32.
 
 use super::{
-    bytes_of, check_index_space, expect_dtype, expect_shape, f16_flags, grid, u32_of, ACT, WG,
+    bytes_of, check_index_space, expect_dtype, expect_shape, f16_flags, grid, record_row, u32_of,
+    ACT, WG,
 };
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
@@ -29,7 +30,7 @@ macro_rules! norm_kernel {
             entry: $entry,
             params: &NormParams::LAYOUT,
             bindings: BINDINGS,
-            flags: &["X_F16", "WEIGHT_F16", "Y_F16"],
+            flags: &["X_F16", "WEIGHT_F16", "Y_F16", "SUBGROUP"],
             constants: &[],
             overrides: &[
                 ("WG", WG as u32),
@@ -111,7 +112,7 @@ fn rows_cols(g: &Graph, kind: &str, x: Value) -> Result<(usize, usize)> {
 
 fn record(
     g: &mut Graph,
-    kind: &str,
+    kind: &'static str,
     kernel: &'static Kernel,
     x: Value,
     w: Option<Value>,
@@ -140,8 +141,7 @@ fn record(
             bytes: 16 * n,
         },
     };
-    g.record(kind, call)?;
-    Ok(y)
+    record_row(g, kind, call, y)
 }
 
 /// LayerNorm over the last axis, weight and bias optional (SD3 uses neither).
@@ -308,7 +308,14 @@ pub static RESIDUAL_ADALN: Kernel = Kernel {
         Binding::write("x_out"),
         Binding::write("h_out"),
     ],
-    flags: &["X_F16", "BRANCH_F16", "MODV_F16", "X_OUT_F16", "H_OUT_F16"],
+    flags: &[
+        "X_F16",
+        "BRANCH_F16",
+        "MODV_F16",
+        "X_OUT_F16",
+        "H_OUT_F16",
+        "SUBGROUP",
+    ],
     constants: &[],
     overrides: &[("WG", WG as u32)],
     consts: &[],
@@ -407,6 +414,6 @@ pub fn residual_adaln(
             bytes: 32 * n,
         },
     };
-    g.record(kind, call)?;
+    record_row(g, kind, call, x_out)?;
     Ok((x_out, h_out))
 }

@@ -4,7 +4,9 @@
 //! Shapes: `softmax`: x [.., n]; `attention_softmax`: scores [batch, heads, tq, tk]
 //! with bias [heads, tq, tk].
 
-use super::{bytes_of, check_index_space, expect_dtype, expect_shape, f16_flags, grid, ACT, WG};
+use super::{
+    bytes_of, check_index_space, expect_dtype, expect_shape, f16_flags, grid, record_row, ACT, WG,
+};
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
 use crate::graph::{Cost, Graph, OpCall, Value};
@@ -20,7 +22,7 @@ pub static SOFTMAX: Kernel = Kernel {
         Binding::read("bias"),
         Binding::write("y"),
     ],
-    flags: &["X_F16", "Y_F16"],
+    flags: &["X_F16", "Y_F16", "SUBGROUP"],
     constants: &[],
     overrides: &[("WG", WG as u32), ("CAUSAL", CAUSAL), ("BIAS", BIAS)],
     consts: &[],
@@ -58,7 +60,7 @@ crate::params_struct! {
 
 fn record(
     g: &mut Graph,
-    kind: &str,
+    kind: &'static str,
     x: Value,
     bias: Option<Value>,
     p: SoftmaxParams,
@@ -80,8 +82,7 @@ fn record(
             bytes: 16 * n,
         },
     };
-    g.record(kind, call)?;
-    Ok(y)
+    record_row(g, kind, call, y)
 }
 
 /// Softmax over the last axis.

@@ -22,6 +22,22 @@ pub fn checked_gpu() -> &'static Gpu {
     GPU.get_or_init(|| make_gpu(true))
 }
 
+/// A device limited to implementations that need no optional feature
+/// (`--kernels portable`): the reference path, run through every case too.
+pub fn portable_gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| {
+        let opts = GpuOptions {
+            kernels: Some("portable".into()),
+            ..GpuOptions::from_env()
+        };
+        match Gpu::new(&opts) {
+            Ok(g) => g,
+            Err(e) => panic!("tests need a GPU adapter: {e}"),
+        }
+    })
+}
+
 fn make_gpu(runtime_checks: bool) -> Gpu {
     let opts = GpuOptions {
         runtime_checks,
