@@ -185,15 +185,24 @@ fn build(gpu: &Gpu, case: Case, wdtype: DType) -> Result<Vec<Variant>> {
     let mut out = Vec::new();
     match case {
         Case::Linear { m, k, n } => {
-            let mut g = Graph::new(gpu.target());
-            let a = g.act();
-            let x = input(gpu, &mut g, "x", &[m, k], a, 1)?;
-            let w = input(gpu, &mut g, "w", &[n, k], wdtype, 2)?;
-            let b = input(gpu, &mut g, "b", &[n], DType::F32, 3)?;
-            let y = linear::linear(&mut g, x, w, Some(b))?;
-            g.keep(y);
             let name = format!("linear {m}x{k} · {n}x{k}ᵀ ({} weights)", wdtype.name());
-            out.push((name, "tiled".to_string(), Ok(g)));
+            for imp in linear::IMPLEMENTATIONS {
+                let mut g = Graph::new(gpu.target());
+                let a = g.act();
+                let x = input(gpu, &mut g, "x", &[m, k], a, 1)?;
+                let w = input(gpu, &mut g, "w", &[n, k], wdtype, 2)?;
+                let b = input(gpu, &mut g, "b", &[n], DType::F32, 3)?;
+                let call = linear::linear_call(&mut g, x, w, Some(b))?;
+                let graph = match imp.refusal(g.target(), &call) {
+                    Some(why) => Err(why),
+                    None => {
+                        let y = imp.record(&mut g, &call)?;
+                        g.keep(y);
+                        Ok(g)
+                    }
+                };
+                out.push((name.clone(), imp.name.to_string(), graph));
+            }
         }
         Case::Attention {
             batch,

@@ -85,6 +85,11 @@ pub struct CoopConfig {
     pub c: &'static str,
 }
 
+/// Subgroup sizes the tensor-core kernels are built for (a group of S
+/// invocations per fragment set, S the adapter's largest subgroup size).
+/// Override-constant values, hence f64.
+pub const COOP_SUBGROUP_SIZES: &[f64] = &[4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
 /// The device as recording sees it.
 #[derive(Clone, Debug)]
 pub struct Target {
@@ -129,6 +134,36 @@ impl Target {
             Feature::Subgroup => self.subgroup,
             Feature::Coop => !self.coop.is_empty(),
         }
+    }
+
+    /// The side F of the square f16 → f32 fragments the tensor-core kernels
+    /// use: 16 where the adapter offers 16×16×16, else 8, else why not. Also
+    /// refuses f32 activations (tensor-core inputs are f16, and `--dtype f32`
+    /// stays the exact path) and an unknown or unsupported subgroup size
+    /// (the kernels' groups are whole subgroups); returns (F, subgroup size).
+    pub fn coop_fragment(&self) -> Result<(u32, u32), String> {
+        if self.activation != DType::F16 {
+            return Err("activations are f32 (the exact path): tensor-core inputs are f16".into());
+        }
+        let has = |f: u32| {
+            self.coop
+                .iter()
+                .any(|c| c.m == f && c.n == f && c.k == f && c.ab == "f16" && c.c == "f32")
+        };
+        let f = if has(16) {
+            16
+        } else if has(8) {
+            8
+        } else {
+            return Err("no 16×16 or 8×8 f16 → f32 fragment configuration".into());
+        };
+        let s = self.subgroup_max;
+        if !COOP_SUBGROUP_SIZES.contains(&(s as f64)) {
+            return Err(format!(
+                "subgroups of {s}: the kernels are built for {COOP_SUBGROUP_SIZES:?}"
+            ));
+        }
+        Ok((f, s))
     }
 
     /// Why an implementation needing `needs` cannot be chosen here, if it cannot.

@@ -10,7 +10,7 @@ mod common;
 use sd3_wgpu::target::Feature;
 use wgpu::util::DeviceExt;
 
-fn probe_source(f: u32) -> String {
+fn probe_source(f: u32, load_b: &str) -> String {
     format!(
         "enable f16;
 enable wgpu_cooperative_matrix;
@@ -22,9 +22,9 @@ fn store(acc: coop_mat{f}x{f}<f32, C>, stride: u32) {{
 }}
 @compute @workgroup_size(64)
 fn main() {{
-    // A row-major with row stride SA, B column-major with column stride SB.
+    // A row-major with row stride SA; B by LOAD_B with stride SB.
     let ma = coopLoadT<coop_mat{f}x{f}<f16, A>>(&a[OFF_A], SA);
-    let mb = coopLoad<coop_mat{f}x{f}<f16, B>>(&b[OFF_B], SB);
+    let mb = {load_b}<coop_mat{f}x{f}<f16, B>>(&b[OFF_B], SB);
     var acc = coop_mat{f}x{f}<f32, C>();
     acc = coopMultiplyAdd(ma, mb, acc);
     store(acc, SC);
@@ -50,6 +50,13 @@ fn coop_load_layouts_and_strides_are_as_the_kernels_assume() {
         eprintln!("skipped: the adapter has no cooperative-matrix f16 → f32 configuration");
         return;
     };
+    // B column-major (GEMM weights, attention keys), then row-major
+    // (attention values).
+    probe(gpu, f, false);
+    probe(gpu, f, true);
+}
+
+fn probe(gpu: &sd3_wgpu::gpu::Gpu, f: u32, b_row_major: bool) {
     let n = f as usize;
     // Padded strides and offsets, so a stride or layout mix-up cannot pass.
     let (sa, sb, sc, off_a, off_b) = (n + 3, n + 5, n + 2, 7usize, 11usize);
@@ -60,7 +67,8 @@ fn coop_load_layouts_and_strides_are_as_the_kernels_assume() {
     let b: Vec<f32> = (0..off_b + n * sb)
         .map(|i| ((i * 3) % 7) as f32 - 3.0)
         .collect();
-    let src = probe_source(f)
+    let load_b = if b_row_major { "coopLoadT" } else { "coopLoad" };
+    let src = probe_source(f, load_b)
         .replace("OFF_A", &format!("{off_a}u"))
         .replace("OFF_B", &format!("{off_b}u"))
         .replace("SA", &format!("{sa}u"))
@@ -127,12 +135,22 @@ fn coop_load_layouts_and_strides_are_as_the_kernels_assume() {
         bytemuck::pod_collect_to_vec(&gpu.read_bytes(&bc, (out_len * 4) as u64).unwrap());
     for i in 0..n {
         for j in 0..n {
-            // A[i][k] row-major at off_a + i·sa + k; B[k][j] column-major at off_b + j·sb + k.
-            let want: f32 = (0..n)
-                .map(|k| a[off_a + i * sa + k] * b[off_b + j * sb + k])
-                .sum();
-            assert_eq!(got[i * sc + j], want, "C[{i}][{j}] ({f}×{f} fragments)");
+            // A[i][k] row-major at off_a + i·sa + k; B[k][j] column-major at
+            // off_b + j·sb + k, or row-major at off_b + k·sb + j.
+            let bk = |k: usize| {
+                if b_row_major {
+                    b[off_b + k * sb + j]
+                } else {
+                    b[off_b + j * sb + k]
+                }
+            };
+            let want: f32 = (0..n).map(|k| a[off_a + i * sa + k] * bk(k)).sum();
+            assert_eq!(
+                got[i * sc + j],
+                want,
+                "C[{i}][{j}] ({f}×{f} fragments, B by {load_b})"
+            );
         }
     }
-    eprintln!("coop {f}×{f}: row-major A, column-major B, row-major C as assumed");
+    eprintln!("coop {f}×{f}: row-major A, B by {load_b}, row-major C as assumed");
 }

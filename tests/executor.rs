@@ -273,6 +273,44 @@ fn the_first_supported_implementation_is_recorded_and_named() {
     );
 }
 
+/// Where the adapter has an f16 → f32 fragment configuration, GEMMs and
+/// attention on f16 activations take the tensor-core implementations by
+/// default, and f32 activations (the exact path) never do.
+#[test]
+fn tensor_cores_are_the_default_where_the_adapter_has_them() {
+    let gpu = gpu();
+    let mut t = gpu.target();
+    t.activation = DType::F16;
+    if let Err(why) = t.coop_fragment() {
+        assert!(
+            !required().contains(&Feature::Coop),
+            "SD3_REQUIRE demands coop but: {why}"
+        );
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let chosen = |t: Target| {
+        let mut g = Graph::new(t);
+        let a = g.act();
+        let qkv = g.input("qkv", &[1, 7, 3 * 64], a);
+        let h = |col_offset| Heads {
+            value: qkv,
+            col_offset,
+        };
+        let y =
+            attention::attention(&mut g, h(0), h(64), h(128), &AttentionOptions::new(1)).unwrap();
+        let w = g.input("w", &[32, 64], DType::F16);
+        linear::linear(&mut g, y, w, None).unwrap();
+        g.implementations()
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(chosen(t.clone()), ["coop", "coop"]);
+    t.activation = DType::F32;
+    assert_eq!(chosen(t), ["flash", "tiled"]);
+}
+
 #[test]
 fn features_demanded_by_sd3_require_are_present() {
     let t = gpu().target();

@@ -838,6 +838,18 @@ mod cases {
                 qk_norm: false,
             },
             AttnCase {
+                name: "many key tiles + qk norm",
+                batch: 1,
+                heads: 2,
+                tq: 45,
+                tk: 300,
+                fused_qkv: false,
+                scale: 0.125,
+                causal: false,
+                bias: false,
+                qk_norm: true,
+            },
+            AttnCase {
                 name: "one token",
                 batch: 1,
                 heads: 1,

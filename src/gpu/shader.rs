@@ -24,6 +24,10 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("reduce.wgsl", include_str!("../../shaders/reduce.wgsl")),
     ("linear.wgsl", include_str!("../../shaders/linear.wgsl")),
     (
+        "coop_gemm.wgsl",
+        include_str!("../../shaders/coop_gemm.wgsl"),
+    ),
+    (
         "linear_coop.wgsl",
         include_str!("../../shaders/linear_coop.wgsl"),
     ),
@@ -36,6 +40,10 @@ pub const SOURCES: &[(&str, &str)] = &[
     (
         "attention.wgsl",
         include_str!("../../shaders/attention.wgsl"),
+    ),
+    (
+        "attention_coop.wgsl",
+        include_str!("../../shaders/attention_coop.wgsl"),
     ),
     ("conv.wgsl", include_str!("../../shaders/conv.wgsl")),
     ("layout.wgsl", include_str!("../../shaders/layout.wgsl")),

@@ -11,6 +11,7 @@ use super::{bytes_of, expect_dtype, expect_shape, f16_flags, layout, norm, softm
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
 use crate::graph::{Cost, Graph, OpCall, Value};
+use crate::target::{Feature, Target};
 use crate::tensor::{numel, shape_str, DType};
 
 /// Head dimension of every SD3 attention (MMDiT, CLIP-L/G, T5).
@@ -37,6 +38,33 @@ pub static ATTENTION: Kernel = Kernel {
     consts: &[("D", HEAD_DIM as u32), ("BR", BLOCK_Q as u32)],
 };
 
+/// The flash kernel on cooperative-matrix fragments (tensor cores): same
+/// params, bindings and flag bits.
+pub static ATTENTION_COOP: Kernel = Kernel {
+    file: "attention_coop.wgsl",
+    entry: "attention_coop",
+    params: &AttentionParams::LAYOUT,
+    bindings: ATTENTION.bindings,
+    flags: &["Q_F16", "K_F16", "V_F16", "OUT_F16", "COOP16"],
+    constants: &[("S", crate::target::COOP_SUBGROUP_SIZES)],
+    overrides: ATTENTION.overrides,
+    consts: &[
+        ("D", HEAD_DIM as u32),
+        ("BR", COOP_BLOCK_Q as u32),
+        ("BC", 64),
+        ("T", COOP_THREADS),
+    ],
+};
+
+/// Query rows per workgroup of the tensor-core kernel.
+const COOP_BLOCK_Q: usize = 32;
+/// Invocations per workgroup of the tensor-core kernel.
+const COOP_THREADS: u32 = 128;
+/// Its workgroup memory: q tile, key/probability tile, value tile (f16),
+/// score/p·v tile (f32), two reduction arrays.
+const COOP_WORKGROUP_BYTES: u32 =
+    (2 * (32 * 64 + 64 * 64 + 64 * 64) + 4 * 32 * 64 + 2 * 4 * 128) as u32;
+
 /// Flag bit: key j > query i is masked.
 pub const CAUSAL: u32 = 1;
 /// Flag bit: an additive bias [heads, tq, tk] is bound.
@@ -45,7 +73,7 @@ pub const BIAS: u32 = 2;
 pub const QK_NORM: u32 = 4;
 
 /// Kernels of this family.
-pub static KERNELS: &[&Kernel] = &[&ATTENTION];
+pub static KERNELS: &[&Kernel] = &[&ATTENTION, &ATTENTION_COOP];
 
 crate::params_struct! {
     /// Params of `attention.wgsl`.
@@ -234,10 +262,17 @@ pub struct AttentionCall {
 /// Workgroup memory the flash kernel's key and value tiles take.
 const FLASH_WORKGROUP_BYTES: u32 = 2 * 32 * HEAD_DIM as u32 * 4;
 
-/// Attention's implementations, in order of preference: the fused flash
-/// kernel, then the composed matmul + softmax + matmul (its oracle, and the
-/// path for adapters with too little workgroup memory).
+/// Attention's implementations, in order of preference: the flash kernel on
+/// tensor cores (f16 activations only), the flash kernel, then the composed
+/// matmul + softmax + matmul (its oracle, and the path for adapters with too
+/// little workgroup memory).
 pub static IMPLEMENTATIONS: &[Implementation<AttentionCall>] = &[
+    Implementation {
+        name: "coop",
+        needs: &[Feature::Coop],
+        supports: |t, _| coop_fragment(t).map(|_| ()),
+        record: |g, a| attention_coop(g, a.q, a.k, a.v, &a.o),
+    },
     Implementation {
         name: "flash",
         needs: &[],
@@ -263,6 +298,22 @@ pub static IMPLEMENTATIONS: &[Implementation<AttentionCall>] = &[
     },
 ];
 
+/// The tensor-core kernel's (fragment side, subgroup size) on this target.
+fn coop_fragment(t: &Target) -> std::result::Result<(u32, u32), String> {
+    let (f, s) = t.coop_fragment()?;
+    let l = &t.limits;
+    if COOP_WORKGROUP_BYTES > l.max_compute_workgroup_storage_size
+        || COOP_THREADS > l.max_compute_invocations_per_workgroup
+        || COOP_THREADS > l.max_compute_workgroup_size_x
+        || s > COOP_THREADS
+    {
+        return Err(format!(
+            "needs {COOP_WORKGROUP_BYTES} bytes of workgroup memory and {COOP_THREADS} invocations per workgroup (subgroups of {s})"
+        ));
+    }
+    Ok((f, s))
+}
+
 /// Attention: out = softmax(scale · q·kᵀ (+ bias, masked)) · v per head, by
 /// the first of [`IMPLEMENTATIONS`] the graph's target supports.
 pub fn attention(
@@ -283,6 +334,32 @@ pub fn attention_flash(
     k: Heads,
     v: Heads,
     o: &AttentionOptions,
+) -> Result<Value> {
+    record_fused(g, q, k, v, o, None)
+}
+
+/// Fused attention on tensor cores (`attention_coop.wgsl`): the flash
+/// kernel's semantics with q·kᵀ and p·v on f16 fragments, f32 accumulation.
+pub fn attention_coop(
+    g: &mut Graph,
+    q: Heads,
+    k: Heads,
+    v: Heads,
+    o: &AttentionOptions,
+) -> Result<Value> {
+    let coop = coop_fragment(g.target()).map_err(|e| g.shape_error("attention", e))?;
+    record_fused(g, q, k, v, o, Some(coop))
+}
+
+/// Records the flash kernel, or its tensor-core form when `coop` gives the
+/// (fragment side, subgroup size).
+fn record_fused(
+    g: &mut Graph,
+    q: Heads,
+    k: Heads,
+    v: Heads,
+    o: &AttentionOptions,
+    coop: Option<(u32, u32)>,
 ) -> Result<Value> {
     let kind = "attention";
     let d = check(g, kind, q, k, v, o)?;
@@ -308,7 +385,7 @@ pub fn attention_flash(
         eps: o.eps,
         _pad: 0,
     };
-    let flags = f16_flags(
+    let mut flags = f16_flags(
         g,
         &[
             ("Q_F16", Some(q.value)),
@@ -317,11 +394,20 @@ pub fn attention_flash(
             ("OUT_F16", Some(out)),
         ],
     );
+    let (kernel, constants, block) = match coop {
+        None => (&ATTENTION, Vec::new(), BLOCK_Q),
+        Some((f, s)) => {
+            if f == 16 {
+                flags.push("COOP16");
+            }
+            (&ATTENTION_COOP, vec![("S", s as f64)], COOP_BLOCK_Q)
+        }
+    };
     let call = OpCall {
         key: PipelineKey {
-            kernel: &ATTENTION,
+            kernel,
             flags,
-            constants: Vec::new(),
+            constants,
         },
         params: bytes_of(&p),
         args: vec![
@@ -333,11 +419,7 @@ pub fn attention_flash(
             o.bias,
             Some(out),
         ],
-        workgroups: [
-            d.tq.div_ceil(BLOCK_Q) as u32,
-            o.heads as u32,
-            d.batch as u32,
-        ],
+        workgroups: [d.tq.div_ceil(block) as u32, o.heads as u32, d.batch as u32],
         cost: cost(
             &d,
             o.heads,

@@ -35,11 +35,11 @@ pub static LINEAR: Kernel = Kernel {
 /// The cooperative-matrix GEMM (tensor cores).
 pub static LINEAR_COOP: Kernel = Kernel {
     file: "linear_coop.wgsl",
-    entry: "linear_coop",
+    entry: "gemm_coop",
     params: &LinearParams::LAYOUT,
     bindings: BINDINGS,
     flags: &["W_F16", "X_F16", "Y_F16", "COOP16"],
-    constants: &[("S", COOP_SUBGROUP_SIZES)],
+    constants: &[("S", crate::target::COOP_SUBGROUP_SIZES)],
     overrides: &[("GM", COOP_GM), ("GN", COOP_GN)],
     consts: &[],
 };
@@ -48,8 +48,6 @@ pub static LINEAR_COOP: Kernel = Kernel {
 /// group owns 2×2 fragments).
 const COOP_GM: u32 = 2;
 const COOP_GN: u32 = 2;
-/// Subgroup sizes the cooperative-matrix kernel is built for.
-const COOP_SUBGROUP_SIZES: &[f64] = &[4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 
 /// Kernels of this family.
 pub static KERNELS: &[&Kernel] = &[&LINEAR, &LINEAR_COOP];
@@ -355,29 +353,12 @@ fn record_tiled(g: &mut Graph, c: &GemmCall) -> Result<Value> {
 /// f16), an f16 → f32 fragment configuration of 16 or 8, and room for the
 /// workgroup.
 fn coop_shape(t: &Target) -> std::result::Result<(u32, u32), String> {
-    if t.activation != DType::F16 {
-        return Err("activations are f32 (the exact path): tensor-core inputs are f16".into());
-    }
-    let has = |f: u32| {
-        t.coop
-            .iter()
-            .any(|c| c.m == f && c.n == f && c.k == f && c.ab == "f16" && c.c == "f32")
-    };
-    let f = if has(16) {
-        16
-    } else if has(8) {
-        8
-    } else {
-        return Err("no 16×16 or 8×8 f16 → f32 fragment configuration".into());
-    };
-    let s = t.subgroup_max;
+    let (f, s) = t.coop_fragment()?;
     let threads = s * COOP_GM * COOP_GN;
     let (bm, bn, bk) = (COOP_GM * 2 * f, COOP_GN * 2 * f, 2 * f);
     let shared = 2 * (bm + bn) * bk + 4 * bm * bn;
     let l = &t.limits;
-    if s == 0
-        || !COOP_SUBGROUP_SIZES.contains(&(s as f64))
-        || threads > l.max_compute_invocations_per_workgroup
+    if threads > l.max_compute_invocations_per_workgroup
         || threads > l.max_compute_workgroup_size_x
         || shared > l.max_compute_workgroup_storage_size
     {
