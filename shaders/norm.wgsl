@@ -14,6 +14,8 @@ enable f16;
 // group_norm:     x [batch, C, spatial] in `groups` groups; one row is one
 //                 (batch, group) of cols = C/groups·spatial contiguous values;
 //                 per-channel weight/bias; SiLU after when flags bit 2 is set.
+// group_stats:    the same rows' statistics only: y [rows, 2] = (mean, rstd),
+//                 for kernels that fold the GroupNorm into their input load.
 
 #include "common.wgsl"
 
@@ -168,5 +170,20 @@ fn group_norm(ids: RowIds) {
             v = v / (1.0 + exp(-v));
         }
         y[base + i] = Y_T(v);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn group_stats(ids: RowIds) {
+    let row = row_index(ids.wid, ids.nwg);
+    if (row >= p.rows) {
+        return;
+    }
+    let base = row * p.cols;
+    let mean = row_mean(base, ids);
+    let rstd = row_rstd(base, mean, ids);
+    if (ids.lid == 0u) {
+        y[2u * row] = Y_T(mean);
+        y[2u * row + 1u] = Y_T(rstd);
     }
 }

@@ -88,7 +88,6 @@ pub struct Graph {
     implementations: Vec<&'static str>,
     target: Target,
     feedback: Vec<(Value, Value)>,
-    activations: Vec<DType>,
 }
 
 impl Graph {
@@ -102,25 +101,23 @@ impl Graph {
             implementations: Vec::new(),
             target,
             feedback: Vec::new(),
-            activations: Vec::new(),
         }
     }
 
     /// The element type ops give their outputs now: the target's activation
-    /// dtype, unless [`Graph::with_activation`] says otherwise.
+    /// dtype, which [`Graph::with_activation`] scopes.
     pub fn act(&self) -> DType {
-        self.activations
-            .last()
-            .copied()
-            .unwrap_or(self.target.activation)
+        self.target.activation
     }
 
     /// Runs `f` with op outputs of element type `dtype` (e.g. f32 for a
-    /// residual stream that would overflow f16).
+    /// residual stream that would overflow f16). The target's activation type
+    /// is set for the scope, so implementation choices follow it too: no
+    /// tensor-core (f16-input) kernel is chosen inside an f32 scope.
     pub fn with_activation<T>(&mut self, dtype: DType, f: impl FnOnce(&mut Graph) -> T) -> T {
-        self.activations.push(dtype);
+        let outer = std::mem::replace(&mut self.target.activation, dtype);
         let r = f(self);
-        self.activations.pop();
+        self.target.activation = outer;
         r
     }
 

@@ -307,6 +307,15 @@ fn tensor_cores_are_the_default_where_the_adapter_has_them() {
             .collect::<Vec<_>>()
     };
     assert_eq!(chosen(t.clone()), ["coop", "coop"]);
+    // An f32 scope in an f16 graph (T5's residual stream, the VAE's f32
+    // retry) is the exact path too.
+    let mut g = Graph::new(t.clone());
+    let x = g.input("x", &[5, 64], DType::F32);
+    let w = g.input("w", &[32, 64], DType::F16);
+    g.with_activation(DType::F32, |g| linear::linear(g, x, w, None))
+        .unwrap();
+    assert_eq!(g.implementations(), ["tiled"]);
+    assert_eq!(g.act(), DType::F16, "the scope ends");
     t.activation = DType::F32;
     assert_eq!(chosen(t), ["flash", "tiled"]);
 }

@@ -38,7 +38,7 @@ cases!(
     gated_residual_from_chunk,
     softmax_rows_and_attention_softmax,
     attention_every_implementation,
-    conv2d_shapes_and_strides,
+    conv2d_every_implementation,
     upsample_nearest,
     permute_slice_concat,
     gather_f32_f16_and_bad_ids,
@@ -958,23 +958,28 @@ mod cases {
         }
     }
 
-    pub fn conv2d_shapes_and_strides(gpu: &Gpu) {
-        // (batch, cin, h, w, cout, k, stride, pad, f16 weights, bias)
+    pub fn conv2d_every_implementation(gpu: &Gpu) {
+        // (batch, cin, h, w, cout, k, stride, pad, f16 weights, bias, GroupNorm
+        // (groups, SiLU) folded into the input)
         let cases = [
-            (1, 3, 7, 6, 5, 3, 1, 1, false, true),
-            (2, 4, 9, 8, 6, 3, 2, 1, true, true),
-            (1, 5, 6, 5, 7, 1, 1, 0, false, false),
-            (2, 16, 8, 6, 12, 2, 2, 0, true, true),
-            (1, 512, 5, 4, 512, 3, 1, 1, true, true),
-            (1, 128, 6, 5, 3, 3, 1, 1, false, true),
+            (1, 3, 7, 6, 5, 3, 1, 1, false, true, None),
+            (2, 4, 9, 8, 6, 3, 2, 1, true, true, Some((2, false))),
+            (1, 5, 6, 5, 7, 1, 1, 0, false, false, None),
+            (2, 16, 8, 6, 12, 2, 2, 0, true, true, None),
+            (1, 512, 5, 4, 512, 3, 1, 1, true, true, Some((32, true))),
+            (1, 128, 6, 5, 3, 3, 1, 1, false, true, None),
+            (2, 64, 7, 9, 40, 3, 1, 1, true, true, Some((32, true))),
+            (1, 6, 3, 3, 70, 1, 1, 0, false, false, Some((3, true))),
         ];
-        let mut g = Graph::new(gpu.target());
-        let at = g.act();
-        let mut outs = Vec::new();
-        let mut expect = Vec::new();
-        for (i, &(n, cin, h, w, cout, k, stride, pad, f16w, with_bias)) in cases.iter().enumerate()
+        for (i, &(n, cin, h, w, cout, k, stride, pad, f16w, with_bias, fold)) in
+            cases.iter().enumerate()
         {
-            let xd = rand(300 + i as u64, n * cin * h * w);
+            let mut g = Graph::new(gpu.target());
+            let at = g.act();
+            let xd: Vec<f32> = rand(300 + i as u64, n * cin * h * w)
+                .iter()
+                .map(|v| 2.0 * v + 0.3)
+                .collect();
             // Weights scaled by 1/sqrt(fan-in), as trained convs are.
             let scale = 1.0 / ((cin * k * k) as f32).sqrt();
             let wd: Vec<f32> = rand(310 + i as u64, cout * cin * k * k)
@@ -982,22 +987,54 @@ mod cases {
                 .map(|v| v * scale)
                 .collect();
             let bd = rand(320 + i as u64, cout);
+            let gd: Vec<f32> = rand(330 + i as u64, cin)
+                .iter()
+                .map(|v| 1.0 + 0.2 * v)
+                .collect();
+            let betad = rand(340 + i as u64, cin);
             let dt = if f16w { DType::F16 } else { DType::F32 };
             let x = act(gpu, &mut g, "x", &[n, cin, h, w], &xd);
             let wv = weight(gpu, &mut g, "w", &[cout, cin, k, k], dt, &wd);
             let bv = with_bias.then(|| weight(gpu, &mut g, "b", &[cout], DType::F32, &bd));
+            let norm = fold.map(|(groups, silu)| conv::GroupNormFold {
+                groups,
+                weight: weight(gpu, &mut g, "gamma", &[cin], DType::F32, &gd),
+                bias: weight(gpu, &mut g, "beta", &[cin], DType::F32, &betad),
+                eps: 1e-6,
+                silu,
+            });
             // Odd cases pad (pad, pad); even ones (0, 1) after, like the VAE downsampler.
             let pads = if i % 2 == 0 || pad == 0 {
                 [pad, pad]
             } else {
                 [0, 1]
             };
-            let y = conv::conv2d_padded(&mut g, x, wv, bv, stride, pads).unwrap();
-            g.keep(y);
-            outs.push(y);
+            let call = conv::conv_call(&g, x, wv, bv, stride, pads, norm).unwrap();
+            let imps = implementations("conv2d", conv::IMPLEMENTATIONS, g.target(), &call);
+            let outs: Vec<_> = imps
+                .iter()
+                .map(|imp| {
+                    let y = imp.record(&mut g, &call).unwrap();
+                    g.keep(y);
+                    y
+                })
+                .collect();
+            // The reference: GroupNorm (+SiLU) in f64, then the convolution.
+            let mut input = stored(&xd, at);
+            if let Some((groups, silu)) = fold {
+                let per = cin / groups * h * w;
+                for (gi, grp) in input.chunks_mut(per).enumerate() {
+                    let (mean, rstd) = reference::stats(grp, 1e-6);
+                    for (j, v) in grp.iter_mut().enumerate() {
+                        let ch = (gi % groups) * (cin / groups) + j / (h * w);
+                        let y = (*v - mean) * rstd * gd[ch] as f64 + betad[ch] as f64;
+                        *v = if silu { y * reference::sigmoid(y) } else { y };
+                    }
+                }
+            }
             let b64 = f64s(&bd);
             let (r, oh, ow) = reference::conv2d(
-                &stored(&xd, at),
+                &input,
                 &stored(&wd, dt),
                 with_bias.then_some(&b64[..]),
                 n,
@@ -1009,15 +1046,19 @@ mod cases {
                 stride,
                 pads,
             );
-            assert_eq!(g.shape(y), &[n, cout, oh, ow]);
-            expect.push((
-                format!("conv {cin}->{cout} {k}x{k} s{stride} p{pads:?} on {h}x{w}"),
-                r,
-            ));
-        }
-        let got = run(gpu, g, &outs);
-        for ((name, r), o) in expect.iter().zip(&got) {
-            assert_close(name, o, r, tol(at));
+            let got = run(gpu, g, &outs);
+            for (imp, o) in imps.iter().zip(&got) {
+                assert_eq!(o.len(), n * cout * oh * ow);
+                assert_close(
+                    &format!(
+                        "conv {} {cin}->{cout} {k}x{k} s{stride} p{pads:?} on {h}x{w} norm {fold:?}",
+                        imp.name
+                    ),
+                    o,
+                    &r,
+                    tol(at),
+                );
+            }
         }
     }
 

@@ -46,6 +46,10 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/attention_coop.wgsl"),
     ),
     ("conv.wgsl", include_str!("../../shaders/conv.wgsl")),
+    (
+        "conv_coop.wgsl",
+        include_str!("../../shaders/conv_coop.wgsl"),
+    ),
     ("layout.wgsl", include_str!("../../shaders/layout.wgsl")),
     ("random.wgsl", include_str!("../../shaders/random.wgsl")),
     (

@@ -43,6 +43,27 @@ impl Layer {
         let (w, b) = self.bind(g);
         norm::group_norm(g, x, groups, Some(w), Some(b), EPS, silu)
     }
+    /// GroupNorm by `norm` (+SiLU), then this 3×3 conv: one fused kernel
+    /// where the adapter has tensor cores.
+    fn norm_conv3(
+        &self,
+        g: &mut Graph,
+        x: Value,
+        norm: &Layer,
+        groups: usize,
+        silu: bool,
+    ) -> Result<Value> {
+        let (weight, bias) = norm.bind(g);
+        let fold = conv::GroupNormFold {
+            groups,
+            weight,
+            bias,
+            eps: EPS,
+            silu,
+        };
+        let (w, b) = self.bind(g);
+        conv::norm_conv2d(g, x, fold, w, Some(b), 1, [1, 1])
+    }
     fn linear(&self, g: &mut Graph, x: Value) -> Result<Value> {
         let (w, b) = self.bind(g);
         linear::linear(g, x, w, Some(b))
@@ -66,10 +87,12 @@ pub struct ResnetBlock {
 
 impl ResnetBlock {
     fn forward(&self, g: &mut Graph, x: Value, groups: usize) -> Result<Value> {
-        let h = self.norm1.group_norm(g, x, groups, true)?;
-        let h = g.scoped("conv1", |g| self.conv1.conv3(g, h))?;
-        let h = self.norm2.group_norm(g, h, groups, true)?;
-        let h = g.scoped("conv2", |g| self.conv2.conv3(g, h))?;
+        let h = g.scoped("conv1", |g| {
+            self.conv1.norm_conv3(g, x, &self.norm1, groups, true)
+        })?;
+        let h = g.scoped("conv2", |g| {
+            self.conv2.norm_conv3(g, h, &self.norm2, groups, true)
+        })?;
         let skip = match &self.conv_shortcut {
             Some(s) => g.scoped("shortcut", |g| s.conv(g, x, 1, [0, 0]))?,
             None => x,
@@ -421,8 +444,9 @@ impl Vae {
                     Ok::<_, Error>(x)
                 })?;
             }
-            let x = d.conv_norm_out.group_norm(g, x, groups, true)?;
-            g.scoped("conv_out", |g| d.conv_out.conv3(g, x))
+            g.scoped("conv_out", |g| {
+                d.conv_out.norm_conv3(g, x, &d.conv_norm_out, groups, true)
+            })
         })
     }
 
@@ -470,8 +494,9 @@ impl Vae {
                 })?;
             }
             x = g.scoped("mid_block", |g| e.mid_block.forward(g, x, groups))?;
-            let x = e.conv_norm_out.group_norm(g, x, groups, true)?;
-            let moments = g.scoped("conv_out", |g| e.conv_out.conv3(g, x))?;
+            let moments = g.scoped("conv_out", |g| {
+                e.conv_out.norm_conv3(g, x, &e.conv_norm_out, groups, true)
+            })?;
             let mean = layout::slice(g, moments, 1, 0, c.latent_channels)?;
             elementwise::affine(
                 g,

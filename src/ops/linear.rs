@@ -46,8 +46,8 @@ pub static LINEAR_COOP: Kernel = Kernel {
 
 /// Groups of the cooperative-matrix kernel's workgroup along m and n (each
 /// group owns 2×2 fragments).
-const COOP_GM: u32 = 2;
-const COOP_GN: u32 = 2;
+pub(crate) const COOP_GM: u32 = 2;
+pub(crate) const COOP_GN: u32 = 2;
 
 /// Kernels of this family.
 pub static KERNELS: &[&Kernel] = &[&LINEAR, &LINEAR_COOP];
@@ -352,7 +352,7 @@ fn record_tiled(g: &mut Graph, c: &GemmCall) -> Result<Value> {
 /// invocations per group S). Needs f16 activations (tensor-core inputs are
 /// f16), an f16 → f32 fragment configuration of 16 or 8, and room for the
 /// workgroup.
-fn coop_shape(t: &Target) -> std::result::Result<(u32, u32), String> {
+pub(crate) fn coop_shape(t: &Target) -> std::result::Result<(u32, u32), String> {
     let (f, s) = t.coop_fragment()?;
     let threads = s * COOP_GM * COOP_GN;
     let (bm, bn, bk) = (COOP_GM * 2 * f, COOP_GN * 2 * f, 2 * f);
@@ -369,6 +369,12 @@ fn coop_shape(t: &Target) -> std::result::Result<(u32, u32), String> {
     Ok((f, s))
 }
 
+/// Rows and columns of C one workgroup of the tensor-core core computes with
+/// fragments of side `f`.
+pub(crate) fn coop_block(f: u32) -> (usize, usize) {
+    ((COOP_GM * 2 * f) as usize, (COOP_GN * 2 * f) as usize)
+}
+
 /// The cooperative-matrix kernel (linear_coop.wgsl).
 fn record_coop(g: &mut Graph, c: &GemmCall) -> Result<Value> {
     let (f, s) = coop_shape(g.target()).map_err(|e| g.shape_error(c.kind, e))?;
@@ -378,7 +384,7 @@ fn record_coop(g: &mut Graph, c: &GemmCall) -> Result<Value> {
     if f == 16 {
         flags.push("COOP16");
     }
-    let (bm, bn) = ((COOP_GM * 2 * f) as usize, (COOP_GN * 2 * f) as usize);
+    let (bm, bn) = coop_block(f);
     let call = OpCall {
         key: PipelineKey {
             kernel: &LINEAR_COOP,

@@ -46,6 +46,7 @@ norm_kernel!(LAYER_NORM, "layer_norm");
 norm_kernel!(RMS_NORM, "rms_norm");
 norm_kernel!(ADALN_MODULATE, "adaln_modulate");
 norm_kernel!(GROUP_NORM, "group_norm");
+norm_kernel!(GROUP_STATS, "group_stats");
 
 /// Kernels of this family.
 pub static KERNELS: &[&Kernel] = &[
@@ -53,6 +54,7 @@ pub static KERNELS: &[&Kernel] = &[
     &RMS_NORM,
     &ADALN_MODULATE,
     &GROUP_NORM,
+    &GROUP_STATS,
     &RESIDUAL_ADALN,
 ];
 
@@ -294,6 +296,51 @@ pub fn group_norm(
         ..Default::default()
     };
     record(g, kind, &GROUP_NORM, x, weight, bias, p)
+}
+
+/// The statistics of `group_norm` alone: x [batch, channels, h, w] →
+/// [batch, groups, 2] f32 (mean, 1/√(var + eps)), for kernels that fold the
+/// normalisation into their input load.
+pub fn group_stats(g: &mut Graph, x: Value, groups: usize, eps: f32) -> Result<Value> {
+    let kind = "group_stats";
+    expect_dtype(g, kind, "x", x, ACT)?;
+    let xs = super::expect_rank(g, kind, "x", x, 4, "[batch, channels, h, w]")?;
+    let c = xs[1];
+    if groups == 0 || c % groups != 0 {
+        return Err(g.shape_error(
+            kind,
+            format!("{c} channels do not split into {groups} groups"),
+        ));
+    }
+    check_index_space(g, kind, numel(&xs))?;
+    let spatial = xs[2] * xs[3];
+    let p = NormParams {
+        rows: u32_of(g, kind, "rows", xs[0] * groups)?,
+        cols: u32_of(g, kind, "cols", c / groups * spatial)?,
+        eps,
+        spatial: spatial.max(1) as u32,
+        ch_per_group: (c / groups) as u32,
+        groups: groups as u32,
+        ..Default::default()
+    };
+    let y = g.alloc(&[xs[0], groups, 2], DType::F32);
+    let n = numel(&xs) as u64;
+    let call = OpCall {
+        key: PipelineKey {
+            kernel: &GROUP_STATS,
+            flags: f16_flags(g, &[("X_F16", Some(x))]),
+            constants: Vec::new(),
+        },
+        params: bytes_of(&p),
+        args: vec![Some(x), None, None, Some(y)],
+        workgroups: grid(p.rows as u64),
+        // Two passes over x.
+        cost: Cost {
+            flops: 4 * n,
+            bytes: if g.dtype(x) == DType::F16 { 4 } else { 8 } * n,
+        },
+    };
+    record_row(g, kind, call, y)
 }
 
 /// The fused adaLN-Zero residual (`shaders/residual_norm.wgsl`).
