@@ -240,6 +240,22 @@ fn build(gpu: &Gpu, case: Case, wdtype: DType) -> Result<Vec<Variant>> {
     Ok(out)
 }
 
+/// Plans `g`, runs it once to warm up, then `reps` (at least 1) profiled
+/// times: the median time in ns and where the times came from.
+pub fn time_graph(gpu: &Gpu, g: Graph, reps: usize) -> Result<(f64, TimingSource)> {
+    let plan = g.plan(gpu)?;
+    plan.run(gpu)?;
+    let mut times = Vec::with_capacity(reps.max(1));
+    let mut source = TimingSource::WallClock;
+    for _ in 0..reps.max(1) {
+        let prof = plan.run_profiled(gpu)?;
+        source = prof.source;
+        times.push(prof.gpu_ns());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], source))
+}
+
 /// Runs one case for each implementation: a warm-up run, then `reps` timed
 /// runs; the median is reported. Skipped implementations are listed with why.
 pub fn run_case(gpu: &Gpu, case: Case, wdtype: DType, reps: usize) -> Result<Vec<BenchResult>> {
@@ -263,17 +279,7 @@ pub fn run_case(gpu: &Gpu, case: Case, wdtype: DType, reps: usize) -> Result<Vec
             }
         };
         let cost = g.cost();
-        let plan = g.plan(gpu)?;
-        plan.run(gpu)?;
-        let mut times = Vec::with_capacity(reps);
-        let mut source = TimingSource::WallClock;
-        for _ in 0..reps.max(1) {
-            let prof = plan.run_profiled(gpu)?;
-            source = prof.source;
-            times.push(prof.gpu_ns());
-        }
-        times.sort_by(f64::total_cmp);
-        let ns = times[times.len() / 2];
+        let (ns, source) = time_graph(gpu, g, reps)?;
         results.push(BenchResult {
             name,
             implementation,

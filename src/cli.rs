@@ -73,6 +73,23 @@ pub enum Command {
     },
     /// Text to image.
     Generate(Box<GenerateArgs>),
+    /// Time the portable GEMM's tile candidates on this adapter and keep the
+    /// fastest, cached per adapter, driver, activation type and version
+    /// (in $SD3_CACHE_DIR, else the user cache folder).
+    Tune {
+        /// Scaled-down shapes, for software adapters (the default on CPU adapters).
+        #[arg(long)]
+        small: bool,
+        /// Timed runs per shape (the median counts).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Activation type to tune for: f16 (as `generate --dtype f16`) or f32.
+        #[arg(long, value_enum, default_value_t = WeightType::F16)]
+        dtype: WeightType,
+        /// Print the timings and the choice without writing the cache.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Benchmarks: a full architecture with random weights (`--arch`), or `bench kernels`.
     #[command(args_conflicts_with_subcommands = true)]
     Bench {
@@ -291,6 +308,7 @@ fn gpu_options(cli: &Cli) -> GpuOptions {
             }
             .to_string()
         }),
+        tuned_tiles: true,
         ..GpuOptions::from_env()
     }
 }
@@ -366,7 +384,14 @@ fn bench_kernels(
         println!("note: a CPU adapter; these numbers say nothing about GPU performance");
     }
     let wd = weights.dtype();
-    println!("activations: {}", gpu.activation.name());
+    println!(
+        "activations: {}; portable {}",
+        gpu.activation.name(),
+        gpu.tuning.clone().unwrap_or_else(|| format!(
+            "GEMM tile {} (default; `sd3 tune` sweeps)",
+            gpu.gemm_tile.name()
+        ))
+    );
     println!("{}", bench::header());
     let mut all = Vec::new();
     for case in bench::cases(set) {
@@ -667,5 +692,78 @@ pub fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
             bench_kernels(cli, set, *weights, *reps, json.as_ref())
         }
         Command::Bench { what: None, arch } => bench_arch(cli, arch),
+        Command::Tune {
+            small,
+            reps,
+            dtype,
+            dry_run,
+        } => tune(cli, *small, *reps, *dtype, *dry_run),
     }
+}
+
+fn tune(
+    cli: &Cli,
+    small: bool,
+    reps: usize,
+    dtype: WeightType,
+    dry_run: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use crate::tune;
+    let dir = tune::cache_dir();
+    if dir.is_none() && !dry_run {
+        return Err("no cache folder: set SD3_CACHE_DIR (or HOME), or pass --dry-run".into());
+    }
+    let gpu = Gpu::new(&GpuOptions {
+        f16_activations: dtype.dtype() == DType::F16,
+        tuned_tiles: false,
+        ..gpu_options(cli)
+    })?;
+    let small = small || gpu.info.device_type == wgpu::DeviceType::Cpu;
+    println!(
+        "adapter: {:?} {} ({}), activations {}",
+        gpu.info.backend,
+        gpu.info.name,
+        gpu.info.driver_info,
+        gpu.activation.name()
+    );
+    let shapes = tune::shapes(small);
+    println!(
+        "GEMM shapes (m×k→n, f16 weights): {}",
+        shapes
+            .iter()
+            .map(|(m, k, n)| format!("{m}×{k}→{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let timings = tune::sweep(&gpu, &shapes, reps)?;
+    let best = tune::best(&timings).ok_or("no candidate tile fits this adapter's limits")?;
+    let best_ms = timings
+        .iter()
+        .find(|t| t.tile == best)
+        .map_or(0.0, |t| t.ms);
+    println!(
+        "{:<12} {:>10} {:>10} {:>8}",
+        "tile", "ms", "GFLOP/s", "× best"
+    );
+    for t in &timings {
+        println!(
+            "{:<12} {:>10.3} {:>10.1} {:>8.2}",
+            t.tile.name(),
+            t.ms,
+            t.gflops,
+            best_ms / t.ms.max(f64::MIN_POSITIVE)
+        );
+    }
+    println!("fastest: {}", best.name());
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        println!("note: a CPU adapter; this choice says nothing about GPUs");
+    }
+    match dir {
+        Some(dir) if !dry_run => {
+            let path = tune::store(&dir, &tune::cache_key(&gpu), best)?;
+            println!("wrote {} (for {})", path.display(), tune::cache_key(&gpu));
+        }
+        _ => println!("not written (--dry-run)"),
+    }
+    Ok(())
 }

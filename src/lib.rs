@@ -24,6 +24,7 @@ pub mod tensor;
 pub mod text;
 pub mod tokenize;
 pub mod torch_rng;
+pub mod tune;
 pub mod weights;
 
 pub use error::{Error, Result};

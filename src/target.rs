@@ -90,6 +90,104 @@ pub struct CoopConfig {
 /// Override-constant values, hence f64.
 pub const COOP_SUBGROUP_SIZES: &[f64] = &[4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 
+/// The output tile of the portable register-tiled GEMM (linear.wgsl): a
+/// workgroup computes bm × bn outputs, each invocation a 4×4 block, stepping
+/// bk along k. Chosen per adapter by `sd3 tune` (a short sweep, cached on
+/// disk; see [`crate::tune`]), [`GemmTile::DEFAULT`] otherwise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemmTile {
+    /// Rows of the tile.
+    pub bm: u32,
+    /// Columns of the tile.
+    pub bn: u32,
+    /// Step along k.
+    pub bk: u32,
+}
+
+impl GemmTile {
+    /// The tile used where no sweep has chosen one.
+    pub const DEFAULT: GemmTile = GemmTile {
+        bm: 64,
+        bn: 64,
+        bk: 16,
+    };
+
+    /// The tiles a sweep tries, the default first.
+    pub const CANDIDATES: &'static [GemmTile] = &[
+        GemmTile::DEFAULT,
+        GemmTile {
+            bm: 64,
+            bn: 64,
+            bk: 8,
+        },
+        GemmTile {
+            bm: 64,
+            bn: 64,
+            bk: 32,
+        },
+        GemmTile {
+            bm: 32,
+            bn: 64,
+            bk: 16,
+        },
+        GemmTile {
+            bm: 64,
+            bn: 32,
+            bk: 16,
+        },
+        GemmTile {
+            bm: 32,
+            bn: 32,
+            bk: 16,
+        },
+        GemmTile {
+            bm: 128,
+            bn: 64,
+            bk: 16,
+        },
+        GemmTile {
+            bm: 64,
+            bn: 128,
+            bk: 16,
+        },
+        GemmTile {
+            bm: 128,
+            bn: 128,
+            bk: 8,
+        },
+    ];
+
+    /// Invocations per workgroup.
+    pub fn invocations(self) -> u32 {
+        (self.bm / 4) * (self.bn / 4)
+    }
+
+    /// Bytes of workgroup memory (the x and w tiles, f32).
+    pub fn workgroup_bytes(self) -> u32 {
+        4 * self.bk * (self.bm + self.bn)
+    }
+
+    /// Whether the device's limits allow this tile.
+    pub fn fits(self, l: &wgpu::Limits) -> bool {
+        self.invocations() <= l.max_compute_invocations_per_workgroup
+            && self.invocations() <= l.max_compute_workgroup_size_x
+            && self.workgroup_bytes() <= l.max_compute_workgroup_storage_size
+    }
+
+    /// `64x64x16`.
+    pub fn name(self) -> String {
+        format!("{}x{}x{}", self.bm, self.bn, self.bk)
+    }
+
+    /// Parses `64x64x16`; only [`GemmTile::CANDIDATES`] are accepted.
+    pub fn parse(s: &str) -> Option<GemmTile> {
+        GemmTile::CANDIDATES
+            .iter()
+            .copied()
+            .find(|t| t.name() == s.trim())
+    }
+}
+
 /// The device as recording sees it.
 #[derive(Clone, Debug)]
 pub struct Target {
@@ -109,6 +207,8 @@ pub struct Target {
     pub activation: DType,
     /// Which implementations may be chosen.
     pub kernels: KernelChoice,
+    /// The portable GEMM's tile.
+    pub gemm_tile: GemmTile,
 }
 
 impl Target {
@@ -124,6 +224,7 @@ impl Target {
             limits: wgpu::Limits::default(),
             activation: DType::F32,
             kernels: KernelChoice::Portable,
+            gemm_tile: GemmTile::DEFAULT,
         }
     }
 

@@ -550,7 +550,7 @@ fn bench_dry_run_records_the_real_architectures() {
 }
 
 /// tools/gpu-report end to end on the test adapter, in its dry-run form:
-/// devices, the small kernel cases (with JSON), the architectures' dry runs,
+/// devices, the tile sweep, the small kernel cases (with JSON), the architectures' dry runs,
 /// and the assembled report.
 #[test]
 fn gpu_report_dry_run_assembles_the_report() {
@@ -588,6 +588,8 @@ fn gpu_report_dry_run_assembles_the_report() {
         "### GPU report",
         "dry run",
         "sd3 bench kernels --small",
+        "sd3 tune --small",
+        "fastest: ",
         "sd3 bench --arch sd3-medium --dry-run",
         "| linear 333x192->192 | tiled |",
         "| attention 1x3x333x64 | flash |",
@@ -595,6 +597,10 @@ fn gpu_report_dry_run_assembles_the_report() {
     ] {
         assert!(report.contains(want), "{want} missing:\n{report}");
     }
+    assert!(
+        dir.join("cache").join("gemm-tiles.json").is_file(),
+        "the sweep's cache stays inside the report folder"
+    );
     let kernels: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("kernels.json")).unwrap()).unwrap();
     assert!(kernels.as_array().unwrap().len() >= 4);

@@ -11,6 +11,7 @@ use sd3_wgpu::ops::attention::{self, AttentionOptions, Heads};
 use sd3_wgpu::ops::elementwise::{self, Act};
 use sd3_wgpu::ops::norm::{self, ModChunk};
 use sd3_wgpu::ops::{conv, layout, linear, random, sampler, softmax};
+use sd3_wgpu::target::{GemmTile, KernelChoice};
 use sd3_wgpu::{DType, Gpu};
 
 macro_rules! cases {
@@ -29,6 +30,7 @@ cases!(
     linear_f32_and_f16_weights,
     batched_matmul_shared_and_batched,
     gemm_strided_views,
+    linear_every_tile,
     layer_norm_with_and_without_affine,
     rms_norm_rows,
     adaln_modulate_from_chunks,
@@ -332,6 +334,53 @@ mod cases {
         for ((name, r), o) in expect.iter().zip(&got) {
             assert_close(name, o, r, tol(at));
         }
+    }
+
+    /// Every tile `sd3 tune` may choose for the portable GEMM, within the
+    /// adapter's limits, on sizes that are not tile multiples (with and
+    /// without the vec4 path).
+    pub fn linear_every_tile(gpu: &Gpu) {
+        let sizes = [(77, 64, 33), (65, 130, 67), (130, 36, 129)];
+        let mut ran = Vec::new();
+        for tile in GemmTile::CANDIDATES {
+            if !tile.fits(&gpu.limits) {
+                continue;
+            }
+            let mut t = gpu.target();
+            t.gemm_tile = *tile;
+            t.kernels = KernelChoice::Portable;
+            let mut g = Graph::new(t);
+            let at = g.act();
+            let mut expect = Vec::new();
+            let mut outs = Vec::new();
+            for (i, &(m, k, n)) in sizes.iter().enumerate() {
+                let dtype = if i % 2 == 0 { DType::F16 } else { DType::F32 };
+                let seed = 500 + i as u64;
+                let (xd, wd, bd) = (rand(seed, m * k), rand(seed + 1, n * k), rand(seed + 2, n));
+                let x = act(gpu, &mut g, "x", &[m, k], &xd);
+                let w = weight(gpu, &mut g, "w", &[n, k], dtype, &wd);
+                let b = weight(gpu, &mut g, "b", &[n], DType::F32, &bd);
+                let y = linear::linear(&mut g, x, w, Some(b)).unwrap();
+                g.keep(y);
+                outs.push(y);
+                let bref = f64s(&bd);
+                expect.push((
+                    format!("tile {} linear {m}x{k}x{n} {dtype:?}", tile.name()),
+                    reference::linear(&stored(&xd, at), &stored(&wd, dtype), Some(&bref), m, k, n),
+                ));
+            }
+            assert!(g.implementations().iter().all(|i| *i == "tiled"));
+            let got = run(gpu, g, &outs);
+            for ((name, r), o) in expect.iter().zip(&got) {
+                assert_close(name, o, r, tol(at));
+            }
+            ran.push(tile.name());
+        }
+        assert!(
+            ran.contains(&GemmTile::DEFAULT.name()),
+            "the default tile must fit"
+        );
+        eprintln!("tiles checked: {}", ran.join(", "));
     }
 
     /// The GEMM implementations this device runs (reported; a demanded but

@@ -28,19 +28,29 @@ fn flag_sets(k: &Kernel) -> Vec<Vec<&'static str>> {
 /// Every combination of the kernel's override constant values (its fixed
 /// overrides always set, as the engine does).
 fn constant_sets(k: &Kernel) -> Vec<Vec<(&'static str, f64)>> {
+    // Every value of every per-call constant at least once: the first value
+    // of each, then each other value with the rest at their first (the
+    // values size arrays and workgroups independently, and the full product
+    // of tile sides would multiply the translations for nothing).
     let fixed: Vec<(&'static str, f64)> = k.overrides.iter().map(|&(n, v)| (n, v as f64)).collect();
-    let mut sets = vec![fixed];
+    let base: Vec<(&'static str, f64)> = fixed
+        .iter()
+        .copied()
+        .chain(
+            k.constants
+                .iter()
+                .filter_map(|(n, vals)| vals.first().map(|v| (*n, *v))),
+        )
+        .collect();
+    let mut sets = vec![base.clone()];
     for (name, values) in k.constants {
-        sets = sets
-            .into_iter()
-            .flat_map(|s| {
-                values.iter().map(move |&v| {
-                    let mut s = s.clone();
-                    s.push((*name, v));
-                    s
-                })
-            })
-            .collect();
+        for &v in values.iter().skip(1) {
+            let mut s = base.clone();
+            if let Some(e) = s.iter_mut().find(|e| e.0 == *name) {
+                e.1 = v;
+            }
+            sets.push(s);
+        }
     }
     sets
 }

@@ -8,7 +8,7 @@ pub mod shader;
 
 pub use params::{Field, ParamScalar, ParamsLayout, Scalar};
 
-use crate::target::{CoopConfig, KernelChoice, Target};
+use crate::target::{CoopConfig, GemmTile, KernelChoice, Target};
 
 use std::fmt;
 
@@ -124,6 +124,9 @@ pub struct GpuOptions {
     pub kernels: Option<String>,
     /// Store activations as f16 where the adapter has SHADER_F16.
     pub f16_activations: bool,
+    /// Apply the GEMM tile `sd3 tune` stored for this adapter, if any (the
+    /// CLI sets this; the library default reads no cache).
+    pub tuned_tiles: bool,
 }
 
 impl GpuOptions {
@@ -138,6 +141,7 @@ impl GpuOptions {
             portable_only: false,
             kernels: get("SD3_KERNELS"),
             f16_activations: false,
+            tuned_tiles: false,
         }
     }
 }
@@ -377,6 +381,11 @@ pub struct Gpu {
     readbacks: std::sync::atomic::AtomicU64,
     /// Cooperative-matrix configurations (empty unless the feature is enabled).
     pub coop: Vec<CoopConfig>,
+    /// The portable GEMM's tile ([`GemmTile::DEFAULT`] until a tuning cache
+    /// is applied, see [`crate::tune::apply_cached`]).
+    pub gemm_tile: GemmTile,
+    /// What applying the tuning cache did, when it said something.
+    pub tuning: Option<String>,
 }
 
 impl Gpu {
@@ -488,7 +497,7 @@ impl Gpu {
                 .flags
                 .contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32),
         };
-        Ok(Gpu {
+        let mut gpu = Gpu {
             device,
             queue,
             info: adapter.get_info(),
@@ -505,12 +514,18 @@ impl Gpu {
                 crate::tensor::DType::F32
             },
             readbacks: Default::default(),
+            gemm_tile: GemmTile::DEFAULT,
+            tuning: None,
             coop: if coop_on {
                 coop_configs(adapter)
             } else {
                 Vec::new()
             },
-        })
+        };
+        if opts.tuned_tiles {
+            gpu.tuning = crate::tune::apply_cached(&mut gpu);
+        }
+        Ok(gpu)
     }
 
     /// The device as recording sees it (see [`Target`]).
@@ -524,6 +539,7 @@ impl Gpu {
             limits: self.limits.clone(),
             activation: self.activation,
             kernels: self.kernels,
+            gemm_tile: self.gemm_tile,
         }
     }
 

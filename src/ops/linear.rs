@@ -10,7 +10,7 @@ use super::{bytes_of, expect_dtype, f16_flags, u32_of, weight_flags, ACT};
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
 use crate::graph::{Cost, Graph, OpCall, Value};
-use crate::target::{Feature, Target};
+use crate::target::{Feature, GemmTile, Target};
 use crate::tensor::{shape_str, DType};
 
 const BINDINGS: &[Binding] = &[
@@ -27,8 +27,13 @@ pub static LINEAR: Kernel = Kernel {
     params: &LinearParams::LAYOUT,
     bindings: BINDINGS,
     flags: &["W_F16", "VEC4", "X_F16", "Y_F16"],
-    constants: &[],
-    overrides: &[("BM", TILE_M as u32), ("BN", TILE_N as u32), ("BK", TILE_K)],
+    // Every side of GemmTile::CANDIDATES (checked by a unit test).
+    constants: &[
+        ("BM", &[64.0, 32.0, 128.0]),
+        ("BN", &[64.0, 32.0, 128.0]),
+        ("BK", &[16.0, 8.0, 32.0]),
+    ],
+    overrides: &[],
     consts: &[],
 };
 
@@ -51,14 +56,6 @@ pub(crate) const COOP_GN: u32 = 2;
 
 /// Kernels of this family.
 pub static KERNELS: &[&Kernel] = &[&LINEAR, &LINEAR_COOP];
-
-/// Output tile of one workgroup (rows × columns) and its k step; each
-/// invocation owns a 4×4 block, so the workgroup has (TILE_M/4)·(TILE_N/4).
-const TILE_M: usize = 64;
-const TILE_N: usize = 64;
-const TILE_K: u32 = 16;
-const _: () =
-    assert!(TILE_M.is_multiple_of(4) && TILE_N.is_multiple_of(4) && TILE_K.is_multiple_of(4));
 
 crate::params_struct! {
     /// Params of `linear.wgsl` (layout checked against the shader in tests).
@@ -329,19 +326,25 @@ fn record_tiled(g: &mut Graph, c: &GemmCall) -> Result<Value> {
     if c.gemm.vec4_ok() {
         flags.push("VEC4");
     }
+    let t = g.target();
+    let tile = if t.gemm_tile.fits(&t.limits) {
+        t.gemm_tile
+    } else {
+        GemmTile::DEFAULT
+    };
     let call = OpCall {
         key: PipelineKey {
             kernel: &LINEAR,
             flags,
-            constants: Vec::new(),
+            constants: vec![
+                ("BM", tile.bm as f64),
+                ("BN", tile.bn as f64),
+                ("BK", tile.bk as f64),
+            ],
         },
         params: bytes_of(&p),
         args: vec![Some(c.x), Some(c.w), c.bias, Some(c.y)],
-        workgroups: [
-            (p.n as usize).div_ceil(TILE_N) as u32,
-            (p.m as usize).div_ceil(TILE_M) as u32,
-            batches,
-        ],
+        workgroups: [p.n.div_ceil(tile.bn), p.m.div_ceil(tile.bm), batches],
         cost,
     };
     g.record(c.kind, call)?;
@@ -478,4 +481,31 @@ pub fn batched_matmul_call(g: &mut Graph, x: Value, w: Value) -> Result<GemmCall
         y,
         gemm: Gemm::contiguous(batch, m, n, k, ws.len() == 3),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_candidate_tile_is_a_constant_the_kernel_allows() {
+        let allowed = |name: &str, v: u32| {
+            LINEAR
+                .constants
+                .iter()
+                .any(|(n, vals)| *n == name && vals.contains(&(v as f64)))
+        };
+        for t in GemmTile::CANDIDATES {
+            assert!(
+                t.bm % 4 == 0 && t.bn % 4 == 0 && t.bk % 4 == 0,
+                "{}",
+                t.name()
+            );
+            assert!(
+                allowed("BM", t.bm) && allowed("BN", t.bn) && allowed("BK", t.bk),
+                "{}",
+                t.name()
+            );
+        }
+    }
 }
