@@ -24,17 +24,7 @@
 // so the epilogue goes through workgroup memory: the 2×2 accumulators are
 // stored, then every invocation hands the values inside C to store_value.
 
-#if COOP16
-alias FragA = coop_mat16x16<f16, A>;
-alias FragB = coop_mat16x16<f16, B>;
-alias FragC = coop_mat16x16<f32, C>;
-const F: u32 = 16u;
-#else
-alias FragA = coop_mat8x8<f16, A>;
-alias FragB = coop_mat8x8<f16, B>;
-alias FragC = coop_mat8x8<f32, C>;
-const F: u32 = 8u;
-#endif
+#include "coop_frag.wgsl"
 const BK: u32 = 2u * F;
 
 // Invocations per group (the adapter's largest subgroup size) and groups

@@ -10,6 +10,7 @@ use crate::error::Result;
 use crate::gpu::profile::TimingSource;
 use crate::gpu::Gpu;
 use crate::graph::{Graph, Value};
+use crate::ops::choice::Implementation;
 use crate::ops::{attention, linear};
 use crate::tensor::{DType, Tensor};
 
@@ -180,6 +181,22 @@ fn input(
 /// graph or why the implementation was skipped).
 type Variant = (String, String, std::result::Result<Graph, String>);
 
+/// `imp` recorded into `g` (its output kept), or why it cannot take `call`.
+fn variant<A>(
+    mut g: Graph,
+    imp: &Implementation<A>,
+    call: &A,
+) -> Result<std::result::Result<Graph, String>> {
+    Ok(match imp.refusal(g.target(), call) {
+        Some(why) => Err(why),
+        None => {
+            let y = imp.record(&mut g, call)?;
+            g.keep(y);
+            Ok(g)
+        }
+    })
+}
+
 /// One graph per implementation of the case's op.
 fn build(gpu: &Gpu, case: Case, wdtype: DType) -> Result<Vec<Variant>> {
     let mut out = Vec::new();
@@ -193,15 +210,7 @@ fn build(gpu: &Gpu, case: Case, wdtype: DType) -> Result<Vec<Variant>> {
                 let w = input(gpu, &mut g, "w", &[n, k], wdtype, 2)?;
                 let b = input(gpu, &mut g, "b", &[n], DType::F32, 3)?;
                 let call = linear::linear_call(&mut g, x, w, Some(b))?;
-                let graph = match imp.refusal(g.target(), &call) {
-                    Some(why) => Err(why),
-                    None => {
-                        let y = imp.record(&mut g, &call)?;
-                        g.keep(y);
-                        Ok(g)
-                    }
-                };
-                out.push((name.clone(), imp.name.to_string(), graph));
+                out.push((name.clone(), imp.name.to_string(), variant(g, imp, &call)?));
             }
         }
         Case::Attention {
@@ -225,15 +234,7 @@ fn build(gpu: &Gpu, case: Case, wdtype: DType) -> Result<Vec<Variant>> {
                     v: h(2 * w),
                     o: attention::AttentionOptions::new(heads),
                 };
-                let graph = match imp.refusal(g.target(), &call) {
-                    Some(why) => Err(why),
-                    None => {
-                        let y = imp.record(&mut g, &call)?;
-                        g.keep(y);
-                        Ok(g)
-                    }
-                };
-                out.push((name.clone(), imp.name.to_string(), graph));
+                out.push((name.clone(), imp.name.to_string(), variant(g, imp, &call)?));
             }
         }
     }

@@ -109,6 +109,29 @@ mod reference {
         y
     }
 
+    /// GroupNorm (eps 1e-6) of NCHW x with `c` channels of `hw` values in
+    /// `groups` groups, per-channel scale and shift, then SiLU if asked.
+    pub fn group_norm(
+        x: &[f64],
+        c: usize,
+        hw: usize,
+        groups: usize,
+        gamma: &[f32],
+        beta: &[f32],
+        silu: bool,
+    ) -> Vec<f64> {
+        let mut r = Vec::with_capacity(x.len());
+        for (gi, grp) in x.chunks(c / groups * hw).enumerate() {
+            let (mean, rstd) = stats(grp, 1e-6);
+            for (j, v) in grp.iter().enumerate() {
+                let ch = (gi % groups) * (c / groups) + j / hw;
+                let y = (v - mean) * rstd * gamma[ch] as f64 + beta[ch] as f64;
+                r.push(if silu { y * sigmoid(y) } else { y });
+            }
+        }
+        r
+    }
+
     /// (mean, 1/sqrt(var + eps)) of a row.
     pub fn stats(row: &[f64], eps: f64) -> (f64, f64) {
         let n = row.len() as f64;
@@ -684,16 +707,7 @@ mod cases {
             let y = norm::group_norm(&mut g, x, groups, Some(wv), Some(bv), 1e-6, silu).unwrap();
             g.keep(y);
             outs.push(y);
-            let per = c / groups * h * w;
-            let mut r = Vec::new();
-            for (gi, grp) in stored(&xd, at).chunks(per).enumerate() {
-                let (mean, rstd) = reference::stats(grp, 1e-6);
-                for (j, v) in grp.iter().enumerate() {
-                    let ch = (gi % groups) * (c / groups) + j / (h * w);
-                    let y = (v - mean) * rstd * wd[ch] as f64 + bd[ch] as f64;
-                    r.push(if silu { y * reference::sigmoid(y) } else { y });
-                }
-            }
+            let r = reference::group_norm(&stored(&xd, at), c, h * w, groups, &wd, &bd, silu);
             expect.push((
                 format!("group_norm {n}x{c}x{h}x{w}/{groups} silu={silu}"),
                 r,
@@ -1071,15 +1085,7 @@ mod cases {
             // The reference: GroupNorm (+SiLU) in f64, then the convolution.
             let mut input = stored(&xd, at);
             if let Some((groups, silu)) = fold {
-                let per = cin / groups * h * w;
-                for (gi, grp) in input.chunks_mut(per).enumerate() {
-                    let (mean, rstd) = reference::stats(grp, 1e-6);
-                    for (j, v) in grp.iter_mut().enumerate() {
-                        let ch = (gi % groups) * (cin / groups) + j / (h * w);
-                        let y = (*v - mean) * rstd * gd[ch] as f64 + betad[ch] as f64;
-                        *v = if silu { y * reference::sigmoid(y) } else { y };
-                    }
-                }
+                input = reference::group_norm(&input, cin, h * w, groups, &gd, &betad, silu);
             }
             let b64 = f64s(&bd);
             let (r, oh, ow) = reference::conv2d(

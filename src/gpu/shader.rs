@@ -38,6 +38,14 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/elementwise.wgsl"),
     ),
     (
+        "attention_io.wgsl",
+        include_str!("../../shaders/attention_io.wgsl"),
+    ),
+    (
+        "coop_frag.wgsl",
+        include_str!("../../shaders/coop_frag.wgsl"),
+    ),
+    (
         "attention.wgsl",
         include_str!("../../shaders/attention.wgsl"),
     ),

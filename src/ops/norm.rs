@@ -271,38 +271,22 @@ pub fn group_norm(
     } else {
         "group_norm"
     };
-    expect_dtype(g, kind, "x", x, ACT)?;
-    let xs = super::expect_rank(g, kind, "x", x, 4, "[batch, channels, h, w]")?;
-    let c = xs[1];
-    if groups == 0 || c % groups != 0 {
-        return Err(g.shape_error(
-            kind,
-            format!("{c} channels do not split into {groups} groups"),
-        ));
-    }
-    check_index_space(g, kind, numel(&xs))?;
-    let flags = check_vec(g, kind, "weight", weight, c)? * HAS_WEIGHT
-        + check_vec(g, kind, "bias", bias, c)? * HAS_BIAS
+    let (xs, mut p) = group_params(g, kind, x, groups, eps)?;
+    p.flags = check_vec(g, kind, "weight", weight, xs[1])? * HAS_WEIGHT
+        + check_vec(g, kind, "bias", bias, xs[1])? * HAS_BIAS
         + if silu { SILU } else { 0 };
-    let spatial = xs[2] * xs[3];
-    let p = NormParams {
-        rows: (xs[0] * groups) as u32,
-        cols: (c / groups * spatial) as u32,
-        flags,
-        eps,
-        spatial: spatial.max(1) as u32,
-        ch_per_group: (c / groups) as u32,
-        groups: groups as u32,
-        ..Default::default()
-    };
     record(g, kind, &GROUP_NORM, x, weight, bias, p)
 }
 
-/// The statistics of `group_norm` alone: x [batch, channels, h, w] →
-/// [batch, groups, 2] f32 (mean, 1/√(var + eps)), for kernels that fold the
-/// normalisation into their input load.
-pub fn group_stats(g: &mut Graph, x: Value, groups: usize, eps: f32) -> Result<Value> {
-    let kind = "group_stats";
+/// The checks and params GroupNorm and its statistics share: one row per
+/// (batch, group) of x [batch, channels, h, w].
+fn group_params(
+    g: &Graph,
+    kind: &str,
+    x: Value,
+    groups: usize,
+    eps: f32,
+) -> Result<(Vec<usize>, NormParams)> {
     expect_dtype(g, kind, "x", x, ACT)?;
     let xs = super::expect_rank(g, kind, "x", x, 4, "[batch, channels, h, w]")?;
     let c = xs[1];
@@ -323,6 +307,15 @@ pub fn group_stats(g: &mut Graph, x: Value, groups: usize, eps: f32) -> Result<V
         groups: groups as u32,
         ..Default::default()
     };
+    Ok((xs, p))
+}
+
+/// The statistics of `group_norm` alone: x [batch, channels, h, w] →
+/// [batch, groups, 2] f32 (mean, 1/√(var + eps)), for kernels that fold the
+/// normalisation into their input load.
+pub fn group_stats(g: &mut Graph, x: Value, groups: usize, eps: f32) -> Result<Value> {
+    let kind = "group_stats";
+    let (xs, p) = group_params(g, kind, x, groups, eps)?;
     let y = g.alloc(&[xs[0], groups, 2], DType::F32);
     let n = numel(&xs) as u64;
     let call = OpCall {
