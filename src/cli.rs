@@ -182,7 +182,11 @@ pub struct GenerateArgs {
     pub init_image: Option<PathBuf>,
     /// img2img strength (1 = ignore the image).
     #[arg(long, default_value_t = defaults::STRENGTH)]
-    pub strength: f32,
+    pub strength: f64,
+    /// img2img: `sample` the encoder's latent distribution from the seed, as
+    /// diffusers does (`--rng torch` reproduces its latents), or take its `mean`.
+    #[arg(long, value_enum, default_value_t = InitModeArg::Sample)]
+    pub init_mode: InitModeArg,
     /// Initial noise: safetensors with an f32 tensor `latents` [batch, 16, h/8, w/8].
     #[arg(long)]
     pub init_latents: Option<PathBuf>,
@@ -286,6 +290,15 @@ impl WeightType {
             WeightType::F32 => DType::F32,
         }
     }
+}
+
+/// `--init-mode`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum InitModeArg {
+    /// A sample of the encoder's latent distribution (diffusers).
+    Sample,
+    /// The distribution's mean.
+    Mean,
 }
 
 /// `--kernels`.
@@ -425,6 +438,10 @@ pub fn generate_request(a: &GenerateArgs) -> Result<GenerateRequest, Box<dyn std
     req.batch = a.batch;
     req.init_image = a.init_image.clone();
     req.strength = a.strength;
+    req.init_mode = match a.init_mode {
+        InitModeArg::Sample => crate::pipeline::InitMode::Sample,
+        InitModeArg::Mean => crate::pipeline::InitMode::Mean,
+    };
     req.init_latents = match &a.init_latents {
         Some(p) => {
             let (shape, data) = read_latents(p, crate::weights::vae::LATENT_CHANNELS)?;

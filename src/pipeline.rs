@@ -20,9 +20,9 @@ use crate::image_io::{load_image, to_rgb8};
 use crate::models::clip::{Clip, ClipConfig};
 use crate::models::mmdit::{Mmdit, TIMESTEP_DIM};
 use crate::models::t5::{T5Config, T5};
-use crate::models::vae::{Vae, VaeRun};
+use crate::models::vae::{latents_from_moments, Vae, VaeRun};
 use crate::ops::elementwise::Act;
-use crate::sampler::{noise, FlowMatchEuler, Rng};
+use crate::sampler::{FlowMatchEuler, NoiseStream, Rng};
 use crate::tensor::DType;
 use crate::text::{encode_prompts, open_encoder, TextPaths, Truncation};
 use crate::tokenize::CLIP_TOKENS;
@@ -49,7 +49,7 @@ pub mod defaults {
     /// T5 tokens (diffusers' `max_sequence_length`).
     pub const MAX_T5_TOKENS: usize = 256;
     /// img2img strength.
-    pub const STRENGTH: f32 = 0.6;
+    pub const STRENGTH: f64 = 0.6;
     /// Skip-layer guidance scale (diffusers' SD3 pipeline).
     pub const SLG_SCALE: f32 = 2.8;
     /// Skip-layer guidance start, as a fraction of the steps.
@@ -116,6 +116,19 @@ impl Default for PipelineOptions {
     }
 }
 
+/// Which latents of an img2img init image the noise is mixed into.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InitMode {
+    /// A sample of the encoder's latent distribution, drawn from the seed's
+    /// generator before the noise (diffusers' StableDiffusion3Img2ImgPipeline;
+    /// with `--rng torch` the same latents from the same seed).
+    #[default]
+    Sample,
+    /// The distribution's mean: the image's latents without the encoder's
+    /// own randomness.
+    Mean,
+}
+
 /// One generation.
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
@@ -144,7 +157,9 @@ pub struct GenerateRequest {
     /// img2img source image.
     pub init_image: Option<PathBuf>,
     /// img2img strength (1 = all noise).
-    pub strength: f32,
+    pub strength: f64,
+    /// img2img: which latents of the init image the noise is mixed into.
+    pub init_mode: InitMode,
     /// Initial noise [batch, 16, h/8, w/8] instead of the seeded noise.
     pub init_latents: Option<Latents>,
     /// Time the first MMDiT step per op.
@@ -177,6 +192,7 @@ impl GenerateRequest {
             batch: 1,
             init_image: None,
             strength: defaults::STRENGTH,
+            init_mode: InitMode::Sample,
             init_latents: None,
             profile: false,
             slg_layers: Vec::new(),
@@ -420,7 +436,7 @@ impl Pipeline {
                 "--shift must be a number in (0, {MAX_SHIFT}], got {shift}"
             )));
         }
-        check_range("--strength", req.strength as f64, 0.0, 1.0)?;
+        check_range("--strength", req.strength, 0.0, 1.0)?;
         check_range(
             "--slg-scale",
             req.slg_scale as f64,
@@ -596,9 +612,14 @@ impl Pipeline {
         let c = &self.mmdit.config;
         let (b, (lh, lw)) = (req.batch, prepared.latent);
         let n = b * c.in_channels * lh * lw;
+        // One generator, drawn from in diffusers' order: the init image's
+        // latent sample, then the noise.
+        let mut stream = NoiseStream::new(req.rng, req.seed);
+        let image_eps = (prepared.init_image.is_some() && req.init_mode == InitMode::Sample)
+            .then(|| stream.next(c.in_channels * lh * lw));
         let mut latents = match &req.init_latents {
             Some(l) => l.data.clone(),
-            None => noise(req.rng, req.seed, n),
+            None => stream.next(n),
         };
         let do_cfg = settings.cfg > 1.0;
         let mut prompts = Vec::new();
@@ -622,17 +643,20 @@ impl Pipeline {
         let mut start = 0;
         if let Some(img) = &prepared.init_image {
             let vae = self.vae(&mut loaded)?;
-            let enc = VaeRun::encoder(gpu, vae, 1, settings.height, settings.width)?;
-            let mut image_latents = enc.run(gpu, img)?;
-            if image_latents.iter().any(|v| !v.is_finite()) && vae.activation != DType::F32 {
+            let enc = VaeRun::encoder_moments(gpu, vae, 1, settings.height, settings.width)?;
+            let mut moments = enc.run(gpu, img)?;
+            if moments.iter().any(|v| !v.is_finite()) && vae.activation != DType::F32 {
                 // f16 overflowed inside the encoder: encode again in f32.
                 let f32_vae = Vae {
                     activation: DType::F32,
                     ..vae.clone()
                 };
-                image_latents = VaeRun::encoder(gpu, &f32_vae, 1, settings.height, settings.width)?
-                    .run(gpu, img)?;
+                moments =
+                    VaeRun::encoder_moments(gpu, &f32_vae, 1, settings.height, settings.width)?
+                        .run(gpu, img)?;
             }
+            let image_latents =
+                latents_from_moments(&vae.config, &moments, 1, image_eps.as_deref())?;
             start = schedule.start_for_strength(req.strength);
             let sigma = schedule.sigmas[start];
             let per = image_latents.len();
@@ -880,7 +904,17 @@ pub fn image_metadata(
         a1111_value(&model_name),
         a1111_value(&version)
     ));
-    vec![
+    let init = req.init_image.as_ref().map(|p| {
+        let mode = format!("{:?}", req.init_mode).to_lowercase();
+        (p.display().to_string(), mode)
+    });
+    if let Some((_, mode)) = &init {
+        parameters.push_str(&format!(
+            ", Denoising strength: {}, Init mode: {mode}",
+            req.strength
+        ));
+    }
+    let mut entries = vec![
         ("parameters", parameters),
         ("Software", version),
         ("prompt", req.prompt.clone()),
@@ -892,5 +926,11 @@ pub fn image_metadata(
         ("shift", s.shift.to_string()),
         ("model", model.display().to_string()),
         ("size", format!("{}x{}", s.width, s.height)),
-    ]
+    ];
+    if let Some((image, mode)) = init {
+        entries.push(("init_image", image));
+        entries.push(("strength", req.strength.to_string()));
+        entries.push(("init_mode", mode));
+    }
+    entries
 }

@@ -49,10 +49,11 @@ impl FlowMatchEuler {
 
     /// The tail of the schedule an img2img run of `strength` uses (as
     /// diffusers' `get_timesteps`): the index of its first step.
-    pub fn start_for_strength(&self, strength: f32) -> usize {
-        let n = self.timesteps.len();
-        let init = ((n as f32) * strength).min(n as f32);
-        (n as f32 - init).max(0.0) as usize
+    pub fn start_for_strength(&self, strength: f64) -> usize {
+        // diffusers' get_timesteps, in Python's f64:
+        // t_start = int(max(n - min(n · strength, n), 0)).
+        let n = self.timesteps.len() as f64;
+        (n - (n * strength).min(n)).max(0.0) as usize
     }
 
     /// One Euler step in place: x ← x + (sigma_next − sigma) · v (the CPU
@@ -88,17 +89,40 @@ pub enum Rng {
 
 /// Standard normal noise of `n` values from `seed`.
 pub fn noise(rng: Rng, seed: u64, n: usize) -> Vec<f32> {
-    match rng {
-        Rng::Native => native_normal(seed, n),
-        Rng::Torch => crate::torch_rng::randn(seed, n),
+    NoiseStream::new(rng, seed).next(n)
+}
+
+/// Successive draws from one seeded generator (img2img takes the image
+/// latents' sample, then the noise, from one stream, as diffusers does).
+pub enum NoiseStream {
+    /// This engine's generator: a SplitMix64 counter.
+    Native(u64),
+    /// torch's CPU generator.
+    Torch(Box<crate::torch_rng::TorchGenerator>),
+}
+
+impl NoiseStream {
+    /// The stream of `rng` seeded with `seed`.
+    pub fn new(rng: Rng, seed: u64) -> NoiseStream {
+        match rng {
+            Rng::Native => NoiseStream::Native(seed ^ 0x5DEE_CE66_D1CE_4E5B),
+            Rng::Torch => NoiseStream::Torch(Box::new(crate::torch_rng::TorchGenerator::new(seed))),
+        }
+    }
+
+    /// The next `n` standard normal values.
+    pub fn next(&mut self, n: usize) -> Vec<f32> {
+        match self {
+            NoiseStream::Native(state) => native_normal(state, n),
+            NoiseStream::Torch(g) => g.randn(n),
+        }
     }
 }
 
-fn native_normal(seed: u64, n: usize) -> Vec<f32> {
-    let mut state = seed ^ 0x5DEE_CE66_D1CE_4E5B;
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
+fn native_normal(state: &mut u64, n: usize) -> Vec<f32> {
+    let mut next = || {
+        *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = *state;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)

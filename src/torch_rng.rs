@@ -67,38 +67,63 @@ fn box_muller_16(d: &mut [f32]) {
     }
 }
 
+/// torch's CPU generator (`torch.Generator().manual_seed(seed)`): successive
+/// [`TorchGenerator::randn`] calls continue its stream as successive
+/// `torch.randn(..., generator=g)` calls do (diffusers' img2img draws the
+/// image latents' sample, then the noise, from one generator).
+pub struct TorchGenerator {
+    mt: Mt19937,
+    /// The second Box–Muller value of the scalar path, kept for the next draw.
+    cached: Option<f64>,
+}
+
+impl TorchGenerator {
+    /// A generator seeded like `torch.Generator().manual_seed(seed)`.
+    pub fn new(seed: u64) -> TorchGenerator {
+        TorchGenerator {
+            mt: Mt19937::new(seed),
+            cached: None,
+        }
+    }
+
+    /// `torch.randn(n, generator=self)`.
+    pub fn randn(&mut self, n: usize) -> Vec<f32> {
+        let g = &mut self.mt;
+        if n >= 16 {
+            let mut d: Vec<f32> = (0..n).map(|_| g.uniform_f32()).collect();
+            let mut i = 0;
+            while i + 16 <= n {
+                box_muller_16(&mut d[i..i + 16]);
+                i += 16;
+            }
+            if !n.is_multiple_of(16) {
+                let tail = &mut d[n - 16..];
+                for v in tail.iter_mut() {
+                    *v = g.uniform_f32();
+                }
+                box_muller_16(tail);
+            }
+            d
+        } else {
+            let cached = &mut self.cached;
+            (0..n)
+                .map(|_| {
+                    if let Some(v) = cached.take() {
+                        return v as f32;
+                    }
+                    let u1 = g.uniform_f64();
+                    let u2 = g.uniform_f64();
+                    let r = (-2.0 * (1.0 - u2).ln()).sqrt();
+                    let theta = 2.0 * std::f64::consts::PI * u1;
+                    *cached = Some(r * theta.sin());
+                    (r * theta.cos()) as f32
+                })
+                .collect()
+        }
+    }
+}
+
 /// `n` standard normal values as torch's CPU generator seeded with `seed` gives them.
 pub fn randn(seed: u64, n: usize) -> Vec<f32> {
-    let mut g = Mt19937::new(seed);
-    if n >= 16 {
-        let mut d: Vec<f32> = (0..n).map(|_| g.uniform_f32()).collect();
-        let mut i = 0;
-        while i + 16 <= n {
-            box_muller_16(&mut d[i..i + 16]);
-            i += 16;
-        }
-        if !n.is_multiple_of(16) {
-            let tail = &mut d[n - 16..];
-            for v in tail.iter_mut() {
-                *v = g.uniform_f32();
-            }
-            box_muller_16(tail);
-        }
-        d
-    } else {
-        let mut cached: Option<f64> = None;
-        (0..n)
-            .map(|_| {
-                if let Some(v) = cached.take() {
-                    return v as f32;
-                }
-                let u1 = g.uniform_f64();
-                let u2 = g.uniform_f64();
-                let r = (-2.0 * (1.0 - u2).ln()).sqrt();
-                let theta = 2.0 * std::f64::consts::PI * u1;
-                cached = Some(r * theta.sin());
-                (r * theta.cos()) as f32
-            })
-            .collect()
-    }
+    TorchGenerator::new(seed).randn(n)
 }

@@ -480,7 +480,7 @@ fn bad_requests_fail_in_check_before_any_weights_load() {
         (Box::new(|r| r.shift = Some(0.0)), "--shift"),
         (Box::new(|r| r.shift = Some(f64::NAN)), "--shift"),
         (Box::new(|r| r.shift = Some(-3.0)), "--shift"),
-        (Box::new(|r| r.strength = f32::NAN), "--strength"),
+        (Box::new(|r| r.strength = f64::NAN), "--strength"),
         (Box::new(|r| r.slg_scale = f32::NAN), "--slg-scale"),
         (Box::new(|r| r.slg_start = 2.0), "--slg-start"),
         (

@@ -573,9 +573,70 @@ def make_rng():
     save_file(out, os.path.join(ROOT, "rng.safetensors"))
 
 
+IMG2IMG_CASES = [
+    # (name, seed, strength, images per prompt)
+    ("s0.6", 7, 0.6, 1),
+    ("s0.3_batch2", 11, 0.3, 2),
+]
+
+
+def make_img2img():
+    """StableDiffusion3Img2ImgPipeline on the sd35m pipeline fixture: the init
+    image's latents sampled from the generator, then the noise, f32.
+
+    Writes pipeline/init.png (20x12) and pipeline/sd35m/img2img_io.safetensors
+    (final latents per case; seeds and strengths in IMG2IMG_CASES, mirrored in
+    tests/pipeline.rs). Run alone with `tools/make_fixtures.py img2img`: it
+    reads the fixtures the other steps wrote and changes none of them.
+    """
+    import numpy as np
+    from PIL import Image
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Img2ImgPipeline
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+    text = os.path.join(ROOT, "text")
+    base = os.path.join(ROOT, "pipeline")
+    f32 = dict(torch_dtype=torch.float32)
+    h, w = 12, 20
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([(xx * 255 // (w - 1)), (yy * 255 // (h - 1)), ((xx * 37 + yy * 91) % 256)], axis=-1)
+    init = Image.fromarray(rgb.astype("uint8"), "RGB")
+    init_path = os.path.join(base, "init.png")
+    init.save(init_path)
+    init = Image.open(init_path).convert("RGB")
+    folder = os.path.join(base, "sd35m")
+    pipe = StableDiffusion3Img2ImgPipeline(
+        transformer=SD3Transformer2DModel.from_pretrained(os.path.join(folder, "transformer"), **f32),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(os.path.join(folder, "scheduler")),
+        text_encoder=CLIPTextModelWithProjection.from_pretrained(os.path.join(text, "text_encoder"), **f32),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(os.path.join(text, "text_encoder_2"), **f32),
+        text_encoder_3=T5EncoderModel.from_pretrained(os.path.join(text, "text_encoder_3"), **f32),
+        tokenizer=CLIPTokenizer.from_pretrained(os.path.join(text, "tokenizer")),
+        tokenizer_2=CLIPTokenizer.from_pretrained(os.path.join(text, "tokenizer_2")),
+        tokenizer_3=T5Tokenizer.from_pretrained(os.path.join(text, "tokenizer_3")),
+        vae=AutoencoderKL.from_pretrained(os.path.join(ROOT, "vae", "vae"), **f32),
+    )
+    io = {}
+    for name, seed, strength, per_prompt in IMG2IMG_CASES:
+        with torch.no_grad():
+            out = pipe(prompt=PIPE_PROMPT, negative_prompt=PIPE_NEGATIVE, image=init, strength=strength,
+                       num_inference_steps=4, guidance_scale=5.0, height=h, width=w, max_sequence_length=32,
+                       num_images_per_prompt=per_prompt, generator=torch.Generator().manual_seed(seed),
+                       output_type="latent").images
+        assert torch.isfinite(out).all()
+        io[f"{name}.latents"] = out
+    save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(folder, "img2img_io.safetensors"))
+    print("img2img cases", [c[0] for c in IMG2IMG_CASES])
+
+
 if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] == ["img2img"]:
+        make_img2img()
+        sys.exit()
     main()
     make_vae()
     make_text()
     make_pipelines()
     make_rng()
+    make_img2img()

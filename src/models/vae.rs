@@ -453,6 +453,23 @@ impl Vae {
     /// Records encoding: image [b, 3, H, W] in [-1, 1] → latents [b, 16, H/s, W/s]
     /// as the sampler uses them ((mean − shift) · scale).
     pub fn encode(&self, g: &mut Graph, image: Value) -> Result<Value> {
+        let c = &self.config;
+        let moments = self.encode_moments(g, image)?;
+        g.with_activation(self.activation, |g| {
+            let mean = layout::slice(g, moments, 1, 0, c.latent_channels)?;
+            elementwise::affine(
+                g,
+                mean,
+                c.scaling_factor,
+                -c.shift_factor * c.scaling_factor,
+            )
+        })
+    }
+
+    /// Records the encoder up to its latent distribution: image [b, 3, H, W]
+    /// → moments [b, 2·16, H/s, W/s], the mean's channels then the log
+    /// variance's (see [`latents_from_moments`]).
+    pub fn encode_moments(&self, g: &mut Graph, image: Value) -> Result<Value> {
         g.with_activation(self.activation, |g| self.encode_inner(g, image))
     }
 
@@ -494,18 +511,54 @@ impl Vae {
                 })?;
             }
             x = g.scoped("mid_block", |g| e.mid_block.forward(g, x, groups))?;
-            let moments = g.scoped("conv_out", |g| {
+            g.scoped("conv_out", |g| {
                 e.conv_out.norm_conv3(g, x, &e.conv_norm_out, groups, true)
-            })?;
-            let mean = layout::slice(g, moments, 1, 0, c.latent_channels)?;
-            elementwise::affine(
-                g,
-                mean,
-                c.scaling_factor,
-                -c.shift_factor * c.scaling_factor,
-            )
+            })
         })
     }
+}
+
+/// The latents an encoder's moments [batch, 2·c, h, w] give as the sampler uses
+/// them, (z − shift) · scale: z = the mean, or with `eps` (standard normal
+/// values, one per latent value, [b, c, h, w]) a sample of the distribution,
+/// mean + exp(logvar / 2) · eps with the log variance clamped to [−30, 20]
+/// (diffusers' `DiagonalGaussianDistribution`).
+pub fn latents_from_moments(
+    config: &VaeConfig,
+    moments: &[f32],
+    batch: usize,
+    eps: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    let c = config.latent_channels;
+    let per_pixel = 2 * c * batch;
+    if per_pixel == 0 || !moments.len().is_multiple_of(per_pixel) {
+        return Err(Error::Graph(format!(
+            "moments of {} values do not split into {batch} images of 2·{c} channels",
+            moments.len()
+        )));
+    }
+    let plane = moments.len() / per_pixel;
+    let n = moments.len() / 2;
+    if let Some(e) = eps {
+        if e.len() != n {
+            return Err(Error::Graph(format!(
+                "{} noise values for {n} latent values",
+                e.len()
+            )));
+        }
+    }
+    let mut out = Vec::with_capacity(n);
+    for (bi, m) in moments.chunks(2 * c * plane).enumerate() {
+        let (mean, logvar) = m.split_at(c * plane);
+        for (i, (&mu, &lv)) in mean.iter().zip(logvar).enumerate() {
+            let z = match eps {
+                Some(e) => mu + (0.5 * lv.clamp(-30.0, 20.0)).exp() * e[bi * c * plane + i],
+                None => mu,
+            };
+            out.push((z - config.shift_factor) * config.scaling_factor);
+        }
+    }
+    Ok(out)
 }
 
 /// A planned decode (or encode) for one input shape.
@@ -539,6 +592,24 @@ impl VaeRun {
             DType::F32,
         );
         let output = vae.encode(&mut g, input)?;
+        Self::finish(gpu, g, input, output)
+    }
+
+    /// Plans the encoder up to its moments (see [`Vae::encode_moments`]).
+    pub fn encoder_moments(
+        gpu: &Gpu,
+        vae: &Vae,
+        batch: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<VaeRun> {
+        let mut g = Graph::new(gpu.target());
+        let input = g.input(
+            "image",
+            &[batch, vae.config.image_channels, h, w],
+            DType::F32,
+        );
+        let output = vae.encode_moments(&mut g, input)?;
         Self::finish(gpu, g, input, output)
     }
 
@@ -743,4 +814,48 @@ pub fn to_u8(x: f32) -> u8 {
 /// u8 → the encoder's [-1, 1] input, as diffusers' preprocess computes it.
 pub fn from_u8(v: u8) -> f32 {
     (v as f32 / 255.0) * 2.0 - 1.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latents_from_moments_samples_clamps_and_checks_sizes() {
+        let config = VaeConfig {
+            latent_channels: 2,
+            image_channels: 3,
+            block_out_channels: vec![4],
+            layers_per_block: 1,
+            norm_groups: 1,
+            scaling_factor: 2.0,
+            shift_factor: 0.5,
+            has_encoder: true,
+        };
+        // Batch 2, 2 channels, 1 pixel: [mean0, mean1, logvar0, logvar1] each.
+        let moments = [1.0, 2.0, 0.0, 100.0, -1.0, 0.0, -100.0, 2.0];
+        let mean = latents_from_moments(&config, &moments, 2, None).unwrap();
+        assert_eq!(mean, [1.0, 3.0, -3.0, -1.0]);
+        let eps = [1.0, 1.0, 1.0, -1.0];
+        let z = latents_from_moments(&config, &moments, 2, Some(&eps)).unwrap();
+        // std = exp(logvar / 2), logvar clamped to [-30, 20].
+        let want = [
+            (1.0 + 1.0 - 0.5) * 2.0,
+            (2.0 + 10f32.exp() - 0.5) * 2.0,
+            (-1.0 + (-15f32).exp() - 0.5) * 2.0,
+            (0.0 - 1f32.exp() - 0.5) * 2.0,
+        ];
+        for (a, b) in z.iter().zip(want) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "{z:?} vs {want:?}"
+            );
+        }
+        assert!(latents_from_moments(&config, &moments, 2, Some(&eps[..3])).is_err());
+        assert!(latents_from_moments(&config, &moments[..7], 2, None).is_err());
+        assert!(latents_from_moments(&config, &moments, 0, None).is_err());
+        // One image of two pixels reads the same values differently.
+        let one = latents_from_moments(&config, &moments, 1, None).unwrap();
+        assert_eq!(one, [1.0, 3.0, -1.0, 199.0]);
+    }
 }
