@@ -411,6 +411,7 @@ pub fn run(gpu: &Gpu, o: &BenchOptions) -> Result<BenchReport> {
                 tokens,
                 guidance: o.cfg,
                 skip_layers: None,
+                inpaint: false,
             },
         )?;
         d.set_conditioning(gpu, &context, &pooled)?;

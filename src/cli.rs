@@ -187,6 +187,14 @@ pub struct GenerateArgs {
     /// diffusers does (`--rng torch` reproduces its latents), or take its `mean`.
     #[arg(long, value_enum, default_value_t = InitModeArg::Sample)]
     pub init_mode: InitModeArg,
+    /// Inpainting: repaint the white part of this mask (the init image's
+    /// size; grey is split at one half) and keep the rest of the init image.
+    #[arg(long, requires = "init_image")]
+    pub mask: Option<PathBuf>,
+    /// Inpainting: blur the mask with this Gaussian radius (pixels, as
+    /// diffusers' `mask_processor.blur`) before it is split at one half.
+    #[arg(long, default_value_t = 0.0)]
+    pub mask_blur: f32,
     /// Initial noise: safetensors with an f32 tensor `latents` [batch, 16, h/8, w/8].
     #[arg(long)]
     pub init_latents: Option<PathBuf>,
@@ -437,6 +445,8 @@ pub fn generate_request(a: &GenerateArgs) -> Result<GenerateRequest, Box<dyn std
     req.max_t5_tokens = a.max_t5_tokens;
     req.batch = a.batch;
     req.init_image = a.init_image.clone();
+    req.mask = a.mask.clone();
+    req.mask_blur = a.mask_blur;
     req.strength = a.strength;
     req.init_mode = match a.init_mode {
         InitModeArg::Sample => crate::pipeline::InitMode::Sample,
@@ -500,6 +510,7 @@ pub fn check_generate(
 ) -> Result<GenerateRequest, Box<dyn std::error::Error>> {
     let mut inputs = pipe.input_files();
     inputs.extend(a.init_image.clone());
+    inputs.extend(a.mask.clone());
     inputs.extend(a.init_latents.clone());
     check_outputs_apart(&generate_outputs(a), &inputs)?;
     let req = generate_request(a)?;

@@ -47,6 +47,9 @@ pub struct DenoiseOptions {
     pub guidance: f32,
     /// Skip-layer guidance (with classifier-free guidance only).
     pub skip_layers: Option<SkipLayers>,
+    /// Inpainting: after each step the known region is reset to the init
+    /// image's latents noised to the next sigma (see [`Denoiser::set_inpaint`]).
+    pub inpaint: bool,
 }
 
 struct SkipPass {
@@ -67,6 +70,7 @@ pub struct Denoiser {
     t_emb: Value,
     step: Value,
     skip_in: Option<Value>,
+    inpaint: Option<sampler::Inpaint>,
     skip: Option<SkipPass>,
     options: DenoiseOptions,
 }
@@ -89,11 +93,19 @@ impl Denoiser {
         let context = g.input("context", &[b2, o.tokens, c.context_dim], DType::F32);
         let pooled = g.input("pooled", &[b2, c.pooled_dim], DType::F32);
         let t_emb = g.input("t_emb", &[b2, TIMESTEP_DIM], DType::F32);
-        let step = g.input("step", &[2], DType::F32);
+        let step = g.input("step", &[3], DType::F32);
         let skip_in = o
             .skip_layers
             .is_some()
             .then(|| g.input("skip_velocity", &latent_shape, DType::F32));
+        let inpaint = o.inpaint.then(|| {
+            let mut known = vec![2];
+            known.extend_from_slice(&latent_shape);
+            sampler::Inpaint {
+                known: g.input("inpaint_known", &known, DType::F32),
+                mask: g.input("inpaint_mask", &[o.height, o.width], DType::F32),
+            }
+        });
         let x = if cfg {
             g.scoped("cfg", |g| layout::concat(g, latents, latents, 0))?
         } else {
@@ -101,7 +113,15 @@ impl Denoiser {
         };
         let v = model.forward(&mut g, x, context, pooled, t_emb)?;
         let out = g.scoped("sampler", |g| {
-            sampler::guided_euler(g, latents, v, step, skip_in, cfg.then_some(o.guidance))
+            sampler::guided_euler(
+                g,
+                latents,
+                v,
+                step,
+                skip_in,
+                cfg.then_some(o.guidance),
+                inpaint,
+            )
         })?;
         g.keep(out);
         g.feedback(out, latents)?;
@@ -138,6 +158,7 @@ impl Denoiser {
             t_emb,
             step,
             skip_in,
+            inpaint,
             skip,
             options: o.clone(),
         })
@@ -166,14 +187,45 @@ impl Denoiser {
         self.plan.write(gpu, self.latents, latents)
     }
 
-    /// One step at timestep `t` (sigma · 1000) with Euler increment `dt`;
-    /// `skip_weight` runs the skip-layer pass and weights it (skip-layer
-    /// guidance on this step). With `profile`, the main pass is timed per op.
+    /// Inpainting's fixed inputs: the init image's latents (one image's
+    /// worth, used for every batch entry), the run's noise [batch, c, h, w]
+    /// (the one the start was mixed from) and the latent mask [h, w] (1 =
+    /// paint, 0 = keep).
+    pub fn set_inpaint(
+        &self,
+        gpu: &Gpu,
+        image_latents: &[f32],
+        noise: &[f32],
+        mask: &[f32],
+    ) -> Result<()> {
+        let ip = self
+            .inpaint
+            .ok_or_else(|| Error::Graph("inpainting was not planned for this run".into()))?;
+        if image_latents.is_empty() || !noise.len().is_multiple_of(image_latents.len()) {
+            return Err(Error::Graph(format!(
+                "inpainting: {} noise values for {} image latents",
+                noise.len(),
+                image_latents.len()
+            )));
+        }
+        let mut known = Vec::with_capacity(2 * noise.len());
+        for _ in 0..noise.len() / image_latents.len() {
+            known.extend_from_slice(image_latents);
+        }
+        known.extend_from_slice(noise);
+        self.plan.write(gpu, ip.known, &known)?;
+        self.plan.write(gpu, ip.mask, mask)
+    }
+
+    /// One step at timestep `t` (sigma · 1000) with Euler increment `dt`
+    /// towards `sigma_next`; `skip_weight` runs the skip-layer pass and
+    /// weights it (skip-layer guidance on this step). With `profile`, the
+    /// main pass is timed per op.
     pub fn step(
         &self,
         gpu: &Gpu,
         t: f32,
-        dt: f32,
+        (dt, sigma_next): (f32, f32),
         skip_weight: Option<f32>,
         profile: bool,
     ) -> Result<Option<Profile>> {
@@ -221,7 +273,7 @@ impl Denoiser {
             }
             (None, _) => 0.0,
         };
-        self.plan.write(gpu, self.step, &[dt, w])?;
+        self.plan.write(gpu, self.step, &[dt, w, sigma_next])?;
         if profile {
             Ok(Some(self.plan.run_profiled(gpu)?))
         } else {
@@ -247,8 +299,15 @@ impl Denoiser {
                 let (fi, n) = (i as f32, steps as f32);
                 (fi > n * s.start && fi < n * s.stop).then_some(s.scale)
             });
-            let dt = schedule.sigmas[i + 1] - schedule.sigmas[i];
-            let p = self.step(gpu, schedule.timesteps[i], dt, skip_weight, profile(i))?;
+            let next = schedule.sigmas[i + 1];
+            let dt = next - schedule.sigmas[i];
+            let p = self.step(
+                gpu,
+                schedule.timesteps[i],
+                (dt, next),
+                skip_weight,
+                profile(i),
+            )?;
             each(i, p);
         }
         Ok(())

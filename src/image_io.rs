@@ -149,14 +149,17 @@ pub fn png_text(path: &Path) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-/// Loads an image for the encoder: RGB, centre-cropped so that both sides are
-/// multiples of `multiple` (16 for SD3), as [1, 3, h, w] values in [-1, 1].
-pub fn load_image(path: &Path, multiple: usize) -> Result<(Vec<f32>, usize, usize)> {
+/// Reads an image file as 8-bit RGB (alpha dropped, palettes expanded).
+fn read_rgb(path: &Path) -> Result<image::RgbImage> {
     let bytes = crate::files::read_bounded(path, crate::files::MAX_IMAGE_BYTES)?;
-    let img = image::load_from_memory(&bytes)
+    Ok(image::load_from_memory(&bytes)
         .map_err(|e| io_error(path, "cannot read the image", e))?
-        .to_rgb8();
-    let (w0, h0) = (img.width() as usize, img.height() as usize);
+        .to_rgb8())
+}
+
+/// The centred crop of a `w0`×`h0` image whose sides are multiples of
+/// `multiple`: (x0, y0, w, h).
+fn centre_crop(path: &Path, w0: usize, h0: usize, multiple: usize) -> Result<[usize; 4]> {
     let (w, h) = (w0 / multiple * multiple, h0 / multiple * multiple);
     if w == 0 || h == 0 {
         return Err(Error::Io(format!(
@@ -164,7 +167,15 @@ pub fn load_image(path: &Path, multiple: usize) -> Result<(Vec<f32>, usize, usiz
             path.display()
         )));
     }
-    let (x0, y0) = ((w0 - w) / 2, (h0 - h) / 2);
+    Ok([(w0 - w) / 2, (h0 - h) / 2, w, h])
+}
+
+/// Loads an image for the encoder: RGB, centre-cropped so that both sides are
+/// multiples of `multiple` (16 for SD3), as [1, 3, h, w] values in [-1, 1].
+pub fn load_image(path: &Path, multiple: usize) -> Result<(Vec<f32>, usize, usize)> {
+    let img = read_rgb(path)?;
+    let (w0, h0) = (img.width() as usize, img.height() as usize);
+    let [x0, y0, w, h] = centre_crop(path, w0, h0, multiple)?;
     let mut out = vec![0f32; 3 * h * w];
     for y in 0..h {
         for x in 0..w {
@@ -175,4 +186,73 @@ pub fn load_image(path: &Path, multiple: usize) -> Result<(Vec<f32>, usize, usiz
         }
     }
     Ok((out, h, w))
+}
+
+/// The size of an image file (width, height), read from its header.
+pub fn image_size(path: &Path) -> Result<(usize, usize)> {
+    let bytes = crate::files::read_bounded(path, crate::files::MAX_IMAGE_BYTES)?;
+    let (w, h) = image::ImageReader::new(std::io::Cursor::new(&bytes))
+        .with_guessed_format()
+        .map_err(|e| io_error(path, "cannot read the image", e))?
+        .into_dimensions()
+        .map_err(|e| io_error(path, "cannot read the image", e))?;
+    Ok((w as usize, h as usize))
+}
+
+/// Pillow's `convert("L")` of an RGB pixel: ITU-R 601 weights in 16-bit
+/// fixed point, rounded.
+fn pil_grey(p: &image::Rgb<u8>) -> u8 {
+    let [r, g, b] = p.0.map(u32::from);
+    ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16) as u8
+}
+
+/// An inpainting mask on the latent grid: [lh, lw] values, 1 where the model
+/// paints (white in the file), 0 where the init image is kept.
+///
+/// As StableDiffusion3InpaintPipeline prepares it: the file is made grey as
+/// Pillow's `convert("L")` does, blurred with Pillow's Gaussian blur of radius
+/// `blur` when `blur > 0` (diffusers' `mask_processor.blur`), cropped like the
+/// init image, binarised at one half and sampled nearest onto the latent grid
+/// (`interpolate(mode="nearest")`: pixel ⌊i · s⌋ for latent pixel i, `s` the
+/// VAE's scale). The mask must have the init image's size, `image` (w, h).
+pub fn load_mask(
+    path: &Path,
+    multiple: usize,
+    vae_scale: usize,
+    image: (usize, usize),
+    blur: f32,
+) -> Result<(Vec<f32>, usize, usize)> {
+    let img = read_rgb(path)?;
+    let (w0, h0) = (img.width() as usize, img.height() as usize);
+    if (w0, h0) != image {
+        return Err(Error::Io(format!(
+            "{}: the mask is {w0}×{h0}, but the init image is {}×{}; they must be the same size",
+            path.display(),
+            image.0,
+            image.1
+        )));
+    }
+    let grey: Vec<u8> = img.pixels().map(pil_grey).collect();
+    let grey = if blur > 0.0 {
+        crate::blur::gaussian_blur_l8(&grey, w0, h0, blur)
+    } else {
+        grey
+    };
+    let [x0, y0, w, h] = centre_crop(path, w0, h0, multiple)?;
+    if vae_scale == 0 || !w.is_multiple_of(vae_scale) || !h.is_multiple_of(vae_scale) {
+        return Err(Error::Io(format!(
+            "{}: {w}×{h} does not divide into latent pixels of {vae_scale}",
+            path.display()
+        )));
+    }
+    let (lh, lw) = (h / vae_scale, w / vae_scale);
+    let mut out = Vec::with_capacity(lh * lw);
+    for y in 0..lh {
+        for x in 0..lw {
+            let v = grey[(y0 + y * vae_scale) * w0 + x0 + x * vae_scale];
+            // v / 255 ≥ 0.5 in f32, as diffusers binarises.
+            out.push(if v >= 128 { 1.0 } else { 0.0 });
+        }
+    }
+    Ok((out, lh, lw))
 }

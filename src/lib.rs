@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod bench_arch;
+pub mod blur;
 pub mod cli;
 pub mod decode;
 pub mod denoise;

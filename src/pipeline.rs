@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::gpu::profile::Profile;
 use crate::gpu::{Gpu, GpuOptions};
 use crate::graph::Graph;
-use crate::image_io::{load_image, to_rgb8};
+use crate::image_io::{image_size, load_image, load_mask, to_rgb8};
 use crate::models::clip::{Clip, ClipConfig};
 use crate::models::mmdit::{Mmdit, TIMESTEP_DIM};
 use crate::models::t5::{T5Config, T5};
@@ -28,7 +28,7 @@ use crate::text::{encode_prompts, open_encoder, TextPaths, Truncation};
 use crate::tokenize::CLIP_TOKENS;
 use crate::weights::mmdit::{MmditConfig, MmditSource};
 use crate::weights::text::TextSource;
-use crate::weights::vae::VaeSource;
+use crate::weights::vae::{VaeSource, LATENT_CHANNELS};
 use crate::weights::{config_f64, ShapeOnlyWeights, WeightsError};
 
 /// Most denoising steps a request may ask for.
@@ -41,6 +41,8 @@ pub const MAX_T5_TOKENS: usize = 512;
 pub const MAX_GUIDANCE: f32 = 100.0;
 /// Largest time shift accepted.
 pub const MAX_SHIFT: f64 = 100.0;
+/// Largest mask blur radius accepted (pixels).
+pub const MAX_MASK_BLUR: f64 = 256.0;
 /// Longest prompt accepted, in bytes (the encoders keep 77 / 512 tokens).
 pub const MAX_PROMPT_BYTES: usize = 1 << 20;
 
@@ -160,6 +162,10 @@ pub struct GenerateRequest {
     pub strength: f64,
     /// img2img: which latents of the init image the noise is mixed into.
     pub init_mode: InitMode,
+    /// Inpainting mask (white = repaint), the init image's size.
+    pub mask: Option<PathBuf>,
+    /// Pillow Gaussian blur radius applied to the mask before it is binarised.
+    pub mask_blur: f32,
     /// Initial noise [batch, 16, h/8, w/8] instead of the seeded noise.
     pub init_latents: Option<Latents>,
     /// Time the first MMDiT step per op.
@@ -193,6 +199,8 @@ impl GenerateRequest {
             init_image: None,
             strength: defaults::STRENGTH,
             init_mode: InitMode::Sample,
+            mask: None,
+            mask_blur: 0.0,
             init_latents: None,
             profile: false,
             slg_layers: Vec::new(),
@@ -270,6 +278,8 @@ struct Prepared {
     latent: (usize, usize),
     /// img2img source [1, 3, h, w].
     init_image: Option<Vec<f32>>,
+    /// Inpainting mask on the latent grid [h, w] (1 = paint).
+    mask: Option<Vec<f32>>,
 }
 
 /// Steps and guidance the model's authors recommend.
@@ -437,6 +447,18 @@ impl Pipeline {
             )));
         }
         check_range("--strength", req.strength, 0.0, 1.0)?;
+        check_range("--mask-blur", req.mask_blur as f64, 0.0, MAX_MASK_BLUR)?;
+        if req.mask.is_some() && req.init_image.is_none() {
+            return Err(invalid(
+                "--mask needs --init-image: the mask says which part of it to repaint".into(),
+            ));
+        }
+        if req.mask.is_some() && c.in_channels != LATENT_CHANNELS {
+            return Err(invalid(format!(
+                "inpainting needs a transformer with {LATENT_CHANNELS} input channels; this one has {}",
+                c.in_channels
+            )));
+        }
         check_range(
             "--slg-scale",
             req.slg_scale as f64,
@@ -511,6 +533,18 @@ impl Pipeline {
         }
         let vae_scale = scale / c.patch;
         let (lh, lw) = (height / vae_scale, width / vae_scale);
+        let mask = match (&req.mask, &req.init_image) {
+            (Some(m), Some(i)) => {
+                let (mask, mh, mw) = load_mask(m, scale, vae_scale, image_size(i)?, req.mask_blur)?;
+                if (mh, mw) != (lh, lw) {
+                    return Err(invalid(format!(
+                        "the mask covers {mw}×{mh} latent pixels; this request needs {lw}×{lh}"
+                    )));
+                }
+                Some(mask)
+            }
+            _ => None,
+        };
         let want = [req.batch, c.in_channels, lh, lw];
         if let Some(l) = &req.init_latents {
             if l.shape != want || l.data.len() != want.iter().product::<usize>() {
@@ -538,6 +572,7 @@ impl Pipeline {
             settings,
             latent: (lh, lw),
             init_image: init_image.map(|(img, _, _)| img),
+            mask,
         })
     }
 
@@ -621,6 +656,13 @@ impl Pipeline {
             Some(l) => l.data.clone(),
             None => stream.next(n),
         };
+        // Inpainting keeps the noise: the known region is re-noised from it
+        // after every step. (diffusers' StableDiffusion3InpaintPipeline then
+        // decodes without adding the VAE's shift factor back, unlike its
+        // text-to-image and img2img pipelines; the final latents are the same,
+        // and this decodes them as those do.)
+        let noise = prepared.mask.as_ref().map(|_| latents.clone());
+        let mut known = None;
         let do_cfg = settings.cfg > 1.0;
         let mut prompts = Vec::new();
         if do_cfg {
@@ -663,6 +705,7 @@ impl Pipeline {
             for (i, v) in latents.iter_mut().enumerate() {
                 *v = sigma * *v + (1.0 - sigma) * image_latents[i % per];
             }
+            known = Some(image_latents);
         }
         if loaded.mmdit.is_none() {
             loaded.mmdit = Some(Mmdit::load(gpu, &self.mmdit, self.options.dtype)?);
@@ -686,10 +729,14 @@ impl Pipeline {
                     tokens: emb.tokens,
                     guidance: settings.cfg,
                     skip_layers,
+                    inpaint: prepared.mask.is_some(),
                 },
             )?;
             d.set_conditioning(gpu, &emb.context, &emb.pooled)?;
             d.set_latents(gpu, &latents)?;
+            if let (Some(mask), Some(noise), Some(known)) = (&prepared.mask, &noise, &known) {
+                d.set_inpaint(gpu, known, noise, mask)?;
+            }
             let total = settings.steps - start;
             d.run(
                 gpu,
@@ -913,6 +960,9 @@ pub fn image_metadata(
             ", Denoising strength: {}, Init mode: {mode}",
             req.strength
         ));
+        if req.mask.is_some() {
+            parameters.push_str(&format!(", Mask blur: {}", req.mask_blur));
+        }
     }
     let mut entries = vec![
         ("parameters", parameters),
@@ -931,6 +981,10 @@ pub fn image_metadata(
         entries.push(("init_image", image));
         entries.push(("strength", req.strength.to_string()));
         entries.push(("init_mode", mode));
+        if let Some(m) = &req.mask {
+            entries.push(("mask", m.display().to_string()));
+            entries.push(("mask_blur", req.mask_blur.to_string()));
+        }
     }
     entries
 }

@@ -295,6 +295,71 @@ fn generate_writes_image_metadata_and_latents() {
     );
 }
 
+/// Inpainting from the command line: the mask and its blur reach the
+/// pipeline and the PNG's metadata, so the run can be repeated from it.
+#[test]
+fn generate_inpaints_and_records_the_mask() {
+    let model = common::pipeline_folder("sd35m");
+    let dir = temp_dir("inpaint");
+    let out = dir.join("inpainted.png");
+    let (init, mask) = (fixture("pipeline/init.png"), fixture("pipeline/mask.png"));
+    let (ok, _, err) = sd3(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+        "--steps",
+        "2",
+        "--cfg",
+        "1",
+        "--max-t5-tokens",
+        "16",
+        "--dtype",
+        "f32",
+        "--init-image",
+        &init,
+        "--mask",
+        &mask,
+        "--mask-blur",
+        "1.5",
+        "--strength",
+        "0.9",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let text = sd3_wgpu::image_io::png_text(&out).unwrap();
+    for (k, v) in [
+        ("init_image", init.as_str()),
+        ("mask", mask.as_str()),
+        ("mask_blur", "1.5"),
+        ("strength", "0.9"),
+    ] {
+        assert!(
+            text.iter().any(|(a, b)| a == k && b == v),
+            "{k}={v} missing from {text:?}"
+        );
+    }
+    let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(params.contains("Denoising strength: 0.9"), "{params}");
+    assert!(params.contains("Mask blur: 1.5"), "{params}");
+    // A mask without an init image is refused by the command line itself.
+    let (ok, _, err) = sd3(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+        "--mask",
+        &mask,
+        "--out",
+        dir.join("no.png").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("--init-image"), "{err}");
+    assert!(!dir.join("no.png").exists());
+}
+
 #[test]
 fn generate_bad_inputs_are_clear_and_write_nothing() {
     let model = common::pipeline_folder("sd3");

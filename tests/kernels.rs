@@ -1370,13 +1370,18 @@ mod cases {
     }
 
     /// The sampler's update against the CPU sampler (guide, skip-layer term,
-    /// Euler step) in f64: plain, guided, guided with skip layers.
+    /// Euler step, inpainting blend) in f64: plain, guided, guided with skip
+    /// layers, and each with the inpainting blend (a mask of 0, 1 and a
+    /// fraction, so that neither side of the blend can be dropped unseen).
     pub fn guided_euler_with_and_without_guidance(gpu: &Gpu) {
         let shape = [2, 3, 5, 7];
+        let hw = shape[2] * shape[3];
         let n: usize = shape.iter().product();
-        let (dt, w, scale) = (-0.137f32, 2.8f32, 4.5f32);
-        for (case, (guided, skip)) in [(false, false), (true, false), (true, true)]
+        let (dt, w, scale, sigma) = (-0.137f32, 2.8f32, 4.5f32, 0.61f32);
+        let cases = [(false, false), (true, false), (true, true)];
+        for (case, ((guided, skip), blend)) in cases
             .into_iter()
+            .flat_map(|c| [(c, false), (c, true)])
             .enumerate()
         {
             let seed = 900 + 10 * case as u64;
@@ -1384,6 +1389,8 @@ mod cases {
             let xd = rand(seed, n);
             let vd = rand(seed + 1, halves * n);
             let sd = rand(seed + 2, n);
+            let kd = rand(seed + 3, 2 * n);
+            let md: Vec<f32> = (0..hw).map(|i| [0.0, 1.0, 0.25][i % 3]).collect();
             let mut g = Graph::new(gpu.target());
             let at = g.act();
             let x = weight(gpu, &mut g, "x", &shape, DType::F32, &xd);
@@ -1391,9 +1398,14 @@ mod cases {
             vshape[0] *= halves;
             let v = act(gpu, &mut g, "v", &vshape, &vd);
             let vd = round_to(&vd, at);
-            let step = weight(gpu, &mut g, "step", &[2], DType::F32, &[dt, w]);
+            let step = weight(gpu, &mut g, "step", &[3], DType::F32, &[dt, w, sigma]);
             let s = skip.then(|| weight(gpu, &mut g, "skip", &shape, DType::F32, &sd));
-            let y = sampler::guided_euler(&mut g, x, v, step, s, guided.then_some(scale)).unwrap();
+            let ip = blend.then(|| sampler::Inpaint {
+                known: weight(gpu, &mut g, "known", &[2, 2, 3, 5, 7], DType::F32, &kd),
+                mask: weight(gpu, &mut g, "mask", &[5, 7], DType::F32, &md),
+            });
+            let y =
+                sampler::guided_euler(&mut g, x, v, step, s, guided.then_some(scale), ip).unwrap();
             g.keep(y);
             let got = &run(gpu, g, &[y])[0];
             let want: Vec<f64> = (0..n)
@@ -1407,11 +1419,18 @@ mod cases {
                             pred += (c - sd[i] as f64) * w as f64;
                         }
                     }
-                    xd[i] as f64 + dt as f64 * pred
+                    let out = xd[i] as f64 + dt as f64 * pred;
+                    if !blend {
+                        return out;
+                    }
+                    let s = sigma as f64;
+                    let proper = s * kd[n + i] as f64 + (1.0 - s) * kd[i] as f64;
+                    let m = md[i % hw] as f64;
+                    (1.0 - m) * proper + m * out
                 })
                 .collect();
             assert_close(
-                &format!("guided_euler guided={guided} skip={skip}"),
+                &format!("guided_euler guided={guided} skip={skip} inpaint={blend}"),
                 got,
                 &want,
                 tol(at),

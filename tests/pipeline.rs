@@ -300,3 +300,112 @@ fn img2img_reproduces_diffusers_from_the_seed() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Inpainting as StableDiffusion3InpaintPipeline does it (tools/make_fixtures.py
+/// INPAINT_CASES): the mask made grey, blurred (Pillow's Gaussian), binarised
+/// and sampled onto the latent grid; the known region reset to the init
+/// image's latents, noised to the next sigma, after every step.
+#[test]
+fn inpainting_reproduces_diffusers_from_the_seed() {
+    use sd3_wgpu::image_io::load_mask;
+    use sd3_wgpu::sampler::Rng;
+    let variant = "sd35m";
+    let dir = pipeline_folder(variant);
+    let io =
+        Checkpoint::open(&[fixtures().join(format!("pipeline/{variant}/inpaint_io.safetensors"))])
+            .unwrap();
+    let (init, mask) = (
+        fixtures().join("pipeline/init.png"),
+        fixtures().join("pipeline/mask.png"),
+    );
+    for blur in [0.0f32, 2.0] {
+        let (got, lh, lw) = load_mask(&mask, 4, 2, (20, 12), blur).unwrap();
+        assert_eq!((lh, lw), (6, 10));
+        let want = io.read_f32(&format!("mask.blur{blur}")).unwrap().1;
+        assert_eq!(got, want, "latent mask, blur {blur}");
+    }
+    let pipe = Pipeline::load(&dir, f32_options()).unwrap();
+    for (name, seed, strength, batch, cfg, blur, steps_run) in [
+        ("s1.0", 5, 1.0, 1, 5.0, 0.0, 4),
+        ("s0.7_batch2", 9, 0.7, 2, 5.0, 0.0, 3),
+        ("s0.8_blur2_nocfg", 3, 0.8, 1, 1.0, 2.0, 4),
+    ] {
+        let mut req = request();
+        req.init_image = Some(init.clone());
+        req.mask = Some(mask.clone());
+        req.mask_blur = blur;
+        req.strength = strength;
+        req.seed = seed;
+        req.cfg = Some(cfg);
+        req.rng = Rng::Torch;
+        req.batch = batch;
+        let mut steps = Vec::new();
+        let out = pipe.generate(&req, &mut |s, n| steps.push((s, n))).unwrap();
+        assert_eq!(steps.last(), Some(&(steps_run, steps_run)), "{name}");
+        let want: Vec<f64> = io
+            .read_f32(&format!("{name}.latents"))
+            .unwrap()
+            .1
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let e = common::rel_err(&out.latents, &want);
+        eprintln!("inpaint {name}: final latents rel err {e:.2e}");
+        assert!(e <= 1e-4, "inpaint {name}: relative error {e:.3e}");
+        // Without the mask the same request is img2img: a different result.
+        req.mask = None;
+        let plain = pipe.generate(&req, &mut |_, _| {}).unwrap();
+        let d = common::rel_err(&plain.latents, &want);
+        assert!(d > 1e-2, "inpaint {name}: img2img should differ ({d:.2e})");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Bad inpainting requests fail before any GPU work with messages that name
+/// the flag or the file and what was expected.
+#[test]
+fn inpainting_rejects_bad_masks() {
+    let variant = "sd35m";
+    let dir = pipeline_folder(variant);
+    let pipe = Pipeline::load(&dir, f32_options()).unwrap();
+    let tmp = common::temp_dir("inpaint_bad");
+    let other = tmp.join("other-size.png");
+    image::RgbImage::new(24, 12).save(&other).unwrap();
+    let not_image = tmp.join("mask.png");
+    std::fs::write(&not_image, b"not a png").unwrap();
+    let init = fixtures().join("pipeline/init.png");
+    let mask = fixtures().join("pipeline/mask.png");
+    let cases: Vec<(Option<PathBuf>, Option<PathBuf>, f32, &str)> = vec![
+        (None, Some(mask.clone()), 0.0, "--mask needs --init-image"),
+        (
+            Some(init.clone()),
+            Some(other.clone()),
+            0.0,
+            "the mask is 24×12, but the init image is 20×12",
+        ),
+        (Some(init.clone()), Some(not_image.clone()), 0.0, "mask.png"),
+        (
+            Some(init.clone()),
+            Some(tmp.join("missing.png")),
+            0.0,
+            "missing.png",
+        ),
+        (Some(init.clone()), Some(mask.clone()), -1.0, "--mask-blur"),
+        (
+            Some(init.clone()),
+            Some(mask.clone()),
+            f32::NAN,
+            "--mask-blur",
+        ),
+    ];
+    for (init, mask, blur, want) in cases {
+        let mut req = request();
+        req.init_image = init;
+        req.mask = mask;
+        req.mask_blur = blur;
+        let e = pipe.check(&req).unwrap_err().to_string();
+        assert!(e.contains(want), "{want:?} not in {e:?}");
+    }
+    let _ = std::fs::remove_dir_all(tmp);
+    let _ = std::fs::remove_dir_all(dir);
+}

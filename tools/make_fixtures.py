@@ -580,6 +580,27 @@ IMG2IMG_CASES = [
 ]
 
 
+def fixture_components():
+    """The sd35m pipeline fixture's components, f32, as keyword arguments."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+    text = os.path.join(ROOT, "text")
+    folder = os.path.join(ROOT, "pipeline", "sd35m")
+    f32 = dict(torch_dtype=torch.float32)
+    return dict(
+        transformer=SD3Transformer2DModel.from_pretrained(os.path.join(folder, "transformer"), **f32),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(os.path.join(folder, "scheduler")),
+        text_encoder=CLIPTextModelWithProjection.from_pretrained(os.path.join(text, "text_encoder"), **f32),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(os.path.join(text, "text_encoder_2"), **f32),
+        text_encoder_3=T5EncoderModel.from_pretrained(os.path.join(text, "text_encoder_3"), **f32),
+        tokenizer=CLIPTokenizer.from_pretrained(os.path.join(text, "tokenizer")),
+        tokenizer_2=CLIPTokenizer.from_pretrained(os.path.join(text, "tokenizer_2")),
+        tokenizer_3=T5Tokenizer.from_pretrained(os.path.join(text, "tokenizer_3")),
+        vae=AutoencoderKL.from_pretrained(os.path.join(ROOT, "vae", "vae"), **f32),
+    )
+
+
 def make_img2img():
     """StableDiffusion3Img2ImgPipeline on the sd35m pipeline fixture: the init
     image's latents sampled from the generator, then the noise, f32.
@@ -591,12 +612,9 @@ def make_img2img():
     """
     import numpy as np
     from PIL import Image
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Img2ImgPipeline
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+    from diffusers import StableDiffusion3Img2ImgPipeline
 
-    text = os.path.join(ROOT, "text")
     base = os.path.join(ROOT, "pipeline")
-    f32 = dict(torch_dtype=torch.float32)
     h, w = 12, 20
     yy, xx = np.mgrid[0:h, 0:w]
     rgb = np.stack([(xx * 255 // (w - 1)), (yy * 255 // (h - 1)), ((xx * 37 + yy * 91) % 256)], axis=-1)
@@ -604,18 +622,7 @@ def make_img2img():
     init_path = os.path.join(base, "init.png")
     init.save(init_path)
     init = Image.open(init_path).convert("RGB")
-    folder = os.path.join(base, "sd35m")
-    pipe = StableDiffusion3Img2ImgPipeline(
-        transformer=SD3Transformer2DModel.from_pretrained(os.path.join(folder, "transformer"), **f32),
-        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(os.path.join(folder, "scheduler")),
-        text_encoder=CLIPTextModelWithProjection.from_pretrained(os.path.join(text, "text_encoder"), **f32),
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(os.path.join(text, "text_encoder_2"), **f32),
-        text_encoder_3=T5EncoderModel.from_pretrained(os.path.join(text, "text_encoder_3"), **f32),
-        tokenizer=CLIPTokenizer.from_pretrained(os.path.join(text, "tokenizer")),
-        tokenizer_2=CLIPTokenizer.from_pretrained(os.path.join(text, "tokenizer_2")),
-        tokenizer_3=T5Tokenizer.from_pretrained(os.path.join(text, "tokenizer_3")),
-        vae=AutoencoderKL.from_pretrained(os.path.join(ROOT, "vae", "vae"), **f32),
-    )
+    pipe = StableDiffusion3Img2ImgPipeline(**fixture_components())
     io = {}
     for name, seed, strength, per_prompt in IMG2IMG_CASES:
         with torch.no_grad():
@@ -625,8 +632,92 @@ def make_img2img():
                        output_type="latent").images
         assert torch.isfinite(out).all()
         io[f"{name}.latents"] = out
-    save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(folder, "img2img_io.safetensors"))
+    save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(base, "sd35m", "img2img_io.safetensors"))
     print("img2img cases", [c[0] for c in IMG2IMG_CASES])
+
+
+INPAINT_CASES = [
+    # (name, seed, strength, images per prompt, guidance, mask blur radius)
+    ("s1.0", 5, 1.0, 1, 5.0, 0),
+    ("s0.7_batch2", 9, 0.7, 2, 5.0, 0),
+    ("s0.8_blur2_nocfg", 3, 0.8, 1, 1.0, 2),
+]
+
+
+def make_inpaint():
+    """StableDiffusion3InpaintPipeline on the sd35m pipeline fixture, f32:
+    init.png with pipeline/mask.png (20x12: a white rectangle, a one-pixel
+    diagonal and a grey ramp across the threshold). The mask blur goes
+    through `mask_processor.blur` (Pillow's GaussianBlur) before the call, as
+    diffusers' documentation does it. Writes pipeline/mask.png and
+    pipeline/sd35m/inpaint_io.safetensors (final latents per case, the
+    binarised latent mask per blur radius). Run alone with
+    `tools/make_fixtures.py inpaint`; it needs init.png from the img2img step.
+    """
+    import numpy as np
+    from PIL import Image
+    from diffusers import StableDiffusion3InpaintPipeline
+
+    base = os.path.join(ROOT, "pipeline")
+    h, w = 12, 20
+    m = np.zeros((h, w), dtype=np.uint8)
+    m[2:9, 11:18] = 255
+    for i in range(h):
+        m[i, i] = 255
+    m[10, :] = np.linspace(0, 255, w).astype(np.uint8)
+    mask_path = os.path.join(base, "mask.png")
+    Image.fromarray(m, "L").convert("RGB").save(mask_path)
+    init = Image.open(os.path.join(base, "init.png")).convert("RGB")
+    mask = Image.open(mask_path)
+    pipe = StableDiffusion3InpaintPipeline(**fixture_components())
+    io = {}
+    for name, seed, strength, per_prompt, cfg, blur in INPAINT_CASES:
+        mask_in = pipe.mask_processor.blur(mask, blur_factor=blur) if blur else mask
+        with torch.no_grad():
+            out = pipe(prompt=PIPE_PROMPT, negative_prompt=PIPE_NEGATIVE, image=init, mask_image=mask_in,
+                       strength=strength, num_inference_steps=4, guidance_scale=cfg, height=h, width=w,
+                       max_sequence_length=32, num_images_per_prompt=per_prompt,
+                       generator=torch.Generator().manual_seed(seed), output_type="latent").images
+        assert torch.isfinite(out).all()
+        io[f"{name}.latents"] = out
+        pre = pipe.mask_processor.preprocess(mask_in, height=h, width=w)
+        lat = torch.nn.functional.interpolate(pre, size=(h // pipe.vae_scale_factor, w // pipe.vae_scale_factor))
+        io[f"mask.blur{blur}"] = lat[0, 0].contiguous()
+    save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(base, "sd35m", "inpaint_io.safetensors"))
+    print("inpaint cases", [c[0] for c in INPAINT_CASES])
+
+
+BLUR_CASES = [
+    # (width, height, pattern, radii)
+    (1, 7, "noise", [0.5, 2]),
+    (5, 3, "noise", [1, 3.7]),
+    (37, 29, "noise", [0.25, 1.5, 4, 10]),
+    (37, 29, "blocks", [0.5, 2, 7.3, 40]),
+    (64, 16, "blocks", [33, 256]),
+]
+
+
+def make_blur():
+    """Pillow's GaussianBlur (what diffusers' mask_processor.blur calls) on
+    grey images: blur.safetensors with `{w}x{h}.{pattern}.in` and
+    `.r{radius}` (bytes as f32, [h, w])."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(77)
+    out = {}
+    for w, h, pattern, radii in BLUR_CASES:
+        if pattern == "noise":
+            src = rng.integers(0, 256, size=(h, w), dtype=np.uint8)
+        else:
+            cells = rng.integers(0, 2, size=(h // 3 + 1, w // 3 + 1)) * 255
+            src = np.kron(cells, np.ones((3, 3)))[:h, :w].astype(np.uint8)
+        img = Image.fromarray(src, "L")
+        out[f"{w}x{h}.{pattern}.in"] = torch.from_numpy(src.astype(np.float32))
+        for r in radii:
+            dst = np.asarray(img.filter(ImageFilter.GaussianBlur(r)))
+            out[f"{w}x{h}.{pattern}.r{r}"] = torch.from_numpy(dst.astype(np.float32))
+    save_file(out, os.path.join(ROOT, "blur.safetensors"))
 
 
 if __name__ == "__main__":
@@ -634,9 +725,15 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["img2img"]:
         make_img2img()
         sys.exit()
+    if sys.argv[1:] == ["inpaint"]:
+        make_blur()
+        make_inpaint()
+        sys.exit()
     main()
     make_vae()
     make_text()
     make_pipelines()
     make_rng()
     make_img2img()
+    make_blur()
+    make_inpaint()
