@@ -144,6 +144,10 @@ pub struct GenerateArgs {
     /// Folder with tokenizer/, tokenizer_2/, tokenizer_3/ (needed for single files).
     #[arg(long)]
     pub tokenizers: Option<PathBuf>,
+    /// A distilled turbo model: 4 steps and no CFG unless --steps/--cfg say
+    /// otherwise (SD3.5 large turbo is recognised from its name without it).
+    #[arg(long)]
+    pub turbo: bool,
     /// The prompt.
     #[arg(long)]
     pub prompt: String,
@@ -487,6 +491,7 @@ pub fn pipeline_options(cli: &Cli, a: &GenerateArgs) -> PipelineOptions {
         dtype: a.dtype.dtype(),
         vae_tile: a.vae_tile,
         vae_budget: a.vae_budget_mib.map(mib),
+        turbo: a.turbo.then_some(true),
         ..PipelineOptions::default()
     }
 }
@@ -526,6 +531,9 @@ fn generate(cli: &Cli, a: &GenerateArgs) -> Result<(), Box<dyn std::error::Error
     }
     let pipe = Pipeline::load(&a.model, pipeline_options(cli, a))?;
     let req = check_generate(&pipe, a)?;
+    if pipe.is_turbo() && (a.steps.is_none() || a.cfg.is_none()) {
+        eprintln!("note: a turbo model: 4 steps and no CFG unless --steps/--cfg say otherwise");
+    }
     let tty = std::io::stderr().is_terminal();
     let t0 = Instant::now();
     let out = pipe.generate(&req, &mut |step, total| {

@@ -98,6 +98,9 @@ pub struct PipelineOptions {
     pub tile_overlap: usize,
     /// Tile the VAE when a full decode needs more bytes than this.
     pub vae_budget: Option<u64>,
+    /// A distilled turbo model (few steps, no CFG): `None` recognises SD3.5
+    /// large turbo from the model's name (see [`turbo_name_hint`]).
+    pub turbo: Option<bool>,
 }
 
 impl Default for PipelineOptions {
@@ -114,6 +117,7 @@ impl Default for PipelineOptions {
             vae_tile: None,
             tile_overlap: defaults::TILE_OVERLAP,
             vae_budget: None,
+            turbo: None,
         }
     }
 }
@@ -260,6 +264,7 @@ pub struct Pipeline {
     text: TextPaths,
     encoders: EncoderConfigs,
     default_shift: f64,
+    turbo: bool,
     options: PipelineOptions,
     loaded: Mutex<Loaded>,
 }
@@ -282,13 +287,40 @@ struct Prepared {
     mask: Option<Vec<f32>>,
 }
 
-/// Steps and guidance the model's authors recommend.
-pub fn default_steps_cfg(c: &MmditConfig) -> (usize, f32) {
+/// Steps and guidance the model's authors recommend; a turbo model (SD3.5
+/// large turbo: Stability's card says 4 steps, guidance 0) runs 4 steps
+/// without classifier-free guidance.
+pub fn default_steps_cfg(c: &MmditConfig, turbo: bool) -> (usize, f32) {
+    if turbo {
+        return (4, 1.0);
+    }
     match c.variant_name().as_str() {
         "SD3.5 medium" => (40, 4.5),
         "SD3.5 large" => (28, 3.5),
         _ => (28, 7.0),
     }
+}
+
+/// Whether a model's name says it is a turbo model: the file's or folder's
+/// name, or for a Hugging Face cache snapshot (`models--org--name/snapshots/
+/// <hash>`) the repository's, contains "turbo" (any case). SD3.5 large turbo
+/// has SD3.5 large's architecture and configs to the byte, so the name is
+/// all there is to go by.
+pub fn turbo_name_hint(path: &Path) -> bool {
+    let name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().to_lowercase())
+            .unwrap_or_default()
+    };
+    let mut names = vec![name(path)];
+    let parent = path.parent();
+    if let Some(repo) = parent
+        .filter(|p| name(p) == "snapshots")
+        .and_then(|p| p.parent())
+    {
+        names.push(name(repo));
+    }
+    names.iter().any(|n| n.contains("turbo"))
 }
 
 fn invalid(msg: String) -> Error {
@@ -350,6 +382,11 @@ impl Pipeline {
             f16_activations: options.dtype == DType::F16,
             ..options.gpu.clone()
         })?;
+        let turbo = options.turbo.unwrap_or_else(|| {
+            // SD3.5 large's kind of MMDiT: qk-norm, no dual attention.
+            let c = &mmdit.config;
+            turbo_name_hint(path) && c.qk_norm && c.dual_attention_layers.is_empty()
+        });
         Ok(Pipeline {
             gpu,
             mmdit,
@@ -357,6 +394,7 @@ impl Pipeline {
             text,
             encoders,
             default_shift: shift,
+            turbo,
             options,
             loaded: Mutex::new(Loaded::default()),
         })
@@ -365,6 +403,11 @@ impl Pipeline {
     /// The detected transformer.
     pub fn config(&self) -> &MmditConfig {
         &self.mmdit.config
+    }
+
+    /// Whether the model runs with turbo defaults (4 steps, no CFG).
+    pub fn is_turbo(&self) -> bool {
+        self.turbo
     }
 
     /// Where the text encoders come from.
@@ -419,7 +462,7 @@ impl Pipeline {
                 )));
             }
         }
-        let (steps, cfg) = default_steps_cfg(c);
+        let (steps, cfg) = default_steps_cfg(c, self.turbo);
         let steps = req.steps.unwrap_or(steps);
         if !(1..=MAX_STEPS).contains(&steps) {
             return Err(invalid(format!(

@@ -409,3 +409,68 @@ fn inpainting_rejects_bad_masks() {
     let _ = std::fs::remove_dir_all(tmp);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// SD3.5 large turbo has large's architecture and configs, so it is known by
+/// its name (or `turbo: Some(true)`): 4 steps without CFG unless asked.
+#[test]
+fn turbo_defaults_from_the_name_or_the_option() {
+    use sd3_wgpu::pipeline::turbo_name_hint;
+    use std::path::Path;
+    for (path, want) in [
+        ("/m/sd3.5_large_turbo.safetensors", true),
+        ("/m/stable-diffusion-3.5-large-TURBO", true),
+        (
+            "/c/hub/models--stabilityai--stable-diffusion-3.5-large-turbo/snapshots/ec07796",
+            true,
+        ),
+        (
+            "/c/hub/models--stabilityai--stable-diffusion-3.5-large/snapshots/ec07796",
+            false,
+        ),
+        ("/home/turbo/sd3.5_large.safetensors", false),
+        ("/m/stable-diffusion-3.5-large", false),
+    ] {
+        assert_eq!(turbo_name_hint(Path::new(path)), want, "{path}");
+    }
+    let large = pipeline_folder("sd35l");
+    let turbo = large.with_file_name(format!(
+        "{}-turbo",
+        large.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::rename(&large, &turbo).unwrap();
+    let pipe = Pipeline::load(&turbo, f32_options()).unwrap();
+    assert!(pipe.is_turbo());
+    let mut req = request();
+    (req.steps, req.cfg) = (None, None);
+    let mut steps = Vec::new();
+    let out = pipe.generate(&req, &mut |s, n| steps.push((s, n))).unwrap();
+    assert_eq!((out.settings.steps, out.settings.cfg), (4, 1.0));
+    assert_eq!(steps.last(), Some(&(4, 4)));
+    // Explicit settings win.
+    req.steps = Some(2);
+    req.cfg = Some(3.0);
+    let out = pipe.generate(&req, &mut |_, _| {}).unwrap();
+    assert_eq!((out.settings.steps, out.settings.cfg), (2, 3.0));
+    // Off by the option; a medium model named turbo is not taken for large turbo.
+    let off = PipelineOptions {
+        turbo: Some(false),
+        ..f32_options()
+    };
+    assert!(!Pipeline::load(&turbo, off).unwrap().is_turbo());
+    let medium = pipeline_folder("sd35m");
+    let medium_turbo = medium.with_file_name(format!(
+        "{}-turbo",
+        medium.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::rename(&medium, &medium_turbo).unwrap();
+    assert!(!Pipeline::load(&medium_turbo, f32_options())
+        .unwrap()
+        .is_turbo());
+    let on = PipelineOptions {
+        turbo: Some(true),
+        ..f32_options()
+    };
+    assert!(Pipeline::load(&medium_turbo, on).unwrap().is_turbo());
+    let _ = std::fs::remove_dir_all(turbo);
+    let _ = std::fs::remove_dir_all(medium_turbo);
+}
