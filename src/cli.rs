@@ -144,6 +144,11 @@ pub struct GenerateArgs {
     /// Folder with tokenizer/, tokenizer_2/, tokenizer_3/ (needed for single files).
     #[arg(long)]
     pub tokenizers: Option<PathBuf>,
+    /// A LoRA to merge, FILE or FILE:STRENGTH (default 1); repeat for several.
+    /// diffusers/PEFT, kohya and Stability/ComfyUI layouts, for the MMDiT and
+    /// the text encoders.
+    #[arg(long = "lora", value_name = "FILE[:STRENGTH]", value_parser = parse_lora)]
+    pub loras: Vec<crate::lora::LoraSpec>,
     /// A distilled turbo model: 4 steps and no CFG unless --steps/--cfg say
     /// otherwise (SD3.5 large turbo is recognised from its name without it).
     #[arg(long)]
@@ -474,6 +479,10 @@ pub fn generate_request(a: &GenerateArgs) -> Result<GenerateRequest, Box<dyn std
     Ok(req)
 }
 
+fn parse_lora(s: &str) -> Result<crate::lora::LoraSpec, String> {
+    crate::lora::LoraSpec::parse(s).map_err(|e| e.to_string())
+}
+
 /// MiB from a flag as bytes (saturating: a huge value means "no limit").
 fn mib(m: u64) -> u64 {
     m.saturating_mul(1 << 20)
@@ -492,6 +501,7 @@ pub fn pipeline_options(cli: &Cli, a: &GenerateArgs) -> PipelineOptions {
         vae_tile: a.vae_tile,
         vae_budget: a.vae_budget_mib.map(mib),
         turbo: a.turbo.then_some(true),
+        loras: a.loras.clone(),
         ..PipelineOptions::default()
     }
 }
@@ -531,6 +541,26 @@ fn generate(cli: &Cli, a: &GenerateArgs) -> Result<(), Box<dyn std::error::Error
     }
     let pipe = Pipeline::load(&a.model, pipeline_options(cli, a))?;
     let req = check_generate(&pipe, a)?;
+    for l in pipe.loras() {
+        let parts: Vec<String> = l
+            .modules
+            .iter()
+            .map(|(c, n)| format!("{n} modules of {}", c.name()))
+            .collect();
+        eprintln!(
+            "LoRA {} × {}: {}",
+            l.path.display(),
+            l.strength,
+            parts.join(", ")
+        );
+        if l.skipped_t5 > 0 {
+            eprintln!(
+                "note: {} T5 modules of {} left out: this run has no T5",
+                l.skipped_t5,
+                l.path.display()
+            );
+        }
+    }
     if pipe.is_turbo() && (a.steps.is_none() || a.cfg.is_none()) {
         eprintln!("note: a turbo model: 4 steps and no CFG unless --steps/--cfg say otherwise");
     }
@@ -553,7 +583,7 @@ fn generate(cli: &Cli, a: &GenerateArgs) -> Result<(), Box<dyn std::error::Error
         );
     }
     let s = &out.settings;
-    let text = image_metadata(&req, s, &a.model);
+    let text = image_metadata(&req, s, &a.model, pipe.loras());
     for (i, img) in out.images.iter().enumerate() {
         let p = numbered(&a.out, i, out.images.len());
         for w in crate::image_io::save_png(&p, img, s.width, s.height, &text)? {

@@ -16,6 +16,7 @@ pub mod files;
 pub mod gpu;
 pub mod graph;
 pub mod image_io;
+pub mod lora;
 pub mod models;
 pub mod ops;
 pub mod pipeline;

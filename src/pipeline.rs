@@ -17,6 +17,7 @@ use crate::gpu::profile::Profile;
 use crate::gpu::{Gpu, GpuOptions};
 use crate::graph::Graph;
 use crate::image_io::{image_size, load_image, load_mask, to_rgb8};
+use crate::lora::{Architectures, Component, LoraSpec, LoraSummary, Loras};
 use crate::models::clip::{Clip, ClipConfig};
 use crate::models::mmdit::{Mmdit, TIMESTEP_DIM};
 use crate::models::t5::{T5Config, T5};
@@ -24,7 +25,7 @@ use crate::models::vae::{latents_from_moments, Vae, VaeRun};
 use crate::ops::elementwise::Act;
 use crate::sampler::{FlowMatchEuler, NoiseStream, Rng};
 use crate::tensor::DType;
-use crate::text::{encode_prompts, open_encoder, TextPaths, Truncation};
+use crate::text::{encode_prompts_with, open_encoder, TextPaths, Truncation};
 use crate::tokenize::CLIP_TOKENS;
 use crate::weights::mmdit::{MmditConfig, MmditSource};
 use crate::weights::text::TextSource;
@@ -101,6 +102,8 @@ pub struct PipelineOptions {
     /// A distilled turbo model (few steps, no CFG): `None` recognises SD3.5
     /// large turbo from the model's name (see [`turbo_name_hint`]).
     pub turbo: Option<bool>,
+    /// LoRAs merged into the weights at load, in order.
+    pub loras: Vec<LoraSpec>,
 }
 
 impl Default for PipelineOptions {
@@ -118,6 +121,7 @@ impl Default for PipelineOptions {
             tile_overlap: defaults::TILE_OVERLAP,
             vae_budget: None,
             turbo: None,
+            loras: Vec::new(),
         }
     }
 }
@@ -265,6 +269,7 @@ pub struct Pipeline {
     encoders: EncoderConfigs,
     default_shift: f64,
     turbo: bool,
+    loras: Loras,
     options: PipelineOptions,
     loaded: Mutex<Loaded>,
 }
@@ -382,6 +387,17 @@ impl Pipeline {
             f16_activations: options.dtype == DType::F16,
             ..options.gpu.clone()
         })?;
+        let loras = Loras::load(
+            &gpu,
+            &options.loras,
+            &Architectures {
+                mmdit: &mmdit.config,
+                clip_l: &encoders.clip_l,
+                clip_g: &encoders.clip_g,
+                t5: encoders.t5.as_ref(),
+            },
+            options.dtype,
+        )?;
         let turbo = options.turbo.unwrap_or_else(|| {
             // SD3.5 large's kind of MMDiT: qk-norm, no dual attention.
             let c = &mmdit.config;
@@ -395,6 +411,7 @@ impl Pipeline {
             encoders,
             default_shift: shift,
             turbo,
+            loras,
             options,
             loaded: Mutex::new(Loaded::default()),
         })
@@ -403,6 +420,11 @@ impl Pipeline {
     /// The detected transformer.
     pub fn config(&self) -> &MmditConfig {
         &self.mmdit.config
+    }
+
+    /// The LoRAs merged into the weights (files, strengths, hashes).
+    pub fn loras(&self) -> &[LoraSummary] {
+        &self.loras.summary
     }
 
     /// Whether the model runs with turbo defaults (4 steps, no CFG).
@@ -435,6 +457,7 @@ impl Pipeline {
         if self.mmdit.path.is_dir() {
             out.extend(crate::files::files_under(&self.mmdit.path, 2));
         }
+        out.extend(self.loras.summary.iter().map(|l| l.path.clone()));
         out.sort();
         out.dedup();
         out
@@ -712,13 +735,14 @@ impl Pipeline {
             prompts.extend(std::iter::repeat_n(req.negative_prompt.clone(), b));
         }
         prompts.extend(std::iter::repeat_n(req.prompt.clone(), b));
-        let emb = encode_prompts(
+        let emb = encode_prompts_with(
             gpu,
             &self.text,
             &prompts,
             req.max_t5_tokens,
             c.context_dim,
             self.options.dtype,
+            &self.loras,
         )?;
         let schedule = FlowMatchEuler::new(settings.steps, settings.shift);
         let mut loaded = self
@@ -751,7 +775,13 @@ impl Pipeline {
             known = Some(image_latents);
         }
         if loaded.mmdit.is_none() {
-            loaded.mmdit = Some(Mmdit::load(gpu, &self.mmdit, self.options.dtype)?);
+            let src = self.loras.provider(Component::Mmdit, &self.mmdit);
+            loaded.mmdit = Some(Mmdit::load_from(
+                gpu,
+                &self.mmdit.config,
+                &src,
+                self.options.dtype,
+            )?);
         }
         let mut profile = None;
         {
@@ -970,6 +1000,7 @@ pub fn image_metadata(
     req: &GenerateRequest,
     s: &Settings,
     model: &Path,
+    loras: &[LoraSummary],
 ) -> Vec<(&'static str, String)> {
     let version = format!("sd3-wgpu {}", env!("CARGO_PKG_VERSION"));
     let rng = format!("{:?}", req.rng).to_lowercase();
@@ -1007,6 +1038,23 @@ pub fn image_metadata(
             parameters.push_str(&format!(", Mask blur: {}", req.mask_blur));
         }
     }
+    let stem = |p: &Path| {
+        p.file_stem()
+            .unwrap_or(p.as_os_str())
+            .to_string_lossy()
+            .into_owned()
+    };
+    if !loras.is_empty() {
+        // A1111's form: short (12-digit) SHA-256 per LoRA name.
+        let hashes: Vec<String> = loras
+            .iter()
+            .map(|l| format!("{}: {}", stem(&l.path), &l.sha256[..l.sha256.len().min(12)]))
+            .collect();
+        parameters.push_str(&format!(
+            ", Lora hashes: {}",
+            a1111_value(&hashes.join(", "))
+        ));
+    }
     let mut entries = vec![
         ("parameters", parameters),
         ("Software", version),
@@ -1028,6 +1076,14 @@ pub fn image_metadata(
             entries.push(("mask", m.display().to_string()));
             entries.push(("mask_blur", req.mask_blur.to_string()));
         }
+    }
+    if !loras.is_empty() {
+        // One line per LoRA: `--lora` as given (file:strength), then its hash.
+        let lines: Vec<String> = loras
+            .iter()
+            .map(|l| format!("{}:{} sha256={}", l.path.display(), l.strength, l.sha256))
+            .collect();
+        entries.push(("loras", lines.join("\n")));
     }
     entries
 }

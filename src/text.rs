@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::lora::{Component, Loras};
 use crate::models::{clip, t5};
 use crate::ops::elementwise::Act;
 use crate::tensor::DType;
@@ -138,6 +139,20 @@ pub fn encode_prompts(
     width: usize,
     matrix: DType,
 ) -> Result<PromptEmbeddings> {
+    let none = Loras::default();
+    encode_prompts_with(gpu, paths, prompts, t5_tokens, width, matrix, &none)
+}
+
+/// [`encode_prompts`] with LoRA updates merged into the encoders' weights.
+pub fn encode_prompts_with(
+    gpu: &Gpu,
+    paths: &TextPaths,
+    prompts: &[String],
+    t5_tokens: usize,
+    width: usize,
+    matrix: DType,
+    loras: &Loras,
+) -> Result<PromptEmbeddings> {
     let batch = prompts.len();
     if batch == 0 {
         return Err(Error::Graph("no prompts to encode".into()));
@@ -146,18 +161,31 @@ pub fn encode_prompts(
     let mut run_clip = |weights: &Path,
                         tok_dir: &Path,
                         name: &'static str,
-                        act: Act|
+                        act: Act,
+                        component: Component|
      -> Result<(Vec<f32>, Vec<f32>, usize, usize)> {
         let tok = PromptTokenizer::clip(tok_dir)?;
         let ids = tokenize(&tok, name, prompts, &mut truncated)?;
-        let model = clip::Clip::load(gpu, &open_encoder(weights, name)?, matrix, act)?;
+        let src = open_encoder(weights, name)?;
+        let config = clip::detect(&src, act)?;
+        let model = clip::Clip::load_from(gpu, &config, &loras.provider(component, &src), matrix)?;
         let (seq, pooled) = clip::encode(gpu, &model, &ids)?;
         Ok((seq, pooled, model.config.hidden, model.config.projection))
     };
-    let (seq_l, pool_l, dl, pl) =
-        run_clip(&paths.clip_l, &paths.tokenizer_l, "clip_l", Act::QuickGelu)?;
-    let (seq_g, pool_g, dg, pg) =
-        run_clip(&paths.clip_g, &paths.tokenizer_g, "clip_g", Act::GeluErf)?;
+    let (seq_l, pool_l, dl, pl) = run_clip(
+        &paths.clip_l,
+        &paths.tokenizer_l,
+        "clip_l",
+        Act::QuickGelu,
+        Component::ClipL,
+    )?;
+    let (seq_g, pool_g, dg, pg) = run_clip(
+        &paths.clip_g,
+        &paths.tokenizer_g,
+        "clip_g",
+        Act::GeluErf,
+        Component::ClipG,
+    )?;
     if dl + dg > width {
         return Err(Error::Graph(format!(
             "CLIP widths {dl} + {dg} exceed the transformer's context width {width}: these encoders do not belong to this model"
@@ -167,7 +195,10 @@ pub fn encode_prompts(
         (Some(w), Some(tdir)) => {
             let tok = PromptTokenizer::t5(tdir, t5_tokens)?;
             let ids = tokenize(&tok, "t5", prompts, &mut truncated)?;
-            let model = t5::T5::load(gpu, &open_encoder(w, "t5xxl")?, matrix)?;
+            let src = open_encoder(w, "t5xxl")?;
+            let (config, shared) = t5::T5::detect(&src)?;
+            let provider = loras.provider(Component::T5, &src);
+            let model = t5::T5::load_from(gpu, &config, shared, &provider, matrix)?;
             if model.config.d_model != width {
                 return Err(Error::Graph(format!(
                     "T5 width {} differs from the transformer's context width {width}",

@@ -360,6 +360,50 @@ fn generate_inpaints_and_records_the_mask() {
     assert!(!dir.join("no.png").exists());
 }
 
+/// LoRAs from the command line (f16 weights: merged into packed f16 on the
+/// GPU), named with their strengths and hashes in the PNG.
+#[test]
+fn generate_with_loras_records_them() {
+    let model = common::pipeline_folder("sd35m");
+    let dir = temp_dir("lora");
+    let out = dir.join("lora.png");
+    let (kohya, comfy) = (
+        fixture("lora/kohya.safetensors"),
+        fixture("lora/comfy.safetensors"),
+    );
+    let (ok, _, err) = sd3(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+        "--steps",
+        "2",
+        "--max-t5-tokens",
+        "16",
+        "--width",
+        "20",
+        "--height",
+        "12",
+        "--lora",
+        &format!("{kohya}:0.7"),
+        "--lora",
+        &comfy,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("LoRA") && err.contains("modules of the MMDiT"), "{err}");
+    let text = sd3_wgpu::image_io::png_text(&out).unwrap();
+    let loras = &text.iter().find(|(k, _)| k == "loras").unwrap().1;
+    let lines: Vec<&str> = loras.lines().collect();
+    assert_eq!(lines.len(), 2, "{loras}");
+    assert!(lines[0].starts_with(&format!("{kohya}:0.7 sha256=")), "{loras}");
+    assert!(lines[1].starts_with(&format!("{comfy}:1 sha256=")), "{loras}");
+    let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(params.contains("Lora hashes: \"kohya: "), "{params}");
+}
+
 #[test]
 fn generate_bad_inputs_are_clear_and_write_nothing() {
     let model = common::pipeline_folder("sd3");

@@ -10,7 +10,7 @@ use sd3_wgpu::graph::Graph;
 use sd3_wgpu::ops::attention::{self, AttentionOptions, Heads};
 use sd3_wgpu::ops::elementwise::{self, Act};
 use sd3_wgpu::ops::norm::{self, ModChunk};
-use sd3_wgpu::ops::{conv, layout, linear, random, sampler, softmax};
+use sd3_wgpu::ops::{conv, layout, linear, lora, random, sampler, softmax};
 use sd3_wgpu::target::{GemmTile, KernelChoice};
 use sd3_wgpu::{DType, Gpu};
 
@@ -48,6 +48,7 @@ cases!(
     random_fill_f32_and_f16,
     residual_adaln_fused_and_composed,
     guided_euler_with_and_without_guidance,
+    lora_merge_f32_and_f16,
 );
 
 #[test]
@@ -1435,6 +1436,48 @@ mod cases {
                 &want,
                 tol(at),
             );
+        }
+    }
+
+    /// w + b · a for every storage pair (f32 / f16 in, f32 / f16 out), with
+    /// an odd column count so that packed f16 pairs straddle rows.
+    pub fn lora_merge_f32_and_f16(gpu: &Gpu) {
+        let (rows, cols, rank) = (37, 23, 5);
+        for (case, (win, wout)) in [DType::F32, DType::F16]
+            .into_iter()
+            .flat_map(|a| [(a, DType::F32), (a, DType::F16)])
+            .enumerate()
+        {
+            let seed = 950 + 10 * case as u64;
+            let wd = rand(seed, rows * cols);
+            let ad = rand(seed + 1, rank * cols);
+            let bd = rand(seed + 2, rows * rank);
+            let mut g = Graph::new(gpu.target());
+            let w = weight(gpu, &mut g, "w", &[rows, cols], win, &wd);
+            let a = weight(gpu, &mut g, "a", &[rank, cols], DType::F32, &ad);
+            let b = weight(gpu, &mut g, "b", &[rows, rank], DType::F32, &bd);
+            let y = lora::lora_merge(&mut g, w, a, b, wout).unwrap();
+            g.keep(y);
+            let got = &run(gpu, g, &[y])[0];
+            let wd = round_to(&wd, win);
+            let want: Vec<f64> = (0..rows * cols)
+                .map(|e| {
+                    let (o, j) = (e / cols, e % cols);
+                    let d: f64 = (0..rank)
+                        .map(|k| bd[o * rank + k] as f64 * ad[k * cols + j] as f64)
+                        .sum();
+                    wd[e] as f64 + d
+                })
+                .collect();
+            let want = if wout == DType::F16 {
+                want.iter()
+                    .map(|&v| half::f16::from_f64(v).to_f64())
+                    .collect()
+            } else {
+                want
+            };
+            let bound = if wout == DType::F16 { 1e-3 } else { 1e-6 };
+            assert_close(&format!("lora_merge {win:?} → {wout:?}"), got, &want, bound);
         }
     }
 }

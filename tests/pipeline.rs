@@ -474,3 +474,181 @@ fn turbo_defaults_from_the_name_or_the_option() {
     let _ = std::fs::remove_dir_all(turbo);
     let _ = std::fs::remove_dir_all(medium_turbo);
 }
+
+/// LoRAs in the diffusers/PEFT, kohya and Stability/ComfyUI layouts, merged
+/// on the GPU at load, against StableDiffusion3Pipeline with the same LoRAs
+/// fused (tools/make_fixtures.py LORA_CASES; kohya and ComfyUI files are
+/// converted to PEFT names there as ComfyUI applies them).
+#[test]
+fn loras_reproduce_diffusers_fuse_lora() {
+    use sd3_wgpu::lora::{Component, LoraSpec};
+    use sd3_wgpu::sampler::Rng;
+    let variant = "sd35m";
+    let dir = pipeline_folder(variant);
+    let io =
+        Checkpoint::open(&[fixtures().join(format!("pipeline/{variant}/lora_io.safetensors"))])
+            .unwrap();
+    let lora = |name: &str, strength: f32| LoraSpec {
+        path: fixtures().join(format!("lora/{name}.safetensors")),
+        strength,
+    };
+    let plain = Pipeline::load(&dir, f32_options()).unwrap();
+    for (case, seed, loras) in [
+        ("peft", 21, vec![lora("peft", 1.0)]),
+        (
+            "kohya_and_comfy",
+            22,
+            vec![lora("kohya", 0.7), lora("comfy", 1.3)],
+        ),
+    ] {
+        let pipe = Pipeline::load(
+            &dir,
+            PipelineOptions {
+                loras: loras.clone(),
+                ..f32_options()
+            },
+        )
+        .unwrap();
+        for (l, spec) in pipe.loras().iter().zip(&loras) {
+            assert_eq!((&l.path, l.strength), (&spec.path, spec.strength));
+            assert_eq!(l.sha256.len(), 64);
+            assert!(l.modules[&Component::Mmdit] > 0, "{case}: {l:?}");
+        }
+        let mut req = request();
+        req.seed = seed;
+        req.rng = Rng::Torch;
+        let out = pipe.generate(&req, &mut |_, _| {}).unwrap();
+        let want: Vec<f64> = io
+            .read_f32(&format!("{case}.latents"))
+            .unwrap()
+            .1
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let e = common::rel_err(&out.latents, &want);
+        eprintln!("lora {case}: final latents rel err {e:.2e}");
+        assert!(e <= 1e-4, "lora {case}: relative error {e:.3e}");
+        let without = plain.generate(&req, &mut |_, _| {}).unwrap();
+        let d = common::rel_err(&without.latents, &want);
+        assert!(d > 0.1, "lora {case}: the LoRA changes little ({d:.2e})");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Bad LoRAs are refused at load, before any weight is uploaded, with the
+/// file, the keys and what was expected; T5 updates are left out (and
+/// counted) when the run has no T5.
+#[test]
+fn bad_loras_are_clear_errors_at_load() {
+    use common::{reshape_entry, rewrite_safetensors, Entry};
+    use safetensors::Dtype;
+    use sd3_wgpu::lora::LoraSpec;
+    let dir = pipeline_folder("sd35m");
+    let tmp = common::temp_dir("lora_bad");
+    let comfy = fixtures().join("lora/comfy.safetensors");
+    let qkv_up = "diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_up.weight";
+    let edited = |name: &str, f: &dyn Fn(&mut Vec<Entry>)| -> PathBuf {
+        let p = tmp.join(name);
+        rewrite_safetensors(&comfy, &p, f);
+        p
+    };
+    let add = |l: &mut Vec<Entry>, name: &str| {
+        l.push((name.into(), Dtype::F32, vec![4, 4], vec![0; 64]));
+    };
+    let sdxl = edited("sdxl.safetensors", &|l| {
+        add(
+            l,
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight",
+        );
+        add(
+            l,
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",
+        );
+    });
+    let large = edited("large.safetensors", &|l| {
+        reshape_entry(l, qkv_up, &[3 * 2432, 4])
+    });
+    let loha = edited("loha.safetensors", &|l| {
+        add(
+            l,
+            "diffusion_model.joint_blocks.0.x_block.attn.proj.hada_w1_a",
+        )
+    });
+    let half = edited("half.safetensors", &|l| {
+        l.retain(|t| t.0 != qkv_up.replace("lora_up", "lora_down"))
+    });
+    let nan = edited("nan.safetensors", &|l| {
+        let t = l.iter_mut().find(|t| t.0 == qkv_up).unwrap();
+        t.3[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    });
+    let empty = edited("empty.safetensors", &|l| l.clear());
+    let text = tmp.join("text.safetensors");
+    std::fs::write(&text, b"hello").unwrap();
+    let cases: Vec<(PathBuf, &str)> = vec![
+        (sdxl, "match no module of this model"),
+        (
+            large,
+            "up has 7296 rows but joint_blocks.0.x_block.attn.qkv.weight of the MMDiT has 192",
+        ),
+        (loha, "is LoHa; only plain LoRA"),
+        (half, "has only one of its two matrices"),
+        (nan, "NaN"),
+        (empty, "holds no tensors"),
+        (text.clone(), "text.safetensors"),
+        (tmp.join("missing.safetensors"), "no such file"),
+    ];
+    for (path, want) in cases {
+        let opts = PipelineOptions {
+            loras: vec![LoraSpec {
+                path: path.clone(),
+                strength: 1.0,
+            }],
+            ..f32_options()
+        };
+        let e = Pipeline::load(&dir, opts)
+            .err()
+            .expect("refused")
+            .to_string();
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(e.contains(want) && e.contains(&file), "{want:?}: {e}");
+    }
+    // The keys that match nothing are named.
+    let opts = PipelineOptions {
+        loras: vec![LoraSpec::parse(tmp.join("sdxl.safetensors").to_str().unwrap()).unwrap()],
+        ..f32_options()
+    };
+    let e = Pipeline::load(&dir, opts).err().unwrap().to_string();
+    assert!(
+        e.contains("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"),
+        "{e}"
+    );
+    // FILE[:STRENGTH].
+    let p = LoraSpec::parse("a/b.safetensors:0.5").unwrap();
+    assert_eq!(
+        (p.path, p.strength),
+        (PathBuf::from("a/b.safetensors"), 0.5)
+    );
+    let p = LoraSpec::parse("C:\\loras\\b.safetensors").unwrap();
+    assert_eq!(p.path, PathBuf::from("C:\\loras\\b.safetensors"));
+    assert_eq!(p.strength, 1.0);
+    for bad in [
+        "b.safetensors:nan",
+        "b.safetensors:1e9",
+        "b.safetensors:inf",
+    ] {
+        assert!(LoraSpec::parse(bad).is_err(), "{bad}");
+    }
+    // Without T5 the kohya file's two T5 modules are left out, and said so.
+    let opts = PipelineOptions {
+        no_t5: true,
+        loras: vec![LoraSpec {
+            path: fixtures().join("lora/kohya.safetensors"),
+            strength: 1.0,
+        }],
+        ..f32_options()
+    };
+    let pipe = Pipeline::load(&dir, opts).unwrap();
+    assert_eq!(pipe.loras()[0].skipped_t5, 2);
+    let _ = std::fs::remove_dir_all(tmp);
+    let _ = std::fs::remove_dir_all(dir);
+}

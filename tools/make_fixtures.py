@@ -720,10 +720,233 @@ def make_blur():
     save_file(out, os.path.join(ROOT, "blur.safetensors"))
 
 
+LORA_RANK = 4
+
+
+def _lora_pair(gen, out_shape, in_shape, rank=LORA_RANK, dtype=torch.float32):
+    """Random (up, down) for a weight: up [out, r(, 1, 1)], down [r, in...],
+    rounded through `dtype` (what the file stores)."""
+    fan_in = 1
+    for d in in_shape:
+        fan_in *= d
+    down = torch.randn((rank, *in_shape), generator=gen) / fan_in ** 0.5
+    up = torch.randn((out_shape[0], rank, *([1] * len(in_shape[1:]))), generator=gen) * 0.15
+    return up.to(dtype), down.to(dtype)
+
+
+def _stability_modules(depth, dual):
+    """The Stability MMDiT modules of a tiny SD3.5-medium-like model with the
+    diffusers modules each maps to: (stability, [(diffusers, part, swap)])
+    where part i of 3 takes up's rows i·H..(i+1)·H (fused qkv)."""
+    mods = []
+    for i in range(depth):
+        last = i == depth - 1
+        b, d = f"joint_blocks.{i}", f"transformer_blocks.{i}"
+        mods.append((f"{b}.x_block.attn.qkv", [(f"{d}.attn.to_{x}", k, False) for k, x in enumerate("qkv")]))
+        mods.append((f"{b}.context_block.attn.qkv",
+                     [(f"{d}.attn.add_{x}_proj", k, False) for k, x in enumerate("qkv")]))
+        mods.append((f"{b}.x_block.attn.proj", [(f"{d}.attn.to_out.0", None, False)]))
+        mods.append((f"{b}.x_block.mlp.fc1", [(f"{d}.ff.net.0.proj", None, False)]))
+        mods.append((f"{b}.x_block.mlp.fc2", [(f"{d}.ff.net.2", None, False)]))
+        mods.append((f"{b}.x_block.adaLN_modulation.1", [(f"{d}.norm1.linear", None, False)]))
+        mods.append((f"{b}.context_block.adaLN_modulation.1", [(f"{d}.norm1_context.linear", None, last)]))
+        if not last:
+            mods.append((f"{b}.context_block.attn.proj", [(f"{d}.attn.to_add_out", None, False)]))
+            mods.append((f"{b}.context_block.mlp.fc1", [(f"{d}.ff_context.net.0.proj", None, False)]))
+            mods.append((f"{b}.context_block.mlp.fc2", [(f"{d}.ff_context.net.2", None, False)]))
+        if i in dual:
+            mods.append((f"{b}.x_block.attn2.qkv", [(f"{d}.attn2.to_{x}", k, False) for k, x in enumerate("qkv")]))
+            mods.append((f"{b}.x_block.attn2.proj", [(f"{d}.attn2.to_out.0", None, False)]))
+    mods += [
+        ("final_layer.adaLN_modulation.1", [("norm_out.linear", None, True)]),
+        ("final_layer.linear", [("proj_out", None, False)]),
+        ("context_embedder", [("context_embedder", None, False)]),
+        ("x_embedder.proj", [("pos_embed.proj", None, False)]),
+        ("t_embedder.mlp.0", [("time_text_embed.timestep_embedder.linear_1", None, False)]),
+        ("y_embedder.mlp.2", [("time_text_embed.text_embedder.linear_2", None, False)]),
+    ]
+    return mods
+
+
+LORA_CASES = [
+    # (name, seed, [(file, strength)])
+    ("peft", 21, [("peft", 1.0)]),
+    ("kohya_and_comfy", 22, [("kohya", 0.7), ("comfy", 1.3)]),
+]
+
+
+def make_lora():
+    """LoRAs in three layouts for the sd35m pipeline fixture, and
+    StableDiffusion3Pipeline's final latents with them fused (f32).
+
+    - lora/peft.safetensors: diffusers/PEFT names for the transformer (every
+      linear and the patch conv), CLIP-L and CLIP-G; alpha in the header's
+      lora_adapter_metadata (with an alpha_pattern entry), as diffusers saves.
+    - lora/kohya.safetensors: sd-scripts names (lora_unet_ on Stability
+      modules, fused qkv, per-module alpha, f16 matrices, one alpha of 0),
+      CLIP-L (lora_te1_) and T5 (lora_te3_).
+    - lora/comfy.safetensors: `diffusion_model.` + Stability names, lora_up /
+      lora_down and lora_A / lora_B, with alphas.
+
+    diffusers reads only PEFT names and no T5 LoRA, so the kohya and comfy
+    files are converted to PEFT names as ComfyUI applies them (fused qkv's up
+    rows split, (shift, scale) halves swapped, alpha / r folded into up) and
+    loaded with load_lora_weights; their T5 updates are added to T5's
+    weights directly. Then set_adapters(strengths), fuse_lora. Writes
+    pipeline/sd35m/lora_io.safetensors (final latents per LORA_CASES case).
+    """
+    import tempfile
+    from diffusers import StableDiffusion3Pipeline
+
+    base = os.path.join(ROOT, "pipeline")
+    out_dir = os.path.join(ROOT, "lora")
+    os.makedirs(out_dir, exist_ok=True)
+    comp = fixture_components()
+    t = comp["transformer"]
+    weights = dict(t.named_parameters())
+    te = {k: dict(comp[k].named_parameters()) for k in ("text_encoder", "text_encoder_2", "text_encoder_3")}
+    gen = torch.Generator().manual_seed(1234)
+
+    def shape_of(params, module):
+        w = params[module + ".weight"]
+        return tuple(w.shape[:1]), tuple(w.shape[1:])
+
+    # PEFT: every linear and the patch conv of the transformer, some CLIP modules.
+    peft, peft_targets = {}, {"transformer": [], "text_encoder": [], "text_encoder_2": []}
+    for n, mod in t.named_modules():
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            up, down = _lora_pair(gen, *shape_of(weights, n))
+            peft[f"transformer.{n}.lora_A.weight"] = down
+            peft[f"transformer.{n}.lora_B.weight"] = up.reshape(up.shape[0], LORA_RANK, *up.shape[2:])
+            peft_targets["transformer"].append(n)
+    for comp_name, mods, rank in (("text_encoder", ("q_proj", "out_proj", "fc1"), 4),
+                                  ("text_encoder_2", ("k_proj", "fc2"), 2)):
+        for layer in range(2):
+            for x in mods:
+                sub = "mlp" if x.startswith("fc") else "self_attn"
+                n = f"text_model.encoder.layers.{layer}.{sub}.{x}"
+                up, down = _lora_pair(gen, *shape_of(te[comp_name], n), rank=rank)
+                peft[f"{comp_name}.{n}.lora_A.weight"] = down
+                peft[f"{comp_name}.{n}.lora_B.weight"] = up
+                peft_targets[comp_name].append(n)
+    meta = {}
+    for comp_name, r, alpha in (("transformer", 4, 8), ("text_encoder", 4, 4), ("text_encoder_2", 2, 6)):
+        meta[f"{comp_name}.r"] = r
+        meta[f"{comp_name}.lora_alpha"] = alpha
+        meta[f"{comp_name}.target_modules"] = peft_targets[comp_name]
+    meta["transformer.alpha_pattern"] = {"transformer_blocks.1.attn.to_q": 2}
+    save_file({k: v.contiguous() for k, v in peft.items()}, os.path.join(out_dir, "peft.safetensors"),
+              metadata={"lora_adapter_metadata": json.dumps(meta), "format": "pt"})
+
+    # kohya: Stability modules with fused qkv, alphas, f16; CLIP-L and T5.
+    kohya, kohya_peft, t5_updates = {}, {}, []
+    stab = _stability_modules(2, dual=(0,))
+
+    def stab_shapes(mods):
+        rows = sum(shape_of(weights, d)[0][0] for d, part, _ in mods if part in (None, 0)) if mods[0][1] is None \
+            else 3 * shape_of(weights, mods[0][0])[0][0]
+        return (rows,), shape_of(weights, mods[0][0])[1]
+
+    def to_peft(dst, up, down, alpha, mods, prefix="transformer"):
+        rank = down.shape[0]
+        scale = (alpha if alpha else rank) / rank
+        up = up.float() * scale
+        for d, part, swap in mods:
+            u = up
+            if part is not None:
+                h = up.shape[0] // 3
+                u = up[part * h:(part + 1) * h]
+            if swap:
+                a, b = u.chunk(2, dim=0)
+                u = torch.cat([b, a], dim=0)
+            dst[f"{prefix}.{d}.lora_A.weight"] = down.float().clone()
+            dst[f"{prefix}.{d}.lora_B.weight"] = u.clone()
+
+    for k, (sname, mods) in enumerate(stab):
+        out_shape, in_shape = stab_shapes(mods)
+        up, down = _lora_pair(gen, out_shape, in_shape, dtype=torch.float16)
+        alpha = 0.0 if k == 3 else float(1 + k % 5)
+        key = "lora_unet_" + sname.replace(".", "_")
+        kohya[f"{key}.lora_up.weight"] = up
+        kohya[f"{key}.lora_down.weight"] = down
+        kohya[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.bfloat16 if k % 2 else torch.float32)
+        to_peft(kohya_peft, up, down, float(kohya[f"{key}.alpha"]), mods)
+    for n in ("text_model.encoder.layers.0.self_attn.v_proj", "text_model.encoder.layers.1.mlp.fc2"):
+        up, down = _lora_pair(gen, *shape_of(te["text_encoder"], n), dtype=torch.float16)
+        key = "lora_te1_" + n.replace(".", "_")
+        kohya[f"{key}.lora_up.weight"], kohya[f"{key}.lora_down.weight"] = up, down
+        kohya[f"{key}.alpha"] = torch.tensor(2.0)
+        to_peft(kohya_peft, up, down, 2.0, [(n, None, False)], prefix="text_encoder")
+    for n in ("encoder.block.0.layer.0.SelfAttention.k", "encoder.block.1.layer.1.DenseReluDense.wi_0"):
+        up, down = _lora_pair(gen, *shape_of(te["text_encoder_3"], n), dtype=torch.float16)
+        key = "lora_te3_" + n.replace(".", "_")
+        kohya[f"{key}.lora_up.weight"], kohya[f"{key}.lora_down.weight"] = up, down
+        kohya[f"{key}.alpha"] = torch.tensor(8.0)
+        t5_updates.append(("kohya", n, up.float() @ down.float() * (8.0 / LORA_RANK)))
+    save_file({k: v.contiguous() for k, v in kohya.items()}, os.path.join(out_dir, "kohya.safetensors"))
+
+    # Stability / ComfyUI names.
+    comfy, comfy_peft = {}, {}
+    for k, (sname, mods) in enumerate(stab[::3] + stab[-2:]):
+        out_shape, in_shape = stab_shapes(mods)
+        up, down = _lora_pair(gen, out_shape, in_shape)
+        up_s, down_s = (".lora_B.weight", ".lora_A.weight") if k % 2 else (".lora_up.weight", ".lora_down.weight")
+        comfy[f"diffusion_model.{sname}{up_s}"] = up
+        comfy[f"diffusion_model.{sname}{down_s}"] = down
+        comfy[f"diffusion_model.{sname}.alpha"] = torch.tensor(3.0)
+        to_peft(comfy_peft, up, down, 3.0, mods)
+    save_file({k: v.contiguous() for k, v in comfy.items()}, os.path.join(out_dir, "comfy.safetensors"))
+    converted = {"peft": None, "kohya": kohya_peft, "comfy": comfy_peft}
+
+    io = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for case, seed, files in LORA_CASES:
+            pipe = StableDiffusion3Pipeline(**fixture_components())
+            names = []
+            for f, strength in files:
+                path = os.path.join(out_dir, f"{f}.safetensors")
+                if converted[f] is not None:
+                    sd = converted[f]
+                    cmeta = {}
+                    for c in ("transformer", "text_encoder", "text_encoder_2"):
+                        mods = sorted({k[len(c) + 1:].split(".lora_")[0] for k in sd if k.startswith(c + ".")})
+                        if mods:
+                            cmeta.update({f"{c}.r": LORA_RANK, f"{c}.lora_alpha": LORA_RANK,
+                                          f"{c}.target_modules": mods})
+                    path = os.path.join(tmp, f"{f}_peft.safetensors")
+                    save_file(sd, path, metadata={"lora_adapter_metadata": json.dumps(cmeta), "format": "pt"})
+                pipe.load_lora_weights(path, adapter_name=f)
+                names.append(f)
+            pipe.set_adapters(names, adapter_weights=[s for _, s in files])
+            pipe.fuse_lora(components=["transformer", "text_encoder", "text_encoder_2"], lora_scale=1.0)
+            pipe.unload_lora_weights()
+            with torch.no_grad():
+                t5w = dict(pipe.text_encoder_3.named_parameters())
+                for f, strength in files:
+                    for src, n, delta in t5_updates:
+                        if src == f:
+                            t5w[n + ".weight"] += strength * delta
+                out = pipe(prompt=PIPE_PROMPT, negative_prompt=PIPE_NEGATIVE, num_inference_steps=4,
+                           guidance_scale=5.0, height=12, width=20, max_sequence_length=32,
+                           generator=torch.Generator().manual_seed(seed), output_type="latent").images
+            assert torch.isfinite(out).all()
+            io[f"{case}.latents"] = out
+            with torch.no_grad():
+                plain = StableDiffusion3Pipeline(**fixture_components())(
+                    prompt=PIPE_PROMPT, negative_prompt=PIPE_NEGATIVE, num_inference_steps=4, guidance_scale=5.0,
+                    height=12, width=20, max_sequence_length=32, generator=torch.Generator().manual_seed(seed),
+                    output_type="latent").images
+            print(case, "LoRA effect (relative):", float((out - plain).norm() / plain.norm()))
+    save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(base, "sd35m", "lora_io.safetensors"))
+
+
 if __name__ == "__main__":
     import sys
     if sys.argv[1:] == ["img2img"]:
         make_img2img()
+        sys.exit()
+    if sys.argv[1:] == ["lora"]:
+        make_lora()
         sys.exit()
     if sys.argv[1:] == ["inpaint"]:
         make_blur()
@@ -737,3 +960,4 @@ if __name__ == "__main__":
     make_img2img()
     make_blur()
     make_inpaint()
+    make_lora()

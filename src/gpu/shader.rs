@@ -65,6 +65,7 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/residual_norm.wgsl"),
     ),
     ("sampler.wgsl", include_str!("../../shaders/sampler.wgsl")),
+    ("lora.wgsl", include_str!("../../shaders/lora.wgsl")),
 ];
 
 /// The raw text of a shader file.

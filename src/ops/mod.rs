@@ -11,6 +11,7 @@ pub mod conv;
 pub mod elementwise;
 pub mod layout;
 pub mod linear;
+pub mod lora;
 pub mod norm;
 pub mod random;
 pub mod sampler;
@@ -35,6 +36,7 @@ pub fn all_kernels() -> Vec<&'static Kernel> {
     k.extend_from_slice(layout::KERNELS);
     k.extend_from_slice(random::KERNELS);
     k.extend_from_slice(sampler::KERNELS);
+    k.extend_from_slice(lora::KERNELS);
     k
 }
 

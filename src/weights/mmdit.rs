@@ -86,7 +86,7 @@ pub struct MmditSource {
 }
 
 /// The diffusers name of a canonical tensor, for a model of `depth` blocks.
-fn diffusers_recipe(canonical: &str, depth: usize) -> Recipe {
+pub(crate) fn diffusers_recipe(canonical: &str, depth: usize) -> Recipe {
     use Recipe::*;
     let (stem, param) = canonical.rsplit_once('.').unwrap_or((canonical, ""));
     let d = |s: &str| Direct(format!("{s}.{param}"));

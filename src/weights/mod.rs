@@ -107,6 +107,9 @@ pub struct Checkpoint {
     handles: Vec<std::fs::File>,
     /// Every tensor, by name.
     pub tensors: BTreeMap<String, TensorEntry>,
+    /// The headers' `__metadata__` string entries (the first file's value
+    /// where shards disagree).
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// Reads exactly `buf.len()` bytes at `offset`.
@@ -132,11 +135,7 @@ fn read_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result
 }
 
 /// Reads a safetensors file's header and parses it with [`parse_header`].
-fn read_header(
-    path: &Path,
-    file: &std::fs::File,
-    index: usize,
-) -> Result<Vec<(String, TensorEntry)>, WeightsError> {
+fn read_header(path: &Path, file: &std::fs::File, index: usize) -> Result<Header, WeightsError> {
     let len = file.metadata().map_err(|e| io_err(path, e))?.len();
     let mut n8 = [0u8; 8];
     if len >= 8 {
@@ -147,7 +146,13 @@ fn read_header(
     read_at(file, &mut header, 8).map_err(|e| io_err(path, e))?;
     let mut start = n8.to_vec();
     start.extend(header);
-    parse_header(path, &start, len, index)
+    parse_header_and_metadata(path, &start, len, index)
+}
+
+/// A parsed safetensors header.
+struct Header {
+    tensors: Vec<(String, TensorEntry)>,
+    metadata: BTreeMap<String, String>,
 }
 
 /// Parses a safetensors header — `start` holds the file's first bytes (the
@@ -161,6 +166,16 @@ pub fn parse_header(
     len: u64,
     index: usize,
 ) -> Result<Vec<(String, TensorEntry)>, WeightsError> {
+    parse_header_and_metadata(path, start, len, index).map(|h| h.tensors)
+}
+
+/// [`parse_header`], keeping the `__metadata__` strings too.
+fn parse_header_and_metadata(
+    path: &Path,
+    start: &[u8],
+    len: u64,
+    index: usize,
+) -> Result<Header, WeightsError> {
     let fmt_err = |msg: String| WeightsError::Format {
         path: path.to_path_buf(),
         msg,
@@ -185,8 +200,15 @@ pub fn parse_header(
     let base = 8 + n;
     let data_len = len - base;
     let mut out = Vec::with_capacity(map.len());
+    let mut metadata = BTreeMap::new();
     for (name, info) in map {
         if name == "__metadata__" {
+            // String entries only (the format's); others are ignored.
+            for (k, v) in info.as_object().into_iter().flatten() {
+                if let Some(v) = v.as_str() {
+                    metadata.insert(k.clone(), v.to_string());
+                }
+            }
             continue;
         }
         let bad = |what: &str| fmt_err(format!("tensor '{name}': {what}"));
@@ -234,7 +256,10 @@ pub fn parse_header(
             },
         ));
     }
-    Ok(out)
+    Ok(Header {
+        tensors: out,
+        metadata,
+    })
 }
 
 impl Checkpoint {
@@ -245,10 +270,15 @@ impl Checkpoint {
             files: Vec::new(),
             handles: Vec::new(),
             tensors: BTreeMap::new(),
+            metadata: BTreeMap::new(),
         };
         for path in paths {
             let file = crate::files::open_regular(path).map_err(|e| io_err(path, e))?;
-            for (name, entry) in read_header(path, &file, ck.files.len())? {
+            let header = read_header(path, &file, ck.files.len())?;
+            for (k, v) in header.metadata {
+                ck.metadata.entry(k).or_insert(v);
+            }
+            for (name, entry) in header.tensors {
                 if let Some(prev) = ck.tensors.insert(name.clone(), entry) {
                     return Err(WeightsError::Format {
                         path: path.clone(),
@@ -473,6 +503,7 @@ impl Checkpoint {
             files: Vec::new(),
             handles: Vec::new(),
             tensors: BTreeMap::new(),
+            metadata: BTreeMap::new(),
         }
     }
 }

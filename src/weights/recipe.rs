@@ -24,7 +24,7 @@ impl Recipe {
         }
     }
 
-    fn names(&self) -> &[String] {
+    pub(crate) fn names(&self) -> &[String] {
         match self {
             Recipe::Direct(n) | Recipe::SwapHalves(n) => std::slice::from_ref(n),
             Recipe::Concat(v) => v,
