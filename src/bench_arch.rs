@@ -412,6 +412,7 @@ pub fn run(gpu: &Gpu, o: &BenchOptions) -> Result<BenchReport> {
                 guidance: o.cfg,
                 skip_layers: None,
                 inpaint: false,
+                control: Vec::new(),
             },
         )?;
         d.set_conditioning(gpu, &context, &pooled)?;

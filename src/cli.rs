@@ -10,9 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::decode::{numbered, read_latents, write_latents};
 use crate::files::{check_output, check_outputs_apart, write_bytes};
 use crate::gpu::{list_adapters, Gpu, GpuOptions};
-use crate::pipeline::{
-    defaults, image_metadata, GenerateRequest, Latents, Pipeline, PipelineOptions,
-};
+use crate::pipeline::{defaults, GenerateRequest, Latents, Pipeline, PipelineOptions};
 use crate::{bench, DType};
 
 #[derive(Parser)]
@@ -149,6 +147,22 @@ pub struct GenerateArgs {
     /// the text encoders.
     #[arg(long = "lora", value_name = "FILE[:STRENGTH]", value_parser = parse_lora)]
     pub loras: Vec<crate::lora::LoraSpec>,
+    /// An SD3 ControlNet (diffusers folder or safetensors file); repeat for
+    /// several, each with its own --control-image.
+    #[arg(long = "controlnet", value_name = "PATH")]
+    pub controlnets: Vec<PathBuf>,
+    /// The control image of each --controlnet, in order (the output's size).
+    #[arg(long = "control-image", value_name = "IMAGE")]
+    pub control_images: Vec<PathBuf>,
+    /// Scale of each ControlNet (one value for all, or one per ControlNet; default 1).
+    #[arg(long = "control-scale", value_name = "S")]
+    pub control_scales: Vec<f32>,
+    /// Fraction of the steps before each ControlNet starts acting (default 0).
+    #[arg(long = "control-start", value_name = "A")]
+    pub control_starts: Vec<f32>,
+    /// Fraction of the steps after which each ControlNet stops (default 1).
+    #[arg(long = "control-stop", value_name = "B")]
+    pub control_stops: Vec<f32>,
     /// A distilled turbo model: 4 steps and no CFG unless --steps/--cfg say
     /// otherwise (SD3.5 large turbo is recognised from its name without it).
     #[arg(long)]
@@ -454,6 +468,7 @@ pub fn generate_request(a: &GenerateArgs) -> Result<GenerateRequest, Box<dyn std
     req.max_t5_tokens = a.max_t5_tokens;
     req.batch = a.batch;
     req.init_image = a.init_image.clone();
+    req.controls = controls(a)?;
     req.mask = a.mask.clone();
     req.mask_blur = a.mask_blur;
     req.strength = a.strength;
@@ -479,6 +494,41 @@ pub fn generate_request(a: &GenerateArgs) -> Result<GenerateRequest, Box<dyn std
     Ok(req)
 }
 
+/// Pairs each --controlnet with its --control-image and settings.
+fn controls(a: &GenerateArgs) -> Result<Vec<crate::pipeline::Control>, Box<dyn std::error::Error>> {
+    let n = a.controlnets.len();
+    if a.control_images.len() != n {
+        return Err(format!(
+            "{} --control-image for {n} --controlnet: give one image per ControlNet, in the same order",
+            a.control_images.len()
+        )
+        .into());
+    }
+    let each = |flag: &str, v: &[f32], default: f32| -> Result<Vec<f32>, String> {
+        match v.len() {
+            0 => Ok(vec![default; n]),
+            1 => Ok(vec![v[0]; n]),
+            m if m == n => Ok(v.to_vec()),
+            m => Err(format!(
+                "{m} values of {flag} for {n} --controlnet: give one for all or one per ControlNet"
+            )),
+        }
+    };
+    let scales = each("--control-scale", &a.control_scales, 1.0)?;
+    let starts = each("--control-start", &a.control_starts, 0.0)?;
+    let stops = each("--control-stop", &a.control_stops, 1.0)?;
+    Ok(a.control_images
+        .iter()
+        .enumerate()
+        .map(|(k, image)| crate::pipeline::Control {
+            image: image.clone(),
+            scale: scales[k],
+            start: starts[k],
+            stop: stops[k],
+        })
+        .collect())
+}
+
 fn parse_lora(s: &str) -> Result<crate::lora::LoraSpec, String> {
     crate::lora::LoraSpec::parse(s).map_err(|e| e.to_string())
 }
@@ -502,6 +552,7 @@ pub fn pipeline_options(cli: &Cli, a: &GenerateArgs) -> PipelineOptions {
         vae_budget: a.vae_budget_mib.map(mib),
         turbo: a.turbo.then_some(true),
         loras: a.loras.clone(),
+        controlnets: a.controlnets.clone(),
         ..PipelineOptions::default()
     }
 }
@@ -526,6 +577,7 @@ pub fn check_generate(
     let mut inputs = pipe.input_files();
     inputs.extend(a.init_image.clone());
     inputs.extend(a.mask.clone());
+    inputs.extend(a.control_images.iter().cloned());
     inputs.extend(a.init_latents.clone());
     check_outputs_apart(&generate_outputs(a), &inputs)?;
     let req = generate_request(a)?;
@@ -583,7 +635,7 @@ fn generate(cli: &Cli, a: &GenerateArgs) -> Result<(), Box<dyn std::error::Error
         );
     }
     let s = &out.settings;
-    let text = image_metadata(&req, s, &a.model, pipe.loras());
+    let text = pipe.image_metadata(&req, s);
     for (i, img) in out.images.iter().enumerate() {
         let p = numbered(&a.out, i, out.images.len());
         for w in crate::image_io::save_png(&p, img, s.width, s.height, &text)? {

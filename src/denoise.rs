@@ -13,8 +13,9 @@ use crate::error::{Error, Result};
 use crate::gpu::profile::Profile;
 use crate::gpu::Gpu;
 use crate::graph::{Graph, Plan, Value};
+use crate::models::controlnet::ControlNet;
 use crate::models::mmdit::{timestep_embedding, Mmdit, TIMESTEP_DIM};
-use crate::ops::{layout, sampler};
+use crate::ops::{elementwise, layout, sampler};
 use crate::sampler::FlowMatchEuler;
 use crate::tensor::DType;
 
@@ -50,6 +51,39 @@ pub struct DenoiseOptions {
     /// Inpainting: after each step the known region is reset to the init
     /// image's latents noised to the next sigma (see [`Denoiser::set_inpaint`]).
     pub inpaint: bool,
+    /// One entry per ControlNet given to [`Denoiser::with_control`].
+    pub control: Vec<ControlSchedule>,
+}
+
+/// When and how strongly one ControlNet steers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ControlSchedule {
+    /// Its residuals' scale.
+    pub scale: f32,
+    /// Active on steps i with i/n ≥ start and (i+1)/n ≤ stop (diffusers' rule).
+    pub start: f32,
+    /// See `start`.
+    pub stop: f32,
+}
+
+impl ControlSchedule {
+    /// The scale on step `i` of `n`.
+    pub fn scale_at(&self, i: usize, n: usize) -> f32 {
+        let (fi, fnn) = (i as f32, n as f32);
+        let off = fi / fnn < self.start || (fi + 1.0) / fnn > self.stop;
+        if off {
+            0.0
+        } else {
+            self.scale
+        }
+    }
+}
+
+/// A ControlNet's inputs in the step's plan.
+struct ControlInputs {
+    latents: Value,
+    scale: Value,
+    hidden: usize,
 }
 
 struct SkipPass {
@@ -71,6 +105,9 @@ pub struct Denoiser {
     step: Value,
     skip_in: Option<Value>,
     inpaint: Option<sampler::Inpaint>,
+    control: Vec<ControlInputs>,
+    /// The zeros some ControlNets take as pooled text, and their count.
+    zero_pooled: Option<(Value, usize)>,
     skip: Option<SkipPass>,
     options: DenoiseOptions,
 }
@@ -78,11 +115,34 @@ pub struct Denoiser {
 impl Denoiser {
     /// Plans the step for `model` (and the skip-layer pass, if asked for).
     pub fn new(gpu: &Gpu, model: &Mmdit, o: &DenoiseOptions) -> Result<Denoiser> {
+        Self::with_control(gpu, model, o, &[])
+    }
+
+    /// [`Denoiser::new`] with ControlNets steering the MMDiT (one per entry
+    /// of `o.control`; their inputs are set with [`Denoiser::set_control`]).
+    pub fn with_control(
+        gpu: &Gpu,
+        model: &Mmdit,
+        o: &DenoiseOptions,
+        nets: &[&ControlNet],
+    ) -> Result<Denoiser> {
         let c = &model.config;
         let cfg = o.guidance > 1.0;
         if o.skip_layers.is_some() && !cfg {
             return Err(Error::Graph(
                 "skip-layer guidance needs classifier-free guidance (a scale above 1)".into(),
+            ));
+        }
+        if nets.len() != o.control.len() {
+            return Err(Error::Graph(format!(
+                "{} ControlNets for {} control schedules",
+                nets.len(),
+                o.control.len()
+            )));
+        }
+        if !nets.is_empty() && o.skip_layers.is_some() {
+            return Err(Error::Graph(
+                "skip-layer guidance together with ControlNets is not supported".into(),
             ));
         }
         let b = o.batch;
@@ -111,7 +171,56 @@ impl Denoiser {
         } else {
             latents
         };
-        let v = model.forward(&mut g, x, context, pooled, t_emb)?;
+        let mut control = Vec::new();
+        let mut zero_pooled = None;
+        let mut residuals: Vec<Value> = Vec::new();
+        for (k, net) in nets.iter().enumerate() {
+            let hidden = net.config.blocks.hidden;
+            let inputs = ControlInputs {
+                latents: g.input(
+                    &format!("control{k}_latents"),
+                    &[b2, c.in_channels, o.height, o.width],
+                    DType::F32,
+                ),
+                scale: g.input(&format!("control{k}_scale"), &[hidden], DType::F32),
+                hidden,
+            };
+            let net_pooled = if net.config.zero_pooled {
+                zero_pooled
+                    .get_or_insert_with(|| {
+                        let v = g.input("control_pooled_zero", &[b2, c.pooled_dim], DType::F32);
+                        (v, b2 * c.pooled_dim)
+                    })
+                    .0
+            } else {
+                pooled
+            };
+            let out = g.scoped(&format!("controlnet{k}"), |g| {
+                let r = net.forward(g, model, x, inputs.latents, context, net_pooled, t_emb)?;
+                r.into_iter()
+                    .map(|r| elementwise::mul(g, r, inputs.scale))
+                    .collect::<Result<Vec<_>>>()
+            })?;
+            residuals = if residuals.is_empty() {
+                out
+            } else if residuals.len() == out.len() {
+                g.scoped("controlnet_sum", |g| {
+                    residuals
+                        .iter()
+                        .zip(&out)
+                        .map(|(a, b)| elementwise::add(g, *a, *b))
+                        .collect::<Result<Vec<_>>>()
+                })?
+            } else {
+                return Err(Error::Graph(format!(
+                    "ControlNets of {} and {} blocks cannot be combined",
+                    residuals.len(),
+                    out.len()
+                )));
+            };
+            control.push(inputs);
+        }
+        let v = model.forward_controlled(&mut g, x, context, pooled, t_emb, &residuals)?;
         let out = g.scoped("sampler", |g| {
             sampler::guided_euler(
                 g,
@@ -159,6 +268,8 @@ impl Denoiser {
             step,
             skip_in,
             inpaint,
+            control,
+            zero_pooled,
             skip,
             options: o.clone(),
         })
@@ -215,6 +326,25 @@ impl Denoiser {
         known.extend_from_slice(noise);
         self.plan.write(gpu, ip.known, &known)?;
         self.plan.write(gpu, ip.mask, mask)
+    }
+
+    /// ControlNet `k`'s control latents [batch, c, h, w] (one image's worth,
+    /// used for every batch entry and both halves of guidance).
+    pub fn set_control(&self, gpu: &Gpu, k: usize, latents: &[f32]) -> Result<()> {
+        let ci = self
+            .control
+            .get(k)
+            .ok_or_else(|| Error::Graph(format!("no ControlNet {k} was planned")))?;
+        let copies = if self.cfg() { 2 } else { 1 } * self.options.batch;
+        let mut all = Vec::with_capacity(copies * latents.len());
+        for _ in 0..copies {
+            all.extend_from_slice(latents);
+        }
+        self.plan.write(gpu, ci.latents, &all)?;
+        if let Some((z, n)) = self.zero_pooled {
+            self.plan.write(gpu, z, &vec![0.0; n])?;
+        }
+        Ok(())
     }
 
     /// One step at timestep `t` (sigma · 1000) with Euler increment `dt`
@@ -294,6 +424,10 @@ impl Denoiser {
     ) -> Result<()> {
         let steps = schedule.timesteps.len();
         for i in start..steps {
+            for (ci, s) in self.control.iter().zip(&self.options.control) {
+                self.plan
+                    .write(gpu, ci.scale, &vec![s.scale_at(i, steps); ci.hidden])?;
+            }
             let skip_weight = self.options.skip_layers.as_ref().and_then(|s| {
                 // diffusers compares the integer step with fractions of the step count.
                 let (fi, n) = (i as f32, steps as f32);

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::decode::{decode_auto, MAX_TILE, MIN_TILE};
-use crate::denoise::{DenoiseOptions, Denoiser, SkipLayers};
+use crate::denoise::{ControlSchedule, DenoiseOptions, Denoiser, SkipLayers};
 use crate::error::{Error, Result};
 use crate::gpu::profile::Profile;
 use crate::gpu::{Gpu, GpuOptions};
@@ -19,6 +19,7 @@ use crate::graph::Graph;
 use crate::image_io::{image_size, load_image, load_mask, to_rgb8};
 use crate::lora::{Architectures, Component, LoraSpec, LoraSummary, Loras};
 use crate::models::clip::{Clip, ClipConfig};
+use crate::models::controlnet::ControlNet;
 use crate::models::mmdit::{Mmdit, TIMESTEP_DIM};
 use crate::models::t5::{T5Config, T5};
 use crate::models::vae::{latents_from_moments, Vae, VaeRun};
@@ -27,8 +28,10 @@ use crate::sampler::{FlowMatchEuler, NoiseStream, Rng};
 use crate::tensor::DType;
 use crate::text::{encode_prompts_with, open_encoder, TextPaths, Truncation};
 use crate::tokenize::CLIP_TOKENS;
+use crate::weights::controlnet::{ControlNetConfig, ControlNetSource, CONTROL_TYPE_CANNY};
 use crate::weights::mmdit::{MmditConfig, MmditSource};
 use crate::weights::text::TextSource;
+use crate::weights::vae::VaeConfig;
 use crate::weights::vae::{VaeSource, LATENT_CHANNELS};
 use crate::weights::{config_f64, ShapeOnlyWeights, WeightsError};
 
@@ -42,6 +45,8 @@ pub const MAX_T5_TOKENS: usize = 512;
 pub const MAX_GUIDANCE: f32 = 100.0;
 /// Largest time shift accepted.
 pub const MAX_SHIFT: f64 = 100.0;
+/// Largest |ControlNet scale| accepted.
+pub const MAX_CONTROL_SCALE: f64 = 100.0;
 /// Largest mask blur radius accepted (pixels).
 pub const MAX_MASK_BLUR: f64 = 256.0;
 /// Longest prompt accepted, in bytes (the encoders keep 77 / 512 tokens).
@@ -104,6 +109,9 @@ pub struct PipelineOptions {
     pub turbo: Option<bool>,
     /// LoRAs merged into the weights at load, in order.
     pub loras: Vec<LoraSpec>,
+    /// ControlNets (diffusers folders or safetensors files); each request
+    /// gives one [`Control`] per ControlNet, in this order.
+    pub controlnets: Vec<PathBuf>,
 }
 
 impl Default for PipelineOptions {
@@ -122,6 +130,7 @@ impl Default for PipelineOptions {
             vae_budget: None,
             turbo: None,
             loras: Vec::new(),
+            controlnets: Vec::new(),
         }
     }
 }
@@ -137,6 +146,31 @@ pub enum InitMode {
     /// The distribution's mean: the image's latents without the encoder's
     /// own randomness.
     Mean,
+}
+
+/// What one ControlNet is given in a request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Control {
+    /// The control image (edges, depth, pose, …), the output's size.
+    pub image: PathBuf,
+    /// Scale of its residuals.
+    pub scale: f32,
+    /// First fraction of the steps it acts on.
+    pub start: f32,
+    /// Last fraction of the steps it acts on.
+    pub stop: f32,
+}
+
+impl Control {
+    /// `image` at scale 1 over all steps.
+    pub fn new(image: &Path) -> Control {
+        Control {
+            image: image.to_path_buf(),
+            scale: 1.0,
+            start: 0.0,
+            stop: 1.0,
+        }
+    }
 }
 
 /// One generation.
@@ -176,6 +210,8 @@ pub struct GenerateRequest {
     pub mask_blur: f32,
     /// Initial noise [batch, 16, h/8, w/8] instead of the seeded noise.
     pub init_latents: Option<Latents>,
+    /// One per ControlNet of the pipeline, in the same order.
+    pub controls: Vec<Control>,
     /// Time the first MMDiT step per op.
     pub profile: bool,
     /// Skip-layer guidance: blocks skipped in the extra pass (off when empty,
@@ -210,6 +246,7 @@ impl GenerateRequest {
             mask: None,
             mask_blur: 0.0,
             init_latents: None,
+            controls: Vec::new(),
             profile: false,
             slg_layers: Vec::new(),
             slg_scale: defaults::SLG_SCALE,
@@ -257,6 +294,7 @@ pub struct GenerateOutput {
 struct Loaded {
     mmdit: Option<Mmdit>,
     vae: Option<Vae>,
+    controlnets: Vec<ControlNet>,
 }
 
 /// A loaded SD3 / SD3.5 model.
@@ -270,6 +308,7 @@ pub struct Pipeline {
     default_shift: f64,
     turbo: bool,
     loras: Loras,
+    controlnets: Vec<ControlNetSource>,
     options: PipelineOptions,
     loaded: Mutex<Loaded>,
 }
@@ -290,6 +329,8 @@ struct Prepared {
     init_image: Option<Vec<f32>>,
     /// Inpainting mask on the latent grid [h, w] (1 = paint).
     mask: Option<Vec<f32>>,
+    /// Control images [1, 3, h, w], one per ControlNet.
+    controls: Vec<Vec<f32>>,
 }
 
 /// Steps and guidance the model's authors recommend; a turbo model (SD3.5
@@ -398,6 +439,25 @@ impl Pipeline {
             },
             options.dtype,
         )?;
+        let mut controlnets = Vec::new();
+        for p in &options.controlnets {
+            let src = ControlNetSource::open(p)?;
+            ControlNet::check_fits(&src.config, &mmdit.config)
+                .map_err(|e| Error::Graph(format!("{}: {e}", p.display())))?;
+            if let Some(first) = controlnets.first() {
+                let (a, b): (&ControlNetSource, &ControlNetSource) = (first, &src);
+                if a.config.blocks.depth != b.config.blocks.depth {
+                    return Err(Error::Graph(format!(
+                        "{} has {} blocks and {} has {}: ControlNets used together need the same number",
+                        a.path.display(),
+                        a.config.blocks.depth,
+                        b.path.display(),
+                        b.config.blocks.depth
+                    )));
+                }
+            }
+            controlnets.push(src);
+        }
         let turbo = options.turbo.unwrap_or_else(|| {
             // SD3.5 large's kind of MMDiT: qk-norm, no dual attention.
             let c = &mmdit.config;
@@ -412,6 +472,7 @@ impl Pipeline {
             default_shift: shift,
             turbo,
             loras,
+            controlnets,
             options,
             loaded: Mutex::new(Loaded::default()),
         })
@@ -458,6 +519,9 @@ impl Pipeline {
             out.extend(crate::files::files_under(&self.mmdit.path, 2));
         }
         out.extend(self.loras.summary.iter().map(|l| l.path.clone()));
+        for c in &self.controlnets {
+            out.extend(c.ck.files.iter().cloned());
+        }
         out.sort();
         out.dedup();
         out
@@ -564,7 +628,35 @@ impl Pipeline {
             Some(p) => Some(load_image(p, scale)?),
             None => None,
         };
-        let dims = init_image.as_ref().map(|(_, h, w)| (*w, *h));
+        if req.controls.len() != self.controlnets.len() {
+            return Err(invalid(format!(
+                "{} control image(s) for {} ControlNet(s): give one --control-image per --controlnet",
+                req.controls.len(),
+                self.controlnets.len()
+            )));
+        }
+        let mut controls = Vec::new();
+        for (k, ctl) in req.controls.iter().enumerate() {
+            check_range(
+                "--control-scale",
+                ctl.scale as f64,
+                -MAX_CONTROL_SCALE,
+                MAX_CONTROL_SCALE,
+            )?;
+            check_range("--control-start", ctl.start as f64, 0.0, 1.0)?;
+            check_range("--control-stop", ctl.stop as f64, 0.0, 1.0)?;
+            if ctl.start >= ctl.stop {
+                return Err(invalid(format!(
+                    "ControlNet {k}: --control-start {} must be before --control-stop {}",
+                    ctl.start, ctl.stop
+                )));
+            }
+            controls.push(load_image(&ctl.image, scale)?);
+        }
+        let dims = init_image
+            .as_ref()
+            .or(controls.first())
+            .map(|(_, h, w)| (*w, *h));
         let width = req.width.or(dims.map(|d| d.0)).unwrap_or(defaults::SIDE);
         let height = req.height.or(dims.map(|d| d.1)).unwrap_or(defaults::SIDE);
         for (flag, v) in [("--width", width), ("--height", height)] {
@@ -590,10 +682,18 @@ impl Pipeline {
                 req.strength
             )));
         }
-        if let Some((w, h)) = dims {
-            if (w, h) != (width, height) {
+        if let Some((_, h, w)) = &init_image {
+            if (*w, *h) != (width, height) {
                 return Err(invalid(format!(
                     "the init image is {w}×{h} after cropping to multiples of {scale}, but {width}×{height} was asked for"
+                )));
+            }
+        }
+        for ((_, h, w), ctl) in controls.iter().zip(&req.controls) {
+            if (*w, *h) != (width, height) {
+                return Err(invalid(format!(
+                    "the control image {} is {w}×{h} after cropping to multiples of {scale}, but the image is {width}×{height}",
+                    ctl.image.display()
                 )));
             }
         }
@@ -633,12 +733,18 @@ impl Pipeline {
             width,
             height,
         };
-        self.check_limits(req, &settings, (lh, lw), init_image.is_some())?;
+        self.check_limits(
+            req,
+            &settings,
+            (lh, lw),
+            init_image.is_some() || !controls.is_empty(),
+        )?;
         Ok(Prepared {
             settings,
             latent: (lh, lw),
             init_image: init_image.map(|(img, _, _)| img),
             mask,
+            controls: controls.into_iter().map(|(img, _, _)| img).collect(),
         })
     }
 
@@ -685,7 +791,17 @@ impl Pipeline {
         );
         let pooled = g.input("pooled", &[batch2, c.pooled_dim], DType::F32);
         let t = g.input("t_emb", &[batch2, TIMESTEP_DIM], DType::F32);
-        m.forward(&mut g, x, ctx, pooled, t)?;
+        let mut residuals = Vec::new();
+        for (k, src) in self.controlnets.iter().enumerate() {
+            let net = ControlNet::load_from(gpu, &src.config, &w, dt)?;
+            let cond = g.input(
+                &format!("control{k}"),
+                &[batch2, c.in_channels, lh, lw],
+                DType::F32,
+            );
+            residuals = net.forward(&mut g, &m, x, cond, ctx, pooled, t)?;
+        }
+        m.forward_controlled(&mut g, x, ctx, pooled, t, &residuals)?;
         graphs.push(g);
         if img2img {
             let v = Vae::load_from(gpu, &self.vae.config, &w, dt)?;
@@ -750,20 +866,38 @@ impl Pipeline {
             .lock()
             .map_err(|_| Error::Graph("pipeline lock poisoned".into()))?;
         let mut start = 0;
+        let mut control_latents = Vec::new();
+        for (img, src) in prepared.controls.iter().zip(&self.controlnets) {
+            // diffusers samples the control image's latent distribution from
+            // the global RNG (not the generator); its mean is reproducible.
+            let vae = self.vae(&mut loaded)?;
+            let canny;
+            let img = if src.config.control_type == Some(CONTROL_TYPE_CANNY) {
+                // Stability's canny ControlNet was trained on edges scaled as
+                // 255·x·0.5 + 0.5 (x in [0, 1]) going into the VAE as they are
+                // (sd3_infer.py; the SD3CannyImageProcessor of its model card).
+                canny = img
+                    .iter()
+                    .map(|v| (v + 1.0) * 127.5 * 0.5 + 0.5)
+                    .collect::<Vec<f32>>();
+                &canny
+            } else {
+                img
+            };
+            let moments = encode_moments(gpu, vae, img, settings.height, settings.width)?;
+            let config = VaeConfig {
+                shift_factor: if src.config.zero_pooled {
+                    0.0
+                } else {
+                    vae.config.shift_factor
+                },
+                ..vae.config.clone()
+            };
+            control_latents.push(latents_from_moments(&config, &moments, 1, None)?);
+        }
         if let Some(img) = &prepared.init_image {
             let vae = self.vae(&mut loaded)?;
-            let enc = VaeRun::encoder_moments(gpu, vae, 1, settings.height, settings.width)?;
-            let mut moments = enc.run(gpu, img)?;
-            if moments.iter().any(|v| !v.is_finite()) && vae.activation != DType::F32 {
-                // f16 overflowed inside the encoder: encode again in f32.
-                let f32_vae = Vae {
-                    activation: DType::F32,
-                    ..vae.clone()
-                };
-                moments =
-                    VaeRun::encoder_moments(gpu, &f32_vae, 1, settings.height, settings.width)?
-                        .run(gpu, img)?;
-            }
+            let moments = encode_moments(gpu, vae, img, settings.height, settings.width)?;
             let image_latents =
                 latents_from_moments(&vae.config, &moments, 1, image_eps.as_deref())?;
             start = schedule.start_for_strength(req.strength);
@@ -773,6 +907,13 @@ impl Pipeline {
                 *v = sigma * *v + (1.0 - sigma) * image_latents[i % per];
             }
             known = Some(image_latents);
+        }
+        if loaded.controlnets.len() != self.controlnets.len() {
+            loaded.controlnets = self
+                .controlnets
+                .iter()
+                .map(|src| ControlNet::load(gpu, src, self.options.dtype))
+                .collect::<Result<_>>()?;
         }
         if loaded.mmdit.is_none() {
             let src = self.loras.provider(Component::Mmdit, &self.mmdit);
@@ -792,7 +933,8 @@ impl Pipeline {
                 start: req.slg_start,
                 stop: req.slg_stop,
             });
-            let d = Denoiser::new(
+            let nets: Vec<&ControlNet> = loaded.controlnets.iter().collect();
+            let d = Denoiser::with_control(
                 gpu,
                 model,
                 &DenoiseOptions {
@@ -803,8 +945,21 @@ impl Pipeline {
                     guidance: settings.cfg,
                     skip_layers,
                     inpaint: prepared.mask.is_some(),
+                    control: req
+                        .controls
+                        .iter()
+                        .map(|c| ControlSchedule {
+                            scale: c.scale,
+                            start: c.start,
+                            stop: c.stop,
+                        })
+                        .collect(),
                 },
+                &nets,
             )?;
+            for (k, l) in control_latents.iter().enumerate() {
+                d.set_control(gpu, k, l)?;
+            }
             d.set_conditioning(gpu, &emb.context, &emb.pooled)?;
             d.set_latents(gpu, &latents)?;
             if let (Some(mask), Some(noise), Some(known)) = (&prepared.mask, &noise, &known) {
@@ -833,6 +988,7 @@ impl Pipeline {
         }
         if !self.options.keep_loaded {
             loaded.mmdit = None;
+            loaded.controlnets.clear();
         }
         let shape = [b, c.in_channels, lh, lw];
         let image = {
@@ -862,12 +1018,42 @@ impl Pipeline {
         })
     }
 
+    /// The PNG metadata of an image this pipeline made for `req` (see
+    /// [`image_metadata`]).
+    pub fn image_metadata(
+        &self,
+        req: &GenerateRequest,
+        s: &Settings,
+    ) -> Vec<(&'static str, String)> {
+        let nets: Vec<PathBuf> = self.controlnets.iter().map(|c| c.path.clone()).collect();
+        image_metadata(req, s, &self.mmdit.path, &self.loras.summary, &nets)
+    }
+
+    /// The ControlNets' architectures, in order.
+    pub fn controlnets(&self) -> Vec<&ControlNetConfig> {
+        self.controlnets.iter().map(|c| &c.config).collect()
+    }
+
     fn vae<'a>(&self, loaded: &'a mut Loaded) -> Result<&'a Vae> {
         if loaded.vae.is_none() {
             loaded.vae = Some(Vae::load(&self.gpu, &self.vae, self.options.dtype)?);
         }
         Ok(loaded.vae.as_ref().expect("loaded above"))
     }
+}
+
+/// The VAE encoder's moments of an image [1, 3, h, w]; an f16 overflow
+/// inside the encoder is retried in f32.
+fn encode_moments(gpu: &Gpu, vae: &Vae, img: &[f32], h: usize, w: usize) -> Result<Vec<f32>> {
+    let moments = VaeRun::encoder_moments(gpu, vae, 1, h, w)?.run(gpu, img)?;
+    if moments.iter().all(|v| v.is_finite()) || vae.activation == DType::F32 {
+        return Ok(moments);
+    }
+    let f32_vae = Vae {
+        activation: DType::F32,
+        ..vae.clone()
+    };
+    VaeRun::encoder_moments(gpu, &f32_vae, 1, h, w)?.run(gpu, img)
 }
 
 /// The text encoders' architectures, checked against one another and the
@@ -1001,6 +1187,7 @@ pub fn image_metadata(
     s: &Settings,
     model: &Path,
     loras: &[LoraSummary],
+    controlnets: &[PathBuf],
 ) -> Vec<(&'static str, String)> {
     let version = format!("sd3-wgpu {}", env!("CARGO_PKG_VERSION"));
     let rng = format!("{:?}", req.rng).to_lowercase();
@@ -1055,6 +1242,18 @@ pub fn image_metadata(
             a1111_value(&hashes.join(", "))
         ));
     }
+    for (k, (net, c)) in controlnets.iter().zip(&req.controls).enumerate() {
+        // A1111's ControlNet extension writes one entry per unit like this.
+        let unit = format!(
+            "Model: {}, Image: {}, Weight: {}, Guidance Start: {}, Guidance End: {}",
+            stem(net),
+            c.image.display(),
+            c.scale,
+            c.start,
+            c.stop
+        );
+        parameters.push_str(&format!(", ControlNet {k}: {}", a1111_value(&unit)));
+    }
     let mut entries = vec![
         ("parameters", parameters),
         ("Software", version),
@@ -1084,6 +1283,23 @@ pub fn image_metadata(
             .map(|l| format!("{}:{} sha256={}", l.path.display(), l.strength, l.sha256))
             .collect();
         entries.push(("loras", lines.join("\n")));
+    }
+    if !controlnets.is_empty() {
+        let lines: Vec<String> = controlnets
+            .iter()
+            .zip(&req.controls)
+            .map(|(net, c)| {
+                format!(
+                    "{} image={} scale={} start={} stop={}",
+                    net.display(),
+                    c.image.display(),
+                    c.scale,
+                    c.start,
+                    c.stop
+                )
+            })
+            .collect();
+        entries.push(("controlnets", lines.join("\n")));
     }
     entries
 }

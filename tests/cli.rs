@@ -393,15 +393,82 @@ fn generate_with_loras_records_them() {
         out.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
-    assert!(err.contains("LoRA") && err.contains("modules of the MMDiT"), "{err}");
+    assert!(
+        err.contains("LoRA") && err.contains("modules of the MMDiT"),
+        "{err}"
+    );
     let text = sd3_wgpu::image_io::png_text(&out).unwrap();
     let loras = &text.iter().find(|(k, _)| k == "loras").unwrap().1;
     let lines: Vec<&str> = loras.lines().collect();
     assert_eq!(lines.len(), 2, "{loras}");
-    assert!(lines[0].starts_with(&format!("{kohya}:0.7 sha256=")), "{loras}");
-    assert!(lines[1].starts_with(&format!("{comfy}:1 sha256=")), "{loras}");
+    assert!(
+        lines[0].starts_with(&format!("{kohya}:0.7 sha256=")),
+        "{loras}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("{comfy}:1 sha256=")),
+        "{loras}"
+    );
     let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
     assert!(params.contains("Lora hashes: \"kohya: "), "{params}");
+}
+
+/// A ControlNet from the command line, recorded in the PNG; a control image
+/// missing for a ControlNet is refused before anything runs.
+#[test]
+fn generate_with_a_controlnet_records_it() {
+    let model = common::pipeline_folder("sd3");
+    let dir = temp_dir("controlnet");
+    let out = dir.join("controlled.png");
+    let (net, image) = (
+        fixture("controlnet/joint_a"),
+        fixture("pipeline/control_a.png"),
+    );
+    let args = |extra: &[&str]| {
+        let mut v = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            PROMPT,
+            "--steps",
+            "2",
+            "--max-t5-tokens",
+            "16",
+            "--out",
+            out.to_str().unwrap(),
+            "--controlnet",
+            &net,
+        ];
+        v.extend_from_slice(extra);
+        sd3(&v)
+    };
+    let (ok, _, err) = args(&["--control-scale", "0.8", "--control-stop", "0.5"]);
+    assert!(
+        !ok && err.contains("0 --control-image for 1 --controlnet"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let (ok, _, err) = args(&[
+        "--control-image",
+        &image,
+        "--control-scale",
+        "0.8",
+        "--control-stop",
+        "0.5",
+    ]);
+    assert!(ok, "{err}");
+    let text = sd3_wgpu::image_io::png_text(&out).unwrap();
+    let nets = &text.iter().find(|(k, _)| k == "controlnets").unwrap().1;
+    assert_eq!(
+        nets,
+        &format!("{net} image={image} scale=0.8 start=0 stop=0.5")
+    );
+    let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(
+        params.contains("ControlNet 0: \"Model: joint_a, Image: "),
+        "{params}"
+    );
 }
 
 #[test]

@@ -652,3 +652,288 @@ fn bad_loras_are_clear_errors_at_load() {
     let _ = std::fs::remove_dir_all(tmp);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// SD3 ControlNets against StableDiffusion3ControlNetPipeline
+/// (tools/make_fixtures.py CONTROLNET_CASES): an InstantX-style one on SD3,
+/// two at once with their own scales and step windows, and a Stability
+/// SD3.5-large-style one (image-only blocks on the transformer's patch
+/// embedding) with two images per prompt. The control latents are the VAE
+/// distribution's mean on both sides.
+#[test]
+fn controlnets_reproduce_diffusers() {
+    use sd3_wgpu::pipeline::Control;
+    use sd3_wgpu::sampler::Rng;
+    let io = Checkpoint::open(&[fixtures().join("pipeline/controlnet_io.safetensors")]).unwrap();
+    let net = |n: &str| fixtures().join(format!("controlnet/{n}"));
+    let control = |img: &str, scale: f32, start: f32, stop: f32| Control {
+        image: fixtures().join(format!("pipeline/{img}")),
+        scale,
+        start,
+        stop,
+    };
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, Control)>, u64, usize);
+    let cases: Vec<Case> = vec![
+        (
+            "sd3_one",
+            "sd3",
+            vec![("joint_a", control("control_a.png", 0.8, 0.0, 1.0))],
+            31,
+            1,
+        ),
+        (
+            "sd3_two",
+            "sd3",
+            vec![
+                ("joint_a", control("control_a.png", 0.6, 0.0, 0.5)),
+                ("joint_b", control("control_b.png", 1.2, 0.25, 1.0)),
+            ],
+            32,
+            1,
+        ),
+        (
+            "sd35l_single_batch2",
+            "sd35l",
+            vec![("single", control("control_a.png", 1.0, 0.0, 1.0))],
+            33,
+            2,
+        ),
+    ];
+    for (case, variant, nets, seed, batch) in cases {
+        let dir = pipeline_folder(variant);
+        let pipe = Pipeline::load(
+            &dir,
+            PipelineOptions {
+                controlnets: nets.iter().map(|(n, _)| net(n)).collect(),
+                ..f32_options()
+            },
+        )
+        .unwrap();
+        let mut req = request();
+        (req.width, req.height) = (Some(24), Some(16));
+        req.seed = seed;
+        req.rng = Rng::Torch;
+        req.batch = batch;
+        req.controls = nets.iter().map(|(_, c)| c.clone()).collect();
+        let out = pipe.generate(&req, &mut |_, _| {}).unwrap();
+        let want: Vec<f64> = io
+            .read_f32(&format!("{case}.latents"))
+            .unwrap()
+            .1
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let e = common::rel_err(&out.latents, &want);
+        eprintln!("controlnet {case}: final latents rel err {e:.2e}");
+        assert!(e <= 1e-4, "controlnet {case}: relative error {e:.3e}");
+        // Without the ControlNets: clearly different.
+        let plain = Pipeline::load(&dir, f32_options()).unwrap();
+        req.controls.clear();
+        let without = plain.generate(&req, &mut |_, _| {}).unwrap();
+        let d = common::rel_err(&without.latents, &want);
+        assert!(d > 1e-2, "controlnet {case}: changes little ({d:.2e})");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Stability's single-file ControlNet names (fused qkv, `mlp.fc1`,
+/// `adaLN_modulation.1` inside `transformer_blocks.N`, a `control_type`)
+/// load to the same model as diffusers' folder; a canny `control_type`
+/// changes how the control image goes into the VAE.
+#[test]
+fn stability_single_file_controlnets_load_as_diffusers_folders() {
+    use common::{rewrite_safetensors, Entry};
+    use safetensors::Dtype;
+    use sd3_wgpu::pipeline::Control;
+    use sd3_wgpu::sampler::Rng;
+    let io = Checkpoint::open(&[fixtures().join("pipeline/controlnet_io.safetensors")]).unwrap();
+    let tmp = common::temp_dir("controlnet_single");
+    let stability = |name: &str, control_type: i64| -> PathBuf {
+        let p = tmp.join(name);
+        let src = fixtures().join("controlnet/single/diffusion_pytorch_model.safetensors");
+        rewrite_safetensors(&src, &p, |l: &mut Vec<Entry>| {
+            let b = "transformer_blocks.0";
+            for p in ["weight", "bias"] {
+                let mut qkv: Option<Entry> = None;
+                for x in ["q", "k", "v"] {
+                    let i = l
+                        .iter()
+                        .position(|t| t.0 == format!("{b}.attn.to_{x}.{p}"))
+                        .unwrap();
+                    let t = l.remove(i);
+                    qkv = Some(match qkv {
+                        None => (format!("{b}.attn.qkv.{p}"), t.1, t.2, t.3),
+                        Some(mut a) => {
+                            a.2[0] += t.2[0];
+                            a.3.extend(t.3);
+                            a
+                        }
+                    });
+                }
+                l.push(qkv.unwrap());
+            }
+            for t in l.iter_mut() {
+                for (from, to) in [
+                    (".attn.to_out.0.", ".attn.proj."),
+                    (".ff.net.0.proj.", ".mlp.fc1."),
+                    (".ff.net.2.", ".mlp.fc2."),
+                    (".norm1.linear.", ".adaLN_modulation.1."),
+                ] {
+                    t.0 = t.0.replace(from, to);
+                }
+            }
+            l.push((
+                "control_type".into(),
+                Dtype::I64,
+                vec![1],
+                control_type.to_le_bytes().to_vec(),
+            ));
+        });
+        p
+    };
+    let blur = stability("sd3.5_large_controlnet_blur.safetensors", 0);
+    let canny = stability("sd3.5_large_controlnet_canny.safetensors", 1);
+    let dir = pipeline_folder("sd35l");
+    let mut req = request();
+    (req.width, req.height) = (Some(24), Some(16));
+    req.seed = 33;
+    req.rng = Rng::Torch;
+    req.batch = 2;
+    req.controls = vec![Control::new(&fixtures().join("pipeline/control_a.png"))];
+    let run = |net: &PathBuf| {
+        let pipe = Pipeline::load(
+            &dir,
+            PipelineOptions {
+                controlnets: vec![net.clone()],
+                ..f32_options()
+            },
+        )
+        .unwrap();
+        assert!(!pipe.controlnets()[0].zero_pooled);
+        pipe.generate(&req, &mut |_, _| {}).unwrap().latents
+    };
+    let want: Vec<f64> = io
+        .read_f32("sd35l_single_batch2.latents")
+        .unwrap()
+        .1
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let e = common::rel_err(&run(&blur), &want);
+    assert!(e <= 1e-4, "Stability names: relative error {e:.3e}");
+    let d = common::rel_err(&run(&canny), &want);
+    assert!(
+        d > 1e-3,
+        "the canny input transform changed nothing ({d:.2e})"
+    );
+    let _ = std::fs::remove_dir_all(tmp);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// ControlNets that do not fit, and control requests that make no sense,
+/// are refused with the file or flag and what was expected.
+#[test]
+fn bad_controlnets_are_clear_errors() {
+    use common::{rewrite_safetensors, Entry};
+    use sd3_wgpu::pipeline::Control;
+    let tmp = common::temp_dir("controlnet_bad");
+    let joint = fixtures().join("controlnet/joint_a/diffusion_pytorch_model.safetensors");
+    let edited = |name: &str, f: &dyn Fn(&mut Vec<Entry>)| -> PathBuf {
+        let p = tmp.join(name);
+        rewrite_safetensors(&joint, &p, f);
+        p
+    };
+    // Copies of block 0 as blocks 1..n.
+    let blocks = |name: &str, n: usize| {
+        edited(name, &|l| {
+            let extra: Vec<Entry> = l
+                .iter()
+                .filter(|t| {
+                    t.0.starts_with("transformer_blocks.0.")
+                        || t.0.starts_with("controlnet_blocks.0.")
+                })
+                .flat_map(|t| {
+                    (1..n).map(|i| {
+                        let name = t.0.replace("blocks.0.", &format!("blocks.{i}."));
+                        (name, t.1, t.2.clone(), t.3.clone())
+                    })
+                })
+                .collect();
+            l.extend(extra);
+        })
+    };
+    let deep = blocks("deep.safetensors", 3);
+    let two = blocks("two.safetensors", 2);
+    let wide = edited("wide.safetensors", &|l| {
+        common::reshape_entry(l, "controlnet_blocks.0.weight", &[128, 128])
+    });
+    let dir = pipeline_folder("sd3");
+    let load = |nets: Vec<PathBuf>| {
+        Pipeline::load(
+            &dir,
+            PipelineOptions {
+                controlnets: nets,
+                ..f32_options()
+            },
+        )
+    };
+    for (nets, want) in [
+        (vec![deep.clone()], "3 blocks for a transformer of 2"),
+        (
+            vec![wide.clone()],
+            "pos_embed_input.proj.weight is [64, 16, 2, 2]; [128, channels, p, p] was expected",
+        ),
+        (vec![joint.clone(), two.clone()], "has 1 blocks and"),
+        (vec![dir.join("transformer")], "not an SD3 ControlNet"),
+        (vec![tmp.join("missing")], "missing"),
+    ] {
+        let e = load(nets).err().expect("refused").to_string();
+        assert!(e.contains(want), "{want:?}: {e}");
+    }
+    let pipe = load(vec![joint.clone()]).unwrap();
+    // A ControlNet of another width, and of a text width this model lacks.
+    let mut other = pipe.controlnets()[0].clone();
+    other.blocks.hidden = 128;
+    other.blocks.context_dim = 4096;
+    let e = sd3_wgpu::models::controlnet::ControlNet::check_fits(&other, pipe.config())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("width 128 (the transformer's is 64)")
+            && e.contains("context width 4096 (the transformer's is 208)"),
+        "{e}"
+    );
+    let good = Control::new(&fixtures().join("pipeline/control_a.png"));
+    let mut req = request();
+    (req.width, req.height) = (Some(24), Some(16));
+    let cases: Vec<(Vec<Control>, &str)> = vec![
+        (vec![], "0 control image(s) for 1 ControlNet(s)"),
+        (vec![good.clone(), good.clone()], "2 control image(s) for 1"),
+        (
+            vec![Control::new(&fixtures().join("pipeline/init.png"))],
+            "is 20×12 after cropping to multiples of 4, but the image is 24×16",
+        ),
+        (
+            vec![Control {
+                start: 0.6,
+                stop: 0.5,
+                ..good.clone()
+            }],
+            "--control-start 0.6 must be before --control-stop 0.5",
+        ),
+        (
+            vec![Control {
+                scale: f32::NAN,
+                ..good.clone()
+            }],
+            "--control-scale",
+        ),
+        (vec![Control::new(&tmp.join("nope.png"))], "nope.png"),
+    ];
+    for (controls, want) in cases {
+        req.controls = controls;
+        let e = pipe.check(&req).unwrap_err().to_string();
+        assert!(e.contains(want), "{want:?}: {e}");
+    }
+    let _ = std::fs::remove_dir_all(tmp);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -111,8 +111,13 @@ fn a1111_parameters_follow_the_web_ui_format() {
         width: 1024,
         height: 768,
     };
-    let meta =
-        sd3_wgpu::pipeline::image_metadata(&req, &s, Path::new("/m/sd3.5_large.safetensors"), &[]);
+    let meta = sd3_wgpu::pipeline::image_metadata(
+        &req,
+        &s,
+        Path::new("/m/sd3.5_large.safetensors"),
+        &[],
+        &[],
+    );
     let p = &meta.iter().find(|(k, _)| *k == "parameters").unwrap().1;
     let lines: Vec<&str> = p.lines().collect();
     assert_eq!(lines[0], "一只猫, on a mat");

@@ -940,10 +940,107 @@ def make_lora():
     save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(base, "sd35m", "lora_io.safetensors"))
 
 
+CONTROLNET_CASES = [
+    # (name, pipeline variant, [(controlnet, control image, scale, start, end)], seed, images per prompt)
+    ("sd3_one", "sd3", [("joint_a", "control_a.png", 0.8, 0.0, 1.0)], 31, 1),
+    ("sd3_two", "sd3", [("joint_a", "control_a.png", 0.6, 0.0, 0.5), ("joint_b", "control_b.png", 1.2, 0.25, 1.0)],
+     32, 1),
+    ("sd35l_single_batch2", "sd35l", [("single", "control_a.png", 1.0, 0.0, 1.0)], 33, 2),
+]
+
+
+def make_controlnet():
+    """SD3 ControlNets for the pipeline fixtures and
+    StableDiffusion3ControlNetPipeline's final latents with them (f32).
+
+    controlnet/joint_a, joint_b: InstantX-style (joint blocks, their own
+    patch and position embedding, force_zeros_for_pooled_projection) for the
+    sd3 fixture; controlnet/single: Stability SD3.5-large-style (image-only
+    blocks, the transformer's patch embedding, pooled text given) for sd35l.
+    One block each (the transformers have two, the last of which takes no
+    residual), weights stored as f16 to keep the files small (diffusers reads
+    them into f32, as we do). The pipeline wants sides that are multiples of
+    8: 24x16, with control images pipeline/control_a.png (edges of a disc)
+    and control_b.png (stripes). The zero-initialised projections are filled with random values so that
+    every ControlNet changes the result. The control image's latents are
+    taken as the VAE distribution's mean: diffusers samples them from the
+    global RNG (not the generator), which no one can reproduce. Writes
+    pipeline/controlnet_io.safetensors (final latents per CONTROLNET_CASES).
+    """
+    from PIL import Image
+    from diffusers import StableDiffusion3ControlNetPipeline
+    from diffusers.models import SD3ControlNetModel, SD3MultiControlNetModel
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    import numpy as np
+
+    base = os.path.join(ROOT, "pipeline")
+    out_dir = os.path.join(ROOT, "controlnet")
+    h, w = 16, 24
+    yy, xx = np.mgrid[0:h, 0:w]
+    r = np.sqrt((yy - 7.5) ** 2 + (xx - 11.5) ** 2)
+    disc = ((np.abs(r - 5.0) < 1.0) * 255).astype("uint8")
+    Image.fromarray(disc, "L").convert("RGB").save(os.path.join(base, "control_a.png"))
+    stripes = np.stack([(xx * 32) % 256, ((xx + yy) % 4 < 2) * 255, yy * 16], axis=-1).astype("uint8")
+    Image.fromarray(stripes, "RGB").save(os.path.join(base, "control_b.png"))
+    common = dict(sample_size=16, patch_size=2, in_channels=16, attention_head_dim=64, num_attention_heads=1,
+                  caption_projection_dim=64, pooled_projection_dim=64, out_channels=16, pos_embed_max_size=16)
+    specs = {
+        "joint_a": dict(num_layers=1, joint_attention_dim=208, seed=41),
+        "joint_b": dict(num_layers=1, joint_attention_dim=208, seed=42),
+        "single": dict(num_layers=1, joint_attention_dim=None, use_pos_embed=False,
+                       force_zeros_for_pooled_projection=False, seed=43),
+    }
+    for name, spec in specs.items():
+        spec = dict(spec)
+        torch.manual_seed(spec.pop("seed"))
+        net = SD3ControlNetModel(**common, **spec).eval()
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                if n.startswith(("controlnet_blocks", "pos_embed_input")):
+                    p.normal_(0.0, 0.1)
+        path = os.path.join(out_dir, name)
+        shutil.rmtree(path, ignore_errors=True)
+        net.to(torch.float16).save_pretrained(path, safe_serialization=True)
+    # diffusers draws the control latents with latent_dist.sample() from the global RNG.
+    original_sample = DiagonalGaussianDistribution.sample
+    DiagonalGaussianDistribution.sample = lambda self, generator=None: self.mean
+    io = {}
+    try:
+        for case, variant, nets, seed, per_prompt in CONTROLNET_CASES:
+            comp = fixture_components()
+            comp["transformer"] = SD3Transformer2DModel.from_pretrained(
+                os.path.join(base, variant, "transformer"), torch_dtype=torch.float32)
+            models = [SD3ControlNetModel.from_pretrained(os.path.join(out_dir, n), torch_dtype=torch.float32)
+                      for n, *_ in nets]
+            images = [Image.open(os.path.join(base, img)).convert("RGB") for _, img, *_ in nets]
+            one = len(nets) == 1
+            pipe = StableDiffusion3ControlNetPipeline(
+                **comp, controlnet=models[0] if one else SD3MultiControlNetModel(models))
+            with torch.no_grad():
+                out = pipe(prompt=PIPE_PROMPT, negative_prompt=PIPE_NEGATIVE, num_inference_steps=4,
+                           guidance_scale=5.0, height=h, width=w, max_sequence_length=32,
+                           num_images_per_prompt=per_prompt, generator=torch.Generator().manual_seed(seed),
+                           control_image=images[0] if one else images,
+                           controlnet_conditioning_scale=nets[0][2] if one else [n[2] for n in nets],
+                           control_guidance_start=nets[0][3] if one else [n[3] for n in nets],
+                           control_guidance_end=nets[0][4] if one else [n[4] for n in nets],
+                           output_type="latent").images
+            assert torch.isfinite(out).all()
+            io[f"{case}.latents"] = out
+    finally:
+        DiagonalGaussianDistribution.sample = original_sample
+    save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(base, "controlnet_io.safetensors"))
+    print("controlnet cases", [c[0] for c in CONTROLNET_CASES])
+
+
 if __name__ == "__main__":
     import sys
     if sys.argv[1:] == ["img2img"]:
         make_img2img()
+        sys.exit()
+    if sys.argv[1:] == ["controlnet"]:
+        make_controlnet()
         sys.exit()
     if sys.argv[1:] == ["lora"]:
         make_lora()
@@ -961,3 +1058,4 @@ if __name__ == "__main__":
     make_blur()
     make_inpaint()
     make_lora()
+    make_controlnet()

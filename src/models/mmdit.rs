@@ -118,23 +118,24 @@ pub struct Mmdit {
     pub final_layer: FinalLayer,
 }
 
-struct Loader<'a> {
-    gpu: &'a Gpu,
-    src: &'a dyn TensorProvider,
-    matrix: DType,
+/// Uploads an MMDiT-like model's tensors by their canonical names.
+pub(crate) struct Loader<'a> {
+    pub(crate) gpu: &'a Gpu,
+    pub(crate) src: &'a dyn TensorProvider,
+    pub(crate) matrix: DType,
 }
 
 impl Loader<'_> {
-    fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    pub(crate) fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         self.src.tensor(self.gpu, name, shape, dtype)
     }
-    fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
+    pub(crate) fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
         Ok(Linear {
             weight: self.tensor(&format!("{prefix}.weight"), &[out, inp], self.matrix)?,
             bias: Some(self.tensor(&format!("{prefix}.bias"), &[out], DType::F32)?),
         })
     }
-    fn mlp(
+    pub(crate) fn mlp(
         &self,
         prefix: &str,
         inp: usize,
@@ -147,7 +148,13 @@ impl Loader<'_> {
             fc2: self.linear(&format!("{prefix}.{}", names.1), out, hidden)?,
         })
     }
-    fn attention(&self, prefix: &str, h: usize, qk_norm: bool, proj: bool) -> Result<Attention> {
+    pub(crate) fn attention(
+        &self,
+        prefix: &str,
+        h: usize,
+        qk_norm: bool,
+        proj: bool,
+    ) -> Result<Attention> {
         Ok(Attention {
             qkv: self.linear(&format!("{prefix}.qkv"), 3 * h, h)?,
             proj: if proj {
@@ -186,48 +193,15 @@ impl Mmdit {
         let p = c.patch;
         let mut joint_blocks = Vec::with_capacity(c.depth);
         for i in 0..c.depth {
-            let b = format!("joint_blocks.{i}");
-            let last = i + 1 == c.depth;
             let dual = c.dual_attention_layers.contains(&i);
-            let x_chunks = if dual { 9 } else { 6 };
-            let x_block = DitBlock {
-                adaln_modulation: l.linear(
-                    &format!("{b}.x_block.adaLN_modulation.1"),
-                    x_chunks * h,
-                    h,
-                )?,
-                attn: l.attention(&format!("{b}.x_block.attn"), h, c.qk_norm, true)?,
-                attn2: if dual {
-                    Some(l.attention(&format!("{b}.x_block.attn2"), h, c.qk_norm, true)?)
-                } else {
-                    None
-                },
-                mlp: Some(l.mlp(&format!("{b}.x_block.mlp"), h, 4 * h, h, ("fc1", "fc2"))?),
-            };
-            let context_block = DitBlock {
-                adaln_modulation: l.linear(
-                    &format!("{b}.context_block.adaLN_modulation.1"),
-                    if last { 2 } else { 6 } * h,
-                    h,
-                )?,
-                attn: l.attention(&format!("{b}.context_block.attn"), h, c.qk_norm, !last)?,
-                attn2: None,
-                mlp: if last {
-                    None
-                } else {
-                    Some(l.mlp(
-                        &format!("{b}.context_block.mlp"),
-                        h,
-                        4 * h,
-                        h,
-                        ("fc1", "fc2"),
-                    )?)
-                },
-            };
-            joint_blocks.push(JointBlock {
-                x_block,
-                context_block,
-            });
+            let pre_only = i + 1 == c.depth;
+            joint_blocks.push(JointBlock::load(
+                &l,
+                &format!("joint_blocks.{i}"),
+                &c,
+                dual,
+                pre_only,
+            )?);
         }
         Ok(Mmdit {
             x_embedder: Linear {
@@ -287,19 +261,44 @@ impl Mmdit {
             ));
         }
         g.scoped("mmdit", |g| {
-            self.forward_inner(g, x, context, pooled, t_emb, skip)
+            self.forward_inner(g, x, context, pooled, t_emb, skip, &[])
         })
     }
 
-    fn forward_inner(
+    /// [`Mmdit::forward`] with ControlNet residuals [batch, tokens, hidden]
+    /// added to the image stream after every block but the last, block i
+    /// taking residual ⌊i / (depth / n)⌋ of n (diffusers' rule).
+    pub fn forward_controlled(
         &self,
         g: &mut Graph,
         x: Value,
         context: Value,
         pooled: Value,
         t_emb: Value,
-        skip: &[usize],
+        control: &[Value],
     ) -> Result<Value> {
+        g.scoped("mmdit", |g| {
+            self.forward_inner(g, x, context, pooled, t_emb, &[], control)
+        })
+    }
+
+    /// Patch embedding plus the cropped position embedding: latents
+    /// [batch, in, H, W] → tokens [batch, (H/p)·(W/p), hidden].
+    pub(crate) fn embed_patches(&self, g: &mut Graph, x: Value) -> Result<Value> {
+        let c = &self.config;
+        let (h, w) = self.grid(g, x)?;
+        let tokens = g.scoped("x_embedder", |g| {
+            let patches = conv_forward(g, &self.x_embedder, x, c.patch)?;
+            layout::nchw_to_tokens(g, patches)
+        })?;
+        g.scoped("pos_embed", |g| {
+            let pos = cropped_pos_embed(g, &self.pos_embed, c.pos_embed_max, c.hidden, h, w)?;
+            elementwise::add(g, tokens, pos)
+        })
+    }
+
+    /// The patch grid of latents x, checked against the model.
+    fn grid(&self, g: &Graph, x: Value) -> Result<(usize, usize)> {
         let c = &self.config;
         let xs = g.shape(x).to_vec();
         if xs.len() != 4
@@ -325,14 +324,23 @@ impl Mmdit {
                 ),
             ));
         }
-        let tokens = g.scoped("x_embedder", |g| {
-            let patches = conv_forward(g, &self.x_embedder, x, c.patch)?;
-            layout::nchw_to_tokens(g, patches)
-        })?;
-        let mut x_tokens = g.scoped("pos_embed", |g| {
-            let pos = self.cropped_pos_embed(g, h, w)?;
-            elementwise::add(g, tokens, pos)
-        })?;
+        Ok((h, w))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_inner(
+        &self,
+        g: &mut Graph,
+        x: Value,
+        context: Value,
+        pooled: Value,
+        t_emb: Value,
+        skip: &[usize],
+        control: &[Value],
+    ) -> Result<Value> {
+        let c = &self.config;
+        let (h, w) = self.grid(g, x)?;
+        let mut x_tokens = self.embed_patches(g, x)?;
         let cond = g.scoped("t_embedder", |g| {
             self.t_embedder.forward(g, t_emb, Act::Silu)
         })?;
@@ -355,6 +363,16 @@ impl Mmdit {
             x_tokens = nx;
             if let Some(nc) = nc {
                 ctx = nc;
+                if !control.is_empty() {
+                    // diffusers: interval = depth / n (a float), index ⌊i / interval⌋.
+                    let interval = c.depth as f64 / control.len() as f64;
+                    let k = (i as f64 / interval) as usize;
+                    let r = *control.get(k).ok_or_else(|| {
+                        g.shape_error("control", format!("no ControlNet residual {k}"))
+                    })?;
+                    x_tokens =
+                        g.scoped(&format!("control{i}"), |g| elementwise::add(g, x_tokens, r))?;
+                }
             }
         }
         g.scoped("final_layer", |g| {
@@ -366,33 +384,142 @@ impl Mmdit {
             layout::unpatchify(g, patches, h, w, c.patch)
         })
     }
-
-    fn cropped_pos_embed(&self, g: &mut Graph, h: usize, w: usize) -> Result<Value> {
-        let max = self.config.pos_embed_max;
-        let hid = self.config.hidden;
-        let (top, left) = ((max - h) / 2, (max - w) / 2);
-        let table = g.weight("pos_embed", &self.pos_embed);
-        let crop = layout::strided_copy(
-            g,
-            "crop",
-            table,
-            (top * max + left) * hid,
-            &[h, w, hid],
-            &[max * hid, hid, 1],
-        )?;
-        g.reshape(crop, &[h * w, hid])
-    }
 }
 
-fn conv_forward(g: &mut Graph, l: &Linear, x: Value, patch: usize) -> Result<Value> {
+/// The centred h × w crop of a stored max × max position-embedding table
+/// [1, max², hidden] → [h·w, hidden].
+pub(crate) fn cropped_pos_embed(
+    g: &mut Graph,
+    table: &Tensor,
+    max: usize,
+    hid: usize,
+    h: usize,
+    w: usize,
+) -> Result<Value> {
+    let (top, left) = ((max - h) / 2, (max - w) / 2);
+    let table = g.weight("pos_embed", table);
+    let crop = layout::strided_copy(
+        g,
+        "crop",
+        table,
+        (top * max + left) * hid,
+        &[h, w, hid],
+        &[max * hid, hid, 1],
+    )?;
+    g.reshape(crop, &[h * w, hid])
+}
+
+/// A patchify convolution (kernel = stride = `patch`).
+pub(crate) fn conv_forward(g: &mut Graph, l: &Linear, x: Value, patch: usize) -> Result<Value> {
     let w = g.weight("weight", &l.weight);
     let b = l.bias.as_ref().map(|b| g.weight("bias", b));
     conv::conv2d(g, x, w, b, patch, 0)
 }
 
+impl DitBlock {
+    /// The image stream of `prefix` (`joint_blocks.N.x_block`): 6 modulation
+    /// chunks (9 with `dual`), joint attention, the MLP.
+    pub(crate) fn load_image_stream(
+        l: &Loader,
+        prefix: &str,
+        c: &MmditConfig,
+        dual: bool,
+    ) -> Result<DitBlock> {
+        let h = c.hidden;
+        Ok(DitBlock {
+            adaln_modulation: l.linear(
+                &format!("{prefix}.adaLN_modulation.1"),
+                if dual { 9 } else { 6 } * h,
+                h,
+            )?,
+            attn: l.attention(&format!("{prefix}.attn"), h, c.qk_norm, true)?,
+            attn2: if dual {
+                Some(l.attention(&format!("{prefix}.attn2"), h, c.qk_norm, true)?)
+            } else {
+                None
+            },
+            mlp: Some(l.mlp(&format!("{prefix}.mlp"), h, 4 * h, h, ("fc1", "fc2"))?),
+        })
+    }
+
+    /// An image-only block (SD3.5 large ControlNets' `SD3SingleTransformerBlock`):
+    /// adaLN-Zero, self-attention over the image tokens, the MLP.
+    pub(crate) fn forward_alone(
+        &self,
+        g: &mut Graph,
+        x: Value,
+        cond_act: Value,
+        heads: usize,
+    ) -> Result<Value> {
+        let hidden = heads * HEAD_DIM;
+        let m = Modulation(g.scoped("adaLN", |g| self.adaln_modulation.forward(g, cond_act))?);
+        let hx = g.scoped("norm1", |g| {
+            norm::adaln_modulate(g, x, m.shift_msa(), m.scale_msa(), EPS)
+        })?;
+        let qkv = g.scoped("attn.qkv", |g| self.attn.qkv.forward(g, hx))?;
+        let mut o = AttentionOptions::new(heads);
+        if let Some((q, k)) = &self.attn.ln_qk {
+            o.qk_norm = Some((g.weight("ln_q", q), g.weight("ln_k", k)));
+        }
+        let view = |col_offset| Heads {
+            value: qkv,
+            col_offset,
+        };
+        let a = g.scoped("attn", |g| {
+            attention::attention(g, view(0), view(hidden), view(2 * hidden), &o)
+        })?;
+        let proj = self.attn.proj.as_ref().ok_or_else(|| {
+            g.shape_error(
+                "block",
+                "an image-only block needs its attention projection",
+            )
+        })?;
+        let out = g.scoped("attn.proj", |g| proj.forward(g, a))?;
+        let mlp = self
+            .mlp
+            .as_ref()
+            .ok_or_else(|| g.shape_error("block", "an image-only block needs its MLP"))?;
+        g.scoped("mlp", |g| {
+            residual_then_mlp(g, x, m.gate_msa(), out, m, mlp)
+        })
+    }
+}
+
 impl JointBlock {
+    /// Block `prefix` (`joint_blocks.N`); a `pre_only` block (the MMDiT's
+    /// last) has a context stream without projection and MLP.
+    pub(crate) fn load(
+        l: &Loader,
+        prefix: &str,
+        c: &MmditConfig,
+        dual: bool,
+        pre_only: bool,
+    ) -> Result<JointBlock> {
+        let h = c.hidden;
+        let x_block = DitBlock::load_image_stream(l, &format!("{prefix}.x_block"), c, dual)?;
+        let cb = format!("{prefix}.context_block");
+        let context_block = DitBlock {
+            adaln_modulation: l.linear(
+                &format!("{cb}.adaLN_modulation.1"),
+                if pre_only { 2 } else { 6 } * h,
+                h,
+            )?,
+            attn: l.attention(&format!("{cb}.attn"), h, c.qk_norm, !pre_only)?,
+            attn2: None,
+            mlp: if pre_only {
+                None
+            } else {
+                Some(l.mlp(&format!("{cb}.mlp"), h, 4 * h, h, ("fc1", "fc2"))?)
+            },
+        };
+        Ok(JointBlock {
+            x_block,
+            context_block,
+        })
+    }
+
     /// Returns the new image stream and, unless this is the last block, the new context stream.
-    fn forward(
+    pub(crate) fn forward(
         &self,
         g: &mut Graph,
         x: Value,

@@ -1,6 +1,7 @@
 //! Forward passes of the SD3 components, built from [`crate::ops`] on a [`crate::graph::Graph`].
 
 pub mod clip;
+pub mod controlnet;
 pub mod layers;
 pub mod mmdit;
 pub mod t5;

@@ -2,6 +2,7 @@
 //! diffusers folder of shards with an index json) read with positioned reads,
 //! tensors converted from f32/f16/bf16/fp8 at load.
 
+pub mod controlnet;
 pub mod inspect;
 pub mod mmdit;
 pub mod recipe;
@@ -558,6 +559,7 @@ macro_rules! provider_from_read {
     };
 }
 provider_from_read!(mmdit::MmditSource);
+provider_from_read!(controlnet::ControlNetSource);
 provider_from_read!(vae::VaeSource);
 provider_from_read!(text::TextSource);
 
