@@ -36,6 +36,8 @@ alias Y_T = f32;
 #endif
 @group(0) @binding(0) var<uniform> p: Params;
 #if VEC4
+// 4-wide loads take f32 or f16 weights only (Rust clears VEC4 otherwise).
+override W_FMT: u32 = 0u;
 #if W_F16
 alias WElem = vec2<u32>;
 #else

@@ -636,6 +636,13 @@ impl Plan {
                 let u: Vec<u32> = data.iter().map(|&x| x as u32).collect();
                 bytemuck::cast_slice(&u).to_vec()
             }
+            other => {
+                return Err(Error::Graph(format!(
+                    "input '{}' is {}: inputs are f32, f16 or u32",
+                    s.name,
+                    other.name()
+                )))
+            }
         };
         self.write_bytes(v, bytes, gpu)
     }

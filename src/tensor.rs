@@ -16,6 +16,12 @@ pub enum DType {
     F16,
     /// 32-bit unsigned integer: token ids.
     U32,
+    /// bfloat16, two packed per u32: weights as files store them.
+    BF16,
+    /// float8 e4m3fn (no infinities), four packed per u32: weights.
+    F8E4M3,
+    /// float8 e5m2, four packed per u32: weights.
+    F8E5M2,
 }
 
 impl DType {
@@ -23,19 +29,107 @@ impl DType {
     pub fn bytes(self, numel: usize) -> u64 {
         let raw = match self {
             DType::F32 | DType::U32 => numel * 4,
-            DType::F16 => numel * 2,
+            DType::F16 | DType::BF16 => numel * 2,
+            DType::F8E4M3 | DType::F8E5M2 => numel,
         } as u64;
         raw.div_ceil(4) * 4
     }
 
-    /// Short name: `f32`, `f16`, `u32`.
+    /// Short name: `f32`, `f16`, `u32`, `bf16`, `f8e4m3`, `f8e5m2`.
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::U32 => "u32",
+            DType::BF16 => "bf16",
+            DType::F8E4M3 => "f8e4m3",
+            DType::F8E5M2 => "f8e5m2",
         }
     }
+
+    /// Weight storage packed into u32 words and decoded in the kernels'
+    /// load stage (f16, bf16, fp8): the `W_F16` flag with [`Self::packed_format`].
+    pub fn is_packed_weight(self) -> bool {
+        matches!(
+            self,
+            DType::F16 | DType::BF16 | DType::F8E4M3 | DType::F8E5M2
+        )
+    }
+
+    /// The kernels' `W_FMT` value of a packed weight type: 0 f16, 1 bf16,
+    /// 2 fp8 e4m3fn, 3 fp8 e5m2.
+    pub fn packed_format(self) -> Option<u32> {
+        match self {
+            DType::F16 => Some(0),
+            DType::BF16 => Some(1),
+            DType::F8E4M3 => Some(2),
+            DType::F8E5M2 => Some(3),
+            _ => None,
+        }
+    }
+
+    /// The safetensors type of the same encoding.
+    pub fn safetensors(self) -> safetensors::Dtype {
+        use safetensors::Dtype as S;
+        match self {
+            DType::F32 => S::F32,
+            DType::F16 => S::F16,
+            DType::U32 => S::U32,
+            DType::BF16 => S::BF16,
+            DType::F8E4M3 => S::F8_E4M3,
+            DType::F8E5M2 => S::F8_E5M2,
+        }
+    }
+
+    /// The weight storage of a safetensors type kept as it is on the GPU.
+    pub fn packed_from(d: safetensors::Dtype) -> Option<DType> {
+        use safetensors::Dtype as S;
+        match d {
+            S::F16 => Some(DType::F16),
+            S::BF16 => Some(DType::BF16),
+            S::F8_E4M3 => Some(DType::F8E4M3),
+            S::F8_E5M2 => Some(DType::F8E5M2),
+            _ => None,
+        }
+    }
+}
+
+/// f32 → float8 e4m3fn bits, rounded to nearest even, saturating at ±448
+/// (NaN stays NaN).
+pub fn f8e4m3_from_f32(v: f32) -> u8 {
+    if v.is_nan() {
+        return 0x7f;
+    }
+    let sign = if v.is_sign_negative() { 0x80 } else { 0 };
+    let a = v.abs().min(448.0);
+    // The spacing of representable values around a: 2^-9 below 2^-6
+    // (subnormals), else 2^(e - 3) in binade e.
+    let e = if a < 2f32.powi(-6) {
+        -6
+    } else {
+        ((a.to_bits() >> 23) as i32) - 127
+    };
+    let q = 2f32.powi(e - 3);
+    let r = ((a / q).round_ties_even() * q).min(448.0);
+    if r == 0.0 {
+        return sign;
+    }
+    if r < 2f32.powi(-6) {
+        return sign | (r / 2f32.powi(-9)) as u8;
+    }
+    let re = ((r.to_bits() >> 23) as i32) - 127;
+    let m = (r / 2f32.powi(re) * 8.0 - 8.0) as u8;
+    sign | (((re + 7) as u8) << 3) | m
+}
+
+/// f32 → float8 e5m2 bits (through f16, rounded to nearest even).
+pub fn f8e5m2_from_f32(v: f32) -> u8 {
+    let bits = f16::from_f32(v).to_bits();
+    if f16::from_bits(bits).is_nan() {
+        return 0x7f | ((bits >> 8) as u8 & 0x80);
+    }
+    let lsb = (bits >> 8) & 1;
+    (bits.wrapping_add(0x7f + lsb) >> 8) as u8
 }
 
 /// Formats a shape as `[2, 77, 768]`.
@@ -100,12 +194,37 @@ impl Tensor {
                 let h: Vec<f16> = data.iter().map(|&v| f16::from_f32(v)).collect();
                 bytemuck::cast_slice(&h).to_vec()
             }
+            DType::BF16 => {
+                let h: Vec<half::bf16> = data.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                bytemuck::cast_slice(&h).to_vec()
+            }
+            DType::F8E4M3 => data.iter().map(|&v| f8e4m3_from_f32(v)).collect(),
+            DType::F8E5M2 => data.iter().map(|&v| f8e5m2_from_f32(v)).collect(),
             DType::U32 => {
                 return Err(Error::Graph(
                     "f32 data cannot be stored as u32; use from_u32".into(),
                 ))
             }
         };
+        Self::from_bytes(gpu, shape, dtype, bytes)
+    }
+
+    /// Uploads bytes already in `dtype`'s encoding (a file's f16, bf16 or
+    /// fp8 weights, kept as they are).
+    pub fn from_raw(gpu: &Gpu, shape: &[usize], dtype: DType, bytes: Vec<u8>) -> Result<Tensor> {
+        let raw = match dtype {
+            DType::F32 | DType::U32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::F8E4M3 | DType::F8E5M2 => 1,
+        } * numel(shape);
+        if bytes.len() != raw {
+            return Err(Error::Graph(format!(
+                "{} bytes for a {} tensor of shape {}",
+                bytes.len(),
+                dtype.name(),
+                shape_str(shape)
+            )));
+        }
         Self::from_bytes(gpu, shape, dtype, bytes)
     }
 
@@ -161,5 +280,8 @@ pub(crate) fn read_buffer(
             .iter()
             .map(|v| v.to_f32())
             .collect(),
+        other => crate::weights::to_f32("tensor", other.safetensors(), &bytes)
+            .map_err(|e| Error::Graph(e.to_string()))?[..numel]
+            .to_vec(),
     })
 }

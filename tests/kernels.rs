@@ -326,7 +326,7 @@ mod cases {
         let imps = gemm_implementations(gpu, &g);
         for imp in &imps {
             for (i, &(m, k, n)) in sizes.iter().enumerate() {
-                for (j, dtype) in [DType::F32, DType::F16].into_iter().enumerate() {
+                for (j, dtype) in WEIGHT_TYPES.into_iter().enumerate() {
                     let seed = (i * 10 + j) as u64;
                     let xd = rand(seed, m * k);
                     let wd = rand(seed + 100, n * k);
@@ -492,7 +492,7 @@ mod cases {
         let imps = gemm_implementations(gpu, &Graph::new(gpu.target()));
         for imp in &imps {
             for (ci, &(m, n, k, lda, ldw, ldy, xo, wo, yo)) in cases.iter().enumerate() {
-                for dtype in [DType::F32, DType::F16] {
+                for dtype in WEIGHT_TYPES {
                     let (x_sh, w_sh, y_sh) = (m * lda + 1, n * ldw + 4, m * ldy + 2);
                     let (x_sb, w_sb, y_sb) = (inner * x_sh + 8, inner * w_sh, inner * y_sh + 3);
                     let (xn, wn, yn) = (xo + outer * x_sb, wo + outer * w_sb, yo + outer * y_sb);
@@ -1056,7 +1056,20 @@ mod cases {
                 .map(|v| 1.0 + 0.2 * v)
                 .collect();
             let betad = rand(340 + i as u64, cin);
-            let dt = if f16w { DType::F16 } else { DType::F32 };
+            // f32 or f16 as the case says, and the file encodings kept
+            // packed on the GPU (bf16, fp8) in turn on the f16 cases.
+            let dt = match (f16w, i % 3) {
+                (false, _) => DType::F32,
+                (true, 0) => DType::BF16,
+                (true, 1) => DType::F8E4M3,
+                (true, _) => {
+                    if i % 2 == 0 {
+                        DType::F16
+                    } else {
+                        DType::F8E5M2
+                    }
+                }
+            };
             let x = act(gpu, &mut g, "x", &[n, cin, h, w], &xd);
             let wv = weight(gpu, &mut g, "w", &[cout, cin, k, k], dt, &wd);
             let bv = with_bias.then(|| weight(gpu, &mut g, "b", &[cout], DType::F32, &bd));
@@ -1240,6 +1253,21 @@ mod cases {
             got[2][cols..].iter().all(|v| v.is_nan()),
             "an id past the table must give NaN"
         );
+        // Tables kept in a file's bf16 or fp8 encoding, decoded as gathered.
+        for dtype in [DType::BF16, DType::F8E4M3, DType::F8E5M2] {
+            let mut g = Graph::new(gpu.target());
+            let t = weight(gpu, &mut g, "t", &[rows, cols], dtype, &td);
+            let ids = g.weight("ids", &ids_t);
+            let y = layout::gather(&mut g, t, ids).unwrap();
+            g.keep(y);
+            let got = run(gpu, g, &[y]);
+            assert_close(
+                &format!("gather {dtype:?}"),
+                &got[0],
+                &out(pick(&stored(&td, dtype))),
+                0.0,
+            );
+        }
     }
 
     pub fn patchify_layouts(gpu: &Gpu) {

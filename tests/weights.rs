@@ -192,3 +192,40 @@ fn inspect_reports_variant_and_components() {
         .to_string();
     assert!(r.contains("diffusers folder") && r.contains("BF16"), "{r}");
 }
+
+/// The fp8 encoders the engine uses for its own fp8 tensors (random
+/// weights, tests) round to nearest, ties to even, and decode back exactly:
+/// every finite code round-trips, and midpoints go to the even neighbour.
+#[test]
+fn fp8_encoders_round_to_nearest_even() {
+    use sd3_wgpu::tensor::{f8e4m3_from_f32, f8e5m2_from_f32};
+    use sd3_wgpu::weights::fp8_e4m3;
+    let e5m2 = |b: u8| half::f16::from_bits((b as u16) << 8).to_f32();
+    for b in 0..=255u8 {
+        let v = fp8_e4m3(b);
+        if v.is_finite() {
+            let back = f8e4m3_from_f32(v);
+            assert!(
+                back == b || (v == 0.0 && fp8_e4m3(back) == 0.0),
+                "e4m3 {b:#04x} → {v} → {back:#04x}"
+            );
+        }
+        let w = e5m2(b);
+        if w.is_finite() {
+            let back = f8e5m2_from_f32(w);
+            assert!(
+                back == b || (w == 0.0 && e5m2(back) == 0.0),
+                "e5m2 {b:#04x} → {w} → {back:#04x}"
+            );
+        }
+    }
+    // 1 + 1/16 lies halfway between 1 (mantissa 0, even) and 1.125 (odd).
+    assert_eq!(fp8_e4m3(f8e4m3_from_f32(1.0625)), 1.0);
+    assert_eq!(fp8_e4m3(f8e4m3_from_f32(1.1875)), 1.25);
+    assert_eq!(fp8_e4m3(f8e4m3_from_f32(1000.0)), 448.0);
+    assert_eq!(fp8_e4m3(f8e4m3_from_f32(-3e-3)), -0.00390625);
+    assert_eq!(fp8_e4m3(f8e4m3_from_f32(2.5e-3)), 0.001953125);
+    assert!(fp8_e4m3(f8e4m3_from_f32(f32::NAN)).is_nan());
+    assert_eq!(e5m2(f8e5m2_from_f32(1.125)), 1.0);
+    assert_eq!(e5m2(f8e5m2_from_f32(1.375)), 1.5);
+}

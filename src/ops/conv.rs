@@ -7,7 +7,7 @@
 use super::choice::{record_first, Implementation};
 use super::{
     bytes_of, check_index_space, expect_dtype, expect_shape, f16_flags, grid_for, linear, norm,
-    u32_of, weight_flags, ACT, WG,
+    u32_of, weight_constants, weight_flags, ACT, WEIGHTS, WG, W_FMT_VALUES,
 };
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
@@ -29,7 +29,7 @@ pub static CONV2D: Kernel = Kernel {
     params: &ConvParams::LAYOUT,
     bindings: BINDINGS,
     flags: &["W_F16", "X_F16", "Y_F16"],
-    constants: &[],
+    constants: &[("W_FMT", W_FMT_VALUES)],
     overrides: &[("WG", WG as u32)],
     consts: &[("OC_PER", OC_PER as u32)],
 };
@@ -40,7 +40,7 @@ pub static UPSAMPLE2X: Kernel = Kernel {
     params: &ConvParams::LAYOUT,
     bindings: BINDINGS,
     flags: &["W_F16", "X_F16", "Y_F16"],
-    constants: &[],
+    constants: &[("W_FMT", W_FMT_VALUES)],
     overrides: &[("WG", WG as u32)],
     consts: &[],
 };
@@ -60,7 +60,10 @@ pub static CONV_COOP: Kernel = Kernel {
         Binding::write("y"),
     ],
     flags: &["W_F16", "X_F16", "Y_F16", "COOP16"],
-    constants: &[("S", crate::target::COOP_SUBGROUP_SIZES)],
+    constants: &[
+        ("S", crate::target::COOP_SUBGROUP_SIZES),
+        ("W_FMT", W_FMT_VALUES),
+    ],
     overrides: &[
         ("GM", linear::COOP_GM),
         ("GN", linear::COOP_GN),
@@ -290,7 +293,7 @@ pub fn conv_call(
     let [pad0, pad_end] = pad;
     let kind = "conv2d";
     expect_dtype(g, kind, "x", x, ACT)?;
-    expect_dtype(g, kind, "w", w, &[DType::F32, DType::F16])?;
+    expect_dtype(g, kind, "w", w, WEIGHTS)?;
     let xs = super::expect_rank(g, kind, "x", x, 4, "[batch, cin, h, w]")?;
     let ws = super::expect_rank(g, kind, "w", w, 4, "[cout, cin, kh, kw]")?;
     if ws[1] != xs[1] {
@@ -396,7 +399,7 @@ fn record_direct(g: &mut Graph, c: &ConvCall) -> Result<Value> {
         key: PipelineKey {
             kernel: &CONV2D,
             flags,
-            constants: Vec::new(),
+            constants: weight_constants(g, c.w),
         },
         params: bytes_of(&p),
         args: vec![Some(x), Some(c.w), c.b, Some(y)],
@@ -459,7 +462,9 @@ fn record_coop(g: &mut Graph, c: &ConvCall) -> Result<Value> {
         key: PipelineKey {
             kernel: &CONV_COOP,
             flags,
-            constants: vec![("S", s as f64)],
+            constants: std::iter::once(("S", s as f64))
+                .chain(weight_constants(g, c.w))
+                .collect(),
         },
         params: bytes_of(&p),
         args: vec![

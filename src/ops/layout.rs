@@ -5,7 +5,8 @@
 //! `gather`: table [rows, c] (f32/f16), ids [t] u32 → [t, c].
 
 use super::{
-    bytes_of, check_index_space, expect_dtype, f16_flags, grid_for, weight_flags, ACT, WG,
+    bytes_of, check_index_space, expect_dtype, f16_flags, grid_for, weight_constants, weight_flags,
+    ACT, WEIGHTS, WG, W_FMT_VALUES,
 };
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
@@ -28,7 +29,7 @@ macro_rules! layout_kernel {
             params: &LayoutParams::LAYOUT,
             bindings: BINDINGS,
             flags: &["W_F16", "SRC2_F16", "DST_F16"],
-            constants: &[],
+            constants: &[("W_FMT", W_FMT_VALUES)],
             overrides: &[("WG", WG as u32)],
             consts: &[],
         };
@@ -86,11 +87,12 @@ fn record(
     let n = numel(shape) as u64;
     let mut flags = args[0].map(|w| weight_flags(g, w)).unwrap_or_default();
     flags.extend(f16_flags(g, &[("SRC2_F16", args[1]), ("DST_F16", Some(y))]));
+    let constants = args[0].map(|w| weight_constants(g, w)).unwrap_or_default();
     let call = OpCall {
         key: PipelineKey {
             kernel,
             flags,
-            constants: Vec::new(),
+            constants,
         },
         params: bytes_of(&p),
         args: vec![args[0], args[1], args[2], Some(y)],
@@ -263,7 +265,7 @@ pub fn concat(g: &mut Graph, a: Value, b: Value, axis: usize) -> Result<Value> {
 /// Ids past the table yield NaN rows.
 pub fn gather(g: &mut Graph, table: Value, ids: Value) -> Result<Value> {
     let kind = "gather";
-    expect_dtype(g, kind, "table", table, &[DType::F32, DType::F16])?;
+    expect_dtype(g, kind, "table", table, WEIGHTS)?;
     expect_dtype(g, kind, "ids", ids, &[DType::U32])?;
     let ts = super::expect_rank(g, kind, "table", table, 2, "[rows, c]")?;
     let is = super::expect_rank(g, kind, "ids", ids, 1, "[tokens]")?;

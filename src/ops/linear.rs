@@ -6,7 +6,10 @@
 //! accumulation.
 
 use super::choice::{record_first, Implementation};
-use super::{bytes_of, expect_dtype, f16_flags, u32_of, weight_flags, ACT};
+use super::{
+    bytes_of, expect_dtype, f16_flags, u32_of, weight_constants, weight_flags, ACT, WEIGHTS,
+    W_FMT_VALUES,
+};
 use crate::error::Result;
 use crate::gpu::{Binding, Kernel, PipelineKey};
 use crate::graph::{Cost, Graph, OpCall, Value};
@@ -32,6 +35,7 @@ pub static LINEAR: Kernel = Kernel {
         ("BM", &[64.0, 32.0, 128.0]),
         ("BN", &[64.0, 32.0, 128.0]),
         ("BK", &[16.0, 8.0, 32.0]),
+        ("W_FMT", W_FMT_VALUES),
     ],
     overrides: &[],
     consts: &[],
@@ -44,7 +48,10 @@ pub static LINEAR_COOP: Kernel = Kernel {
     params: &LinearParams::LAYOUT,
     bindings: BINDINGS,
     flags: &["W_F16", "X_F16", "Y_F16", "COOP16"],
-    constants: &[("S", crate::target::COOP_SUBGROUP_SIZES)],
+    constants: &[
+        ("S", crate::target::COOP_SUBGROUP_SIZES),
+        ("W_FMT", W_FMT_VALUES),
+    ],
     overrides: &[("GM", COOP_GM), ("GN", COOP_GN)],
     consts: &[],
 };
@@ -232,7 +239,7 @@ fn check(g: &Graph, c: &GemmCall) -> Result<(LinearParams, u32, Cost)> {
     let (kind, x, w, y, bias) = (c.kind, c.x, c.w, c.y, c.bias);
     let mut gemm = c.gemm;
     expect_dtype(g, kind, "x", x, ACT)?;
-    expect_dtype(g, kind, "w", w, &[DType::F32, DType::F16])?;
+    expect_dtype(g, kind, "w", w, WEIGHTS)?;
     expect_dtype(g, kind, "y", y, ACT)?;
     let p = &mut gemm.p;
     p.has_bias = bias.is_some() as u32;
@@ -323,7 +330,8 @@ fn record_tiled(g: &mut Graph, c: &GemmCall) -> Result<Value> {
     let (p, batches, cost) = check(g, c)?;
     let mut flags = weight_flags(g, c.w);
     flags.extend(f16_flags(g, &[("X_F16", Some(c.x)), ("Y_F16", Some(c.y))]));
-    if c.gemm.vec4_ok() {
+    // 4-wide weight loads read f32 or f16 only.
+    if c.gemm.vec4_ok() && matches!(g.dtype(c.w), DType::F32 | DType::F16) {
         flags.push("VEC4");
     }
     let t = g.target();
@@ -336,11 +344,14 @@ fn record_tiled(g: &mut Graph, c: &GemmCall) -> Result<Value> {
         key: PipelineKey {
             kernel: &LINEAR,
             flags,
-            constants: vec![
+            constants: [
                 ("BM", tile.bm as f64),
                 ("BN", tile.bn as f64),
                 ("BK", tile.bk as f64),
-            ],
+            ]
+            .into_iter()
+            .chain(weight_constants(g, c.w))
+            .collect(),
         },
         params: bytes_of(&p),
         args: vec![Some(c.x), Some(c.w), c.bias, Some(c.y)],
@@ -392,7 +403,9 @@ fn record_coop(g: &mut Graph, c: &GemmCall) -> Result<Value> {
         key: PipelineKey {
             kernel: &LINEAR_COOP,
             flags,
-            constants: vec![("S", s as f64)],
+            constants: std::iter::once(("S", s as f64))
+                .chain(weight_constants(g, c.w))
+                .collect(),
         },
         params: bytes_of(&p),
         args: vec![Some(c.x), Some(c.w), c.bias, Some(c.y)],

@@ -201,14 +201,36 @@ pub(crate) fn f16_flags(g: &Graph, pairs: &[(&'static str, Option<Value>)]) -> V
         .collect()
 }
 
-/// The `W_F16` flag when a weight-like value is stored as f16.
+/// The `W_F16` flag when a weight-like value is stored packed (f16, bf16,
+/// fp8; see `shaders/weights.wgsl`).
 pub(crate) fn weight_flags(g: &Graph, v: Value) -> Vec<&'static str> {
-    if g.dtype(v) == DType::F16 {
+    if g.dtype(v).is_packed_weight() {
         vec!["W_F16"]
     } else {
         Vec::new()
     }
 }
+
+/// The `W_FMT` constant of a packed weight other than f16 (the shader's
+/// default is f16).
+pub(crate) fn weight_constants(g: &Graph, v: Value) -> Vec<(&'static str, f64)> {
+    match g.dtype(v).packed_format() {
+        Some(f) if f != 0 => vec![("W_FMT", f as f64)],
+        _ => Vec::new(),
+    }
+}
+
+/// Storage types a weight operand may have.
+pub const WEIGHTS: &[DType] = &[
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::F8E4M3,
+    DType::F8E5M2,
+];
+
+/// Every `W_FMT` value (the per-call constant of kernels reading weights).
+pub(crate) const W_FMT_VALUES: &[f64] = &[0.0, 1.0, 2.0, 3.0];
 
 /// Errors for a mis-sized value of `n` elements in 32-bit index space.
 pub(crate) fn check_index_space(g: &Graph, kind: &str, n: usize) -> Result<()> {

@@ -56,14 +56,37 @@ pub fn rand(seed: u64, n: usize) -> Vec<f32> {
 
 /// Values as the GPU sees them after storage in `dtype` (f16 rounding).
 pub fn stored(data: &[f32], dtype: DType) -> Vec<f64> {
+    use sd3_wgpu::tensor::{f8e4m3_from_f32, f8e5m2_from_f32};
     match dtype {
         DType::F16 => data
             .iter()
             .map(|&v| half::f16::from_f32(v).to_f64())
             .collect(),
+        DType::BF16 => data
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f64())
+            .collect(),
+        // Decoded on the CPU by the weights reader (independent of the shaders).
+        DType::F8E4M3 => data
+            .iter()
+            .map(|&v| sd3_wgpu::weights::fp8_e4m3(f8e4m3_from_f32(v)) as f64)
+            .collect(),
+        DType::F8E5M2 => data
+            .iter()
+            .map(|&v| half::f16::from_bits((f8e5m2_from_f32(v) as u16) << 8).to_f64())
+            .collect(),
         _ => data.iter().map(|&v| v as f64).collect(),
     }
 }
+
+/// Every storage type a weight may have on the GPU.
+pub const WEIGHT_TYPES: [DType; 5] = [
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::F8E4M3,
+    DType::F8E5M2,
+];
 
 /// Uploads `data` as a weight value of the graph.
 pub fn weight(
