@@ -186,20 +186,35 @@ pub fn record_graphs(
     batch: usize,
     activation: DType,
 ) -> Result<ArchGraphs> {
+    record_graphs_with(gpu, arch, width, height, batch, activation, activation)
+}
+
+/// [`record_graphs`] with the text encoders' and the MMDiT's matrices stored
+/// as `weights` (f16, bf16, fp8: as a checkpoint in that encoding keeps them
+/// on the GPU); the VAE's stay in the activation type.
+pub fn record_graphs_with(
+    gpu: &Gpu,
+    arch: Arch,
+    width: usize,
+    height: usize,
+    batch: usize,
+    activation: DType,
+    weights: DType,
+) -> Result<ArchGraphs> {
     let mut target = gpu.target();
     target.activation = activation;
     let spec = arch.spec();
     let w = ShapeOnlyWeights::new(gpu)?;
     let mut graphs = Vec::new();
     for (name, cfg) in [("clip_l", &spec.clip_l), ("clip_g", &spec.clip_g)] {
-        let m = Clip::load_from(gpu, cfg, &w, activation)?;
+        let m = Clip::load_from(gpu, cfg, &w, weights)?;
         let mut g = Graph::new(target.clone());
         let ids = g.input("ids", &[batch * CLIP_TOKENS], DType::U32);
         let rows = g.input("pool_rows", &[batch], DType::U32);
         m.forward(&mut g, ids, rows, batch)?;
         graphs.push((name, g));
     }
-    let t5 = T5::load_from(gpu, &spec.t5, "shared.weight", &w, activation)?;
+    let t5 = T5::load_from(gpu, &spec.t5, "shared.weight", &w, weights)?;
     let mut g = Graph::new(target.clone());
     let ids = g.input("ids", &[batch * spec.t5_tokens], DType::U32);
     let bias = g.input(
@@ -209,7 +224,7 @@ pub fn record_graphs(
     );
     t5.forward(&mut g, ids, bias, batch)?;
     graphs.push(("t5", g));
-    let m = Mmdit::load_from(gpu, &spec.mmdit, &w, activation)?;
+    let m = Mmdit::load_from(gpu, &spec.mmdit, &w, weights)?;
     let (lh, lw) = (
         height / 8 * 8 / spec.vae.scale_factor(),
         width / 8 * 8 / spec.vae.scale_factor(),

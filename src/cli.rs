@@ -293,6 +293,10 @@ pub struct BenchArgs {
     /// Only record and validate the graphs (no GPU work), printing FLOP counts.
     #[arg(long)]
     pub dry_run: bool,
+    /// With --dry-run: the text encoders' and MMDiT's matrices stored as a
+    /// checkpoint in this encoding keeps them on the GPU (default: --dtype).
+    #[arg(long, value_enum, requires = "dry_run")]
+    pub weights: Option<StorageArg>,
 }
 
 /// `--rng`.
@@ -319,6 +323,34 @@ impl WeightType {
         match self {
             WeightType::F16 => DType::F16,
             WeightType::F32 => DType::F32,
+        }
+    }
+}
+
+/// `--weights`: how a checkpoint's matrices are stored on the GPU.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum StorageArg {
+    /// 32-bit floats.
+    F32,
+    /// 16-bit floats.
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// float8 e4m3fn (ComfyUI's `*_fp8_e4m3fn` files).
+    Fp8,
+    /// float8 e5m2.
+    Fp8E5m2,
+}
+
+impl StorageArg {
+    /// The tensor type.
+    pub fn dtype(self) -> DType {
+        match self {
+            StorageArg::F32 => DType::F32,
+            StorageArg::F16 => DType::F16,
+            StorageArg::Bf16 => DType::BF16,
+            StorageArg::Fp8 => DType::F8E4M3,
+            StorageArg::Fp8E5m2 => DType::F8E5M2,
         }
     }
 }
@@ -666,7 +698,7 @@ fn generate(cli: &Cli, a: &GenerateArgs) -> Result<(), Box<dyn std::error::Error
 }
 
 fn bench_arch(cli: &Cli, a: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
-    use crate::bench_arch::{record_graphs, run, Arch, BenchOptions};
+    use crate::bench_arch::{record_graphs_with, run, Arch, BenchOptions};
     let arch = Arch::parse(&a.arch)?;
     let default = if arch == Arch::Tiny { 64 } else { 1024 };
     let (width, height) = (a.width.unwrap_or(default), a.height.unwrap_or(default));
@@ -689,7 +721,8 @@ fn bench_arch(cli: &Cli, a: &BenchArgs) -> Result<(), Box<dyn std::error::Error>
     if a.dry_run {
         let batch = if a.cfg > 1.0 { 2 } else { 1 };
         // Plans as a GPU with f16 would run them, whatever this adapter has.
-        let g = record_graphs(&gpu, arch, width, height, batch, a.dtype.dtype())?;
+        let weights = a.weights.map(|w| w.dtype()).unwrap_or(a.dtype.dtype());
+        let g = record_graphs_with(&gpu, arch, width, height, batch, a.dtype.dtype(), weights)?;
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         println!(
             "{:<8} {:>6} {:>10} {:>12} {:>16} {:>10}",
@@ -707,8 +740,9 @@ fn bench_arch(cli: &Cli, a: &BenchArgs) -> Result<(), Box<dyn std::error::Error>
             );
         }
         println!(
-            "(weights and activations as --dtype {} stores them; each component is loaded, run and freed in turn)",
-            a.dtype.dtype().name()
+            "(activations as --dtype {} stores them, text-encoder and MMDiT matrices as {}; each component is loaded, run and freed in turn)",
+            a.dtype.dtype().name(),
+            weights.name()
         );
         return Ok(());
     }

@@ -778,4 +778,29 @@ impl TensorProvider for MergingProvider<'_> {
     fn host(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         self.inner.host(name, shape)
     }
+    fn matrix(&self, gpu: &Gpu, name: &str, shape: &[usize], matrix: DType) -> Result<Tensor> {
+        // A matrix a LoRA changes is merged in f16 (the merge writes f32 or
+        // f16); the others stay in their file's encoding.
+        if self.deltas.is_some_and(|d| d.contains_key(name)) {
+            self.tensor(gpu, name, shape, matrix)
+        } else {
+            self.inner.matrix(gpu, name, shape, matrix)
+        }
+    }
+    fn matrix_concat(
+        &self,
+        gpu: &Gpu,
+        names: &[String],
+        shape: &[usize],
+        matrix: DType,
+    ) -> Result<Tensor> {
+        if names
+            .iter()
+            .any(|n| self.deltas.is_some_and(|d| d.contains_key(n)))
+        {
+            self.tensor_concat(gpu, names, shape, matrix)
+        } else {
+            self.inner.matrix_concat(gpu, names, shape, matrix)
+        }
+    }
 }

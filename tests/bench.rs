@@ -77,3 +77,33 @@ fn flop_counter_matches_a_hand_count_for_one_block() {
         "{total:.3e} FLOP per sample"
     );
 }
+
+/// The planner's peak per stage (each component loaded, run and freed in
+/// turn) at 1024² with CFG: SD3 medium with T5, its matrices stored as fp8
+/// (ComfyUI's `*_fp8_e4m3fn` files, kept packed on the GPU), fits 6 GiB;
+/// fp8 halves the MMDiT's and T5's weights against f16.
+#[test]
+fn fp8_weights_plan_sd3_medium_with_t5_under_6_gib() {
+    use sd3_wgpu::bench_arch::record_graphs_with;
+    let gpu = common::gpu();
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let plan = |weights| {
+        record_graphs_with(gpu, Arch::Sd3Medium, 1024, 1024, 2, DType::F16, weights).unwrap()
+    };
+    let (f16, fp8) = (plan(DType::F16), plan(DType::F8E4M3));
+    let mut peak = 0f64;
+    for ((name, a), (_, b)) in f16.graphs.iter().zip(&fp8.graphs) {
+        let total = gib(b.weight_bytes() + b.pooled_bytes() + b.input_bytes());
+        peak = peak.max(total);
+        if *name == "t5" || *name == "mmdit" {
+            let r = b.weight_bytes() as f64 / a.weight_bytes() as f64;
+            eprintln!(
+                "{name}: fp8 weights {:.2} GiB, {r:.2} of f16",
+                gib(b.weight_bytes())
+            );
+            assert!((0.45..0.6).contains(&r), "{name}: fp8/f16 weights {r:.2}");
+        }
+    }
+    eprintln!("SD3 medium + T5, fp8 matrices: peak {peak:.2} GiB");
+    assert!(peak <= 6.0, "peak {peak:.2} GiB");
+}

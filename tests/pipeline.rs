@@ -937,3 +937,126 @@ fn bad_controlnets_are_clear_errors() {
     let _ = std::fs::remove_dir_all(tmp);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Matrices stored as bf16, fp8 e4m3fn, fp8 e5m2 (and scaled fp8, which is
+/// widened with its scale) stay packed on the GPU and give the latents of the
+/// same values stored as f16, in less memory; the transformer and T5 both.
+#[test]
+fn packed_weights_match_their_f16_copies() {
+    use common::{rewrite_safetensors, Entry};
+    use safetensors::Dtype;
+    use sd3_wgpu::sampler::Rng;
+    use sd3_wgpu::tensor::{f8e4m3_from_f32, f8e5m2_from_f32};
+    use sd3_wgpu::weights::fp8_e4m3;
+    // (stored dtype, per-tensor scale) → (packed bytes, the values they hold).
+    let encode = |d: Dtype, v: &[f32]| -> (Vec<u8>, Vec<f32>) {
+        match d {
+            Dtype::BF16 => {
+                let h: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                (
+                    bytemuck_bytes(&h.iter().map(|x| x.to_bits()).collect::<Vec<_>>()),
+                    h.iter().map(|x| x.to_f32()).collect(),
+                )
+            }
+            Dtype::F8_E4M3 => {
+                let b: Vec<u8> = v.iter().map(|&x| f8e4m3_from_f32(x)).collect();
+                let vals = b.iter().map(|&x| fp8_e4m3(x)).collect();
+                (b, vals)
+            }
+            _ => {
+                let b: Vec<u8> = v.iter().map(|&x| f8e5m2_from_f32(x)).collect();
+                let vals = b
+                    .iter()
+                    .map(|&x| half::f16::from_bits((x as u16) << 8).to_f32())
+                    .collect();
+                (b, vals)
+            }
+        }
+    };
+    let mut req = request();
+    req.seed = 5;
+    req.rng = Rng::Torch;
+    for (d, scale) in [
+        (Dtype::BF16, None),
+        (Dtype::F8_E4M3, None),
+        (Dtype::F8_E5M2, None),
+        (Dtype::F8_E4M3, Some(0.25f32)),
+    ] {
+        let (packed, copy) = (pipeline_folder("sd35m"), pipeline_folder("sd35m"));
+        for file in [
+            "transformer/diffusion_pytorch_model.safetensors",
+            "text_encoder_3/model.safetensors",
+        ] {
+            let src = packed.join(file);
+            let tmp = src.with_extension("orig");
+            std::fs::rename(&src, &tmp).unwrap();
+            let matrices = |l: &mut Vec<Entry>, f16_copy: bool| {
+                let mut scales = Vec::new();
+                for t in l.iter_mut() {
+                    if t.2.len() != 2 || !t.0.ends_with(".weight") {
+                        continue;
+                    }
+                    let s = scale.unwrap_or(1.0);
+                    let v: Vec<f32> = sd3_wgpu::weights::to_f32(&t.0, t.1, &t.3)
+                        .unwrap()
+                        .iter()
+                        .map(|x| x / s)
+                        .collect();
+                    let (bytes, vals) = encode(d, &v);
+                    if f16_copy {
+                        let h: Vec<u16> = vals
+                            .iter()
+                            .map(|x| half::f16::from_f32(x * s).to_bits())
+                            .collect();
+                        (t.1, t.3) = (Dtype::F16, bytemuck_bytes(&h));
+                    } else {
+                        (t.1, t.3) = (d, bytes);
+                        if scale.is_some() {
+                            let stem = t.0.trim_end_matches(".weight");
+                            scales.push((
+                                format!("{stem}.scale_weight"),
+                                Dtype::F32,
+                                vec![],
+                                s.to_le_bytes().to_vec(),
+                            ));
+                        }
+                    }
+                }
+                l.extend(scales);
+            };
+            rewrite_safetensors(&tmp, &src, |l| matrices(l, false));
+            rewrite_safetensors(&tmp, &copy.join(file), |l| matrices(l, true));
+            std::fs::remove_file(&tmp).unwrap();
+        }
+        let run = |dir: &PathBuf| {
+            let pipe = Pipeline::load(dir, PipelineOptions::default()).unwrap();
+            let out = pipe.generate(&req, &mut |_, _| {}).unwrap();
+            // The transformer's weights on the GPU.
+            let gpu = &pipe.gpu;
+            let src = sd3_wgpu::weights::mmdit::MmditSource::open(dir).unwrap();
+            let before = gpu.memory.current();
+            let m = sd3_wgpu::models::mmdit::Mmdit::load(gpu, &src, DType::F16).unwrap();
+            let bytes = gpu.memory.current() - before;
+            drop(m);
+            (out.latents, bytes)
+        };
+        let (a, mem_a) = run(&packed);
+        let (b, mem_b) = run(&copy);
+        let want: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+        let e = common::rel_err(&a, &want);
+        eprintln!("{d:?} scale {scale:?}: rel err {e:.2e}, MMDiT weights {mem_a} vs {mem_b} bytes");
+        assert!(e <= 1e-6, "{d:?} scale {scale:?}: relative error {e:.3e}");
+        if scale.is_none() && d != Dtype::BF16 {
+            assert!(mem_a < mem_b, "fp8 kept packed: {mem_a} vs {mem_b} bytes");
+        }
+        let _ = std::fs::remove_dir_all(packed);
+        let _ = std::fs::remove_dir_all(copy);
+    }
+}
+
+fn bytemuck_bytes<T: Copy + Into<u64>>(v: &[T]) -> Vec<u8> {
+    let size = std::mem::size_of::<T>();
+    v.iter()
+        .flat_map(|&x| x.into().to_le_bytes()[..size].to_vec())
+        .collect()
+}

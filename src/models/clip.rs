@@ -175,7 +175,7 @@ impl Clip {
         };
         let lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
             Ok(Linear {
-                weight: t(&format!("{name}.weight"), &[out, inp], matrix)?,
+                weight: src.matrix(gpu, &format!("{name}.weight"), &[out, inp], matrix)?,
                 bias: Some(t(&format!("{name}.bias"), &[out], DType::F32)?),
             })
         };
@@ -195,7 +195,7 @@ impl Clip {
                     .collect()
             };
             let qkv = Linear {
-                weight: src.tensor_concat(gpu, &names("weight"), &[3 * d, d], matrix)?,
+                weight: src.matrix_concat(gpu, &names("weight"), &[3 * d, d], matrix)?,
                 bias: Some(src.tensor_concat(gpu, &names("bias"), &[3 * d], DType::F32)?),
             };
             let ff = c.intermediate;
@@ -209,7 +209,8 @@ impl Clip {
             });
         }
         Ok(Clip {
-            token_embedding: t(
+            token_embedding: src.matrix(
+                gpu,
                 &format!("{P}embeddings.token_embedding.weight"),
                 &[c.vocab, d],
                 matrix,
@@ -221,7 +222,12 @@ impl Clip {
             )?,
             layers,
             final_layer_norm: ln(&format!("{P}final_layer_norm"))?,
-            text_projection: t("text_projection.weight", &[c.projection, d], matrix)?,
+            text_projection: src.matrix(
+                gpu,
+                "text_projection.weight",
+                &[c.projection, d],
+                matrix,
+            )?,
             config: c,
         })
     }

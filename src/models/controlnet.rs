@@ -90,11 +90,7 @@ impl ControlNet {
         let embedder = if c.own_pos_embed {
             Some((
                 Linear {
-                    weight: l.tensor(
-                        "x_embedder.proj.weight",
-                        &[h, b.in_channels, p, p],
-                        matrix,
-                    )?,
+                    weight: l.matrix("x_embedder.proj.weight", &[h, b.in_channels, p, p])?,
                     bias: Some(l.tensor("x_embedder.proj.bias", &[h], DType::F32)?),
                 },
                 l.tensor(
@@ -121,11 +117,7 @@ impl ControlNet {
             blocks,
             controlnet_blocks,
             pos_embed_input: Linear {
-                weight: l.tensor(
-                    "pos_embed_input.proj.weight",
-                    &[h, c.cond_channels, p, p],
-                    matrix,
-                )?,
+                weight: l.matrix("pos_embed_input.proj.weight", &[h, c.cond_channels, p, p])?,
                 bias: Some(l.tensor("pos_embed_input.proj.bias", &[h], DType::F32)?),
             },
             config: c,

@@ -129,9 +129,13 @@ impl Loader<'_> {
     pub(crate) fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         self.src.tensor(self.gpu, name, shape, dtype)
     }
+    /// A matrix in the loader's storage (a file's packed encoding kept).
+    pub(crate) fn matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.src.matrix(self.gpu, name, shape, self.matrix)
+    }
     pub(crate) fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
         Ok(Linear {
-            weight: self.tensor(&format!("{prefix}.weight"), &[out, inp], self.matrix)?,
+            weight: self.matrix(&format!("{prefix}.weight"), &[out, inp])?,
             bias: Some(self.tensor(&format!("{prefix}.bias"), &[out], DType::F32)?),
         })
     }
@@ -205,7 +209,7 @@ impl Mmdit {
         }
         Ok(Mmdit {
             x_embedder: Linear {
-                weight: l.tensor("x_embedder.proj.weight", &[h, c.in_channels, p, p], matrix)?,
+                weight: l.matrix("x_embedder.proj.weight", &[h, c.in_channels, p, p])?,
                 bias: Some(l.tensor("x_embedder.proj.bias", &[h], DType::F32)?),
             },
             pos_embed: l.tensor(

@@ -189,7 +189,7 @@ impl T5 {
         };
         let lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
             Ok(Linear {
-                weight: t(&format!("{name}.weight"), &[out, inp], matrix)?,
+                weight: src.matrix(gpu, &format!("{name}.weight"), &[out, inp], matrix)?,
                 bias: None,
             })
         };
@@ -204,7 +204,7 @@ impl T5 {
             blocks.push(T5Block {
                 ln0: t(&format!("{a}.layer_norm.weight"), &[d], DType::F32)?,
                 qkv: Linear {
-                    weight: src.tensor_concat(gpu, &names, &[3 * inner, d], matrix)?,
+                    weight: src.matrix_concat(gpu, &names, &[3 * inner, d], matrix)?,
                     bias: None,
                 },
                 o: lin(&format!("{a}.SelfAttention.o"), d, inner)?,
@@ -215,7 +215,7 @@ impl T5 {
             });
         }
         Ok(T5 {
-            shared: t(shared_name, &[vocab, d], matrix)?,
+            shared: src.matrix(gpu, shared_name, &[vocab, d], matrix)?,
             blocks,
             final_layer_norm: t("encoder.final_layer_norm.weight", &[d], DType::F32)?,
             relative_attention_bias: src.host(

@@ -16,6 +16,10 @@ pub struct Component {
     pub params: u64,
     /// Stored dtype → tensor count.
     pub dtypes: BTreeMap<String, usize>,
+    /// Bytes on the GPU with `--dtype f16`: matrices kept in their packed
+    /// file encoding (f16, bf16, fp8; the VAE's and scaled fp8 ones widened
+    /// to f16), f32 matrices as f16, everything else f32.
+    pub gpu_bytes: u64,
 }
 
 /// What `sd3 inspect` reports.
@@ -31,11 +35,21 @@ pub struct Report {
     pub components: BTreeMap<&'static str, Component>,
 }
 
-fn add(c: &mut Component, ck: &Checkpoint, prefix: &str) {
-    for (_, e) in ck.with_prefix(prefix) {
+fn add(c: &mut Component, ck: &Checkpoint, prefix: &str, packed: bool) {
+    for (name, e) in ck.with_prefix(prefix) {
+        let n = e.shape.iter().product::<usize>() as u64;
         c.tensors += 1;
-        c.params += e.shape.iter().product::<usize>() as u64;
+        c.params += n;
         *c.dtypes.entry(format!("{:?}", e.dtype)).or_default() += 1;
+        let matrix = e.shape.len() >= 2 && name.ends_with(".weight");
+        let scaled = ck.weight_scale(name).ok().flatten().is_some();
+        let per = match crate::DType::packed_from(e.dtype) {
+            // bytes(4): four elements, a whole number of words.
+            Some(d) if matrix && packed && !scaled => d.bytes(4) as f64 / 4.0,
+            _ if matrix => 2.0,
+            _ => 4.0,
+        };
+        c.gpu_bytes += (n as f64 * per) as u64;
     }
 }
 
@@ -72,7 +86,7 @@ pub fn inspect(path: &Path) -> Result<Report, WeightsError> {
                 if dir.is_dir() {
                     let ck = Checkpoint::open_diffusers_component(&dir, stem)?;
                     let mut c = Component::default();
-                    add(&mut c, &ck, "");
+                    add(&mut c, &ck, "", *name != "vae");
                     components.insert(*name, c);
                 }
             }
@@ -80,14 +94,14 @@ pub fn inspect(path: &Path) -> Result<Report, WeightsError> {
             layout = "diffusers transformer folder".to_string();
             let ck = Checkpoint::open_diffusers_component(path, "diffusion_pytorch_model")?;
             let mut c = Component::default();
-            add(&mut c, &ck, "");
+            add(&mut c, &ck, "", true);
             components.insert("transformer", c);
         }
     } else {
         let ck = Checkpoint::open(&[path.to_path_buf()])?;
         for (name, prefix) in SINGLE_FILE_PARTS {
             let mut c = Component::default();
-            add(&mut c, &ck, prefix);
+            add(&mut c, &ck, prefix, *name != "vae");
             if c.tensors > 0 {
                 components.insert(*name, c);
             }
@@ -104,7 +118,7 @@ pub fn inspect(path: &Path) -> Result<Report, WeightsError> {
             for (name, prefix) in guess {
                 if ck.with_prefix(prefix).next().is_some() {
                     let mut c = Component::default();
-                    add(&mut c, &ck, "");
+                    add(&mut c, &ck, "", *name != "vae");
                     components.insert(*name, c);
                     break;
                 }
@@ -178,10 +192,11 @@ impl fmt::Display for Report {
                         c.dtypes.iter().map(|(d, n)| format!("{d} ×{n}")).collect();
                     writeln!(
                         f,
-                        "{name:<12} present: {} parameters in {} tensors ({})",
+                        "{name:<12} present: {} parameters in {} tensors ({}); {:.1} MiB on the GPU with --dtype f16",
                         count(c.params),
                         c.tensors,
-                        dts.join(", ")
+                        dts.join(", "),
+                        c.gpu_bytes as f64 / (1u64 << 20) as f64
                     )?;
                 }
                 None if name != "clip" => writeln!(f, "{name:<12} absent")?,

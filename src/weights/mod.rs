@@ -538,6 +538,29 @@ pub trait TensorProvider {
     }
     /// A (small) tensor on the CPU.
     fn host(&self, name: &str, shape: &[usize]) -> crate::Result<Vec<f32>>;
+    /// A matrix: with `matrix` f16 (the default storage), kept in the file's
+    /// own packed encoding (f16, bf16, fp8) where it has one — never a
+    /// widened copy; otherwise stored as `matrix`.
+    fn matrix(
+        &self,
+        gpu: &crate::gpu::Gpu,
+        name: &str,
+        shape: &[usize],
+        matrix: crate::DType,
+    ) -> crate::Result<crate::Tensor> {
+        self.tensor(gpu, name, shape, matrix)
+    }
+    /// [`TensorProvider::matrix`] of equal-sized parts concatenated along
+    /// dim 0 (q, k, v → qkv).
+    fn matrix_concat(
+        &self,
+        gpu: &crate::gpu::Gpu,
+        names: &[String],
+        shape: &[usize],
+        matrix: crate::DType,
+    ) -> crate::Result<crate::Tensor> {
+        self.tensor_concat(gpu, names, shape, matrix)
+    }
 }
 
 macro_rules! provider_from_read {
@@ -554,6 +577,45 @@ macro_rules! provider_from_read {
             }
             fn host(&self, name: &str, shape: &[usize]) -> crate::Result<Vec<f32>> {
                 Ok(self.read(name, shape)?)
+            }
+            fn matrix(
+                &self,
+                gpu: &crate::gpu::Gpu,
+                name: &str,
+                shape: &[usize],
+                matrix: crate::DType,
+            ) -> crate::Result<crate::Tensor> {
+                if matrix == crate::DType::F16 {
+                    if let Some((dtype, bytes)) = self.read_packed(name, shape)? {
+                        return crate::Tensor::from_raw(gpu, shape, dtype, bytes);
+                    }
+                }
+                self.tensor(gpu, name, shape, matrix)
+            }
+            fn matrix_concat(
+                &self,
+                gpu: &crate::gpu::Gpu,
+                names: &[String],
+                shape: &[usize],
+                matrix: crate::DType,
+            ) -> crate::Result<crate::Tensor> {
+                if matrix == crate::DType::F16 && !names.is_empty() {
+                    let mut part = shape.to_vec();
+                    part[0] /= names.len();
+                    let mut parts = Vec::with_capacity(names.len());
+                    for n in names {
+                        parts.push(self.read_packed(n, &part)?);
+                    }
+                    let first = parts.first().and_then(|p| p.as_ref().map(|p| p.0));
+                    if first.is_some() && parts.iter().all(|p| p.as_ref().map(|p| p.0) == first) {
+                        let bytes: Vec<u8> =
+                            parts.into_iter().flatten().flat_map(|p| p.1).collect();
+                        if let Some(dtype) = first {
+                            return crate::Tensor::from_raw(gpu, shape, dtype, bytes);
+                        }
+                    }
+                }
+                self.tensor_concat(gpu, names, shape, matrix)
             }
         }
     };

@@ -143,12 +143,79 @@ impl Checkpoint {
         }
         let mut data = Vec::new();
         for n in r.names() {
-            data.extend(self.read_f32(n)?.1);
+            let mut part = self.read_f32(n)?.1;
+            if let Some(s) = self.weight_scale(n)? {
+                part.iter_mut().for_each(|v| *v *= s);
+            }
+            data.extend(part);
         }
         if let Recipe::SwapHalves(_) = r {
             let half = data.len() / 2;
             data.rotate_left(half);
         }
         Ok(data)
+    }
+
+    /// The per-tensor scale of a scaled-fp8 weight (`X.scale_weight` next
+    /// to `X.weight`, as ComfyUI's `*_fp8_scaled` files store it), if any.
+    pub fn weight_scale(&self, name: &str) -> Result<Option<f32>, WeightsError> {
+        let Some(stem) = name.strip_suffix(".weight") else {
+            return Ok(None);
+        };
+        let sname = format!("{stem}.scale_weight");
+        if !self.tensors.contains_key(&sname) {
+            return Ok(None);
+        }
+        let (_, v) = self.read_f32(&sname)?;
+        match v.as_slice() {
+            [s] if s.is_finite() => Ok(Some(*s)),
+            _ => Err(WeightsError::Shape {
+                file: self.file_of(&sname),
+                name: sname,
+                expected: "one finite number".into(),
+                found: vec![v.len()],
+            }),
+        }
+    }
+
+    /// `r` in the file's own packed encoding (f16, bf16, fp8), when every
+    /// stored part has that one encoding and no per-tensor scale: the bytes
+    /// to keep on the GPU as they are. `None` when it must be widened.
+    pub fn read_recipe_packed(
+        &self,
+        r: &Recipe,
+        expected: &[usize],
+    ) -> Result<Option<(crate::DType, Vec<u8>)>, WeightsError> {
+        let found = self.recipe_shape(r)?;
+        if found != expected && squeezed(&found) != squeezed(expected) {
+            return Err(WeightsError::Shape {
+                file: self.file_of(r.first()),
+                name: r.first().to_string(),
+                expected: format!("{expected:?}"),
+                found,
+            });
+        }
+        let mut dtype = None;
+        for n in r.names() {
+            let e = self.tensors.get(n).ok_or_else(|| self.missing(n))?;
+            let d = crate::DType::packed_from(e.dtype);
+            if d.is_none() || (dtype.is_some() && dtype != d) || self.weight_scale(n)?.is_some() {
+                return Ok(None);
+            }
+            dtype = d;
+        }
+        let Some(dtype) = dtype else {
+            return Ok(None);
+        };
+        let mut bytes = Vec::new();
+        for n in r.names() {
+            let e = self.tensors.get(n).ok_or_else(|| self.missing(n))?;
+            bytes.extend(self.bytes(e)?);
+        }
+        if let Recipe::SwapHalves(_) = r {
+            let half = bytes.len() / 2;
+            bytes.rotate_left(half);
+        }
+        Ok(Some((dtype, bytes)))
     }
 }

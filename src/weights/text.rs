@@ -92,6 +92,16 @@ impl TextSource {
         self.ck.read_recipe(&self.recipe(name), expected)
     }
 
+    /// Reads a tensor in the file's packed encoding (see
+    /// [`Checkpoint::read_recipe_packed`](super::Checkpoint::read_recipe_packed)).
+    pub fn read_packed(
+        &self,
+        name: &str,
+        expected: &[usize],
+    ) -> Result<Option<(crate::DType, Vec<u8>)>, WeightsError> {
+        self.ck.read_recipe_packed(&self.recipe(name), expected)
+    }
+
     /// Number of distinct layer indices under `prefix` (e.g. `text_model.encoder.layers.`).
     pub fn count_layers(&self, prefix: &str) -> usize {
         self.ck
