@@ -2,9 +2,14 @@
 // W_FMT names — 0: f16, two per word (unpack2x16float, which needs no
 // SHADER_F16 feature); 1: bf16, two per word (the high half of an f32);
 // 2: float8 e4m3fn, four per word (bias 7, no infinities, S.1111.111 NaN);
-// 3: float8 e5m2, four per word (the high byte of an f16). Weights stay in
-// the file's encoding on the GPU and are decoded here, in the load stage.
-// A file including this declares `w: array<WElem>`.
+// 3: float8 e5m2, four per word (the high byte of an f16); 4-8: GGML's
+// blocks of 32 with an f16 scale d (src/quant.rs), packed back to back over
+// the flattened tensor — 4 Q8_0 (34 bytes: d, 32 × i8; x = d·q), 5 Q4_0 (18:
+// d, nibbles; d·(q − 8)), 6 Q4_1 (20: d, m, nibbles; d·q + m), 7 Q5_0 (22: d,
+// 32 high bits, nibbles; d·(q − 16)), 8 Q5_1 (24: d, m, high bits, nibbles;
+// d·q + m); nibble byte j holds elements j (low) and j + 16 (high). Weights
+// stay in the file's encoding on the GPU and are decoded here, in the load
+// stage. A file including this declares `w: array<WElem>`.
 
 // Set from Rust per call (DType::packed_format); f16 unless told.
 override W_FMT: u32 = 0u;
@@ -25,7 +30,61 @@ fn f8e4m3(b: u32) -> f32 {
     return select(mag, -mag, (b & 0x80u) != 0u);
 }
 
+// Byte o of the packed weights.
+fn w_byte(o: u32) -> u32 {
+    return (w[o >> 2u] >> (8u * (o & 3u))) & 0xffu;
+}
+
+// The f16 at byte o (any alignment).
+fn w_half(o: u32) -> f32 {
+    return unpack2x16float(w_byte(o) | (w_byte(o + 1u) << 8u)).x;
+}
+
+// Element i of a GGML block format (W_FMT 4-8).
+fn load_block(i: u32) -> f32 {
+    let j = i % 32u;
+    var bytes = 34u;
+    switch (W_FMT) {
+        case 5u: { bytes = 18u; }
+        case 6u: { bytes = 20u; }
+        case 7u: { bytes = 22u; }
+        case 8u: { bytes = 24u; }
+        default: {}
+    }
+    let base = (i / 32u) * bytes;
+    let d = w_half(base);
+    if (W_FMT == 4u) {
+        let q = w_byte(base + 2u + j);
+        return d * f32(i32(q << 24u) >> 24u);
+    }
+    // Where the high bits and the nibbles start.
+    var qh_at = 0u;
+    var qs_at = base + 2u;
+    if (W_FMT == 6u) {
+        qs_at = base + 4u;
+    } else if (W_FMT == 7u) {
+        qh_at = base + 2u;
+        qs_at = base + 6u;
+    } else if (W_FMT == 8u) {
+        qh_at = base + 4u;
+        qs_at = base + 8u;
+    }
+    let byte = w_byte(qs_at + (j % 16u));
+    var q = select(byte & 15u, byte >> 4u, j >= 16u);
+    if (W_FMT == 7u || W_FMT == 8u) {
+        q |= ((w_byte(qh_at + j / 8u) >> (j % 8u)) & 1u) << 4u;
+    }
+    switch (W_FMT) {
+        case 5u: { return d * (f32(q) - 8.0); }
+        case 7u: { return d * (f32(q) - 16.0); }
+        default: { return d * f32(q) + w_half(base + 2u); }
+    }
+}
+
 fn load_w(i: u32) -> f32 {
+    if (W_FMT >= 4u) {
+        return load_block(i);
+    }
     if (W_FMT == 0u) {
         let pair = unpack2x16float(w[i >> 1u]);
         return select(pair.x, pair.y, (i & 1u) == 1u);

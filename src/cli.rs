@@ -340,6 +340,21 @@ pub enum StorageArg {
     Fp8,
     /// float8 e5m2.
     Fp8E5m2,
+    /// GGML Q8_0 (8.5 bits per weight).
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// GGML Q4_0 (4.5 bits per weight).
+    #[value(name = "q4_0")]
+    Q4_0,
+    /// GGML Q4_1 (5 bits per weight).
+    #[value(name = "q4_1")]
+    Q4_1,
+    /// GGML Q5_0 (5.5 bits per weight).
+    #[value(name = "q5_0")]
+    Q5_0,
+    /// GGML Q5_1 (6 bits per weight).
+    #[value(name = "q5_1")]
+    Q5_1,
 }
 
 impl StorageArg {
@@ -351,6 +366,11 @@ impl StorageArg {
             StorageArg::Bf16 => DType::BF16,
             StorageArg::Fp8 => DType::F8E4M3,
             StorageArg::Fp8E5m2 => DType::F8E5M2,
+            StorageArg::Q8_0 => DType::Q8_0,
+            StorageArg::Q4_0 => DType::Q4_0,
+            StorageArg::Q4_1 => DType::Q4_1,
+            StorageArg::Q5_0 => DType::Q5_0,
+            StorageArg::Q5_1 => DType::Q5_1,
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod lora;
 pub mod models;
 pub mod ops;
 pub mod pipeline;
+pub mod quant;
 pub mod sampler;
 pub mod target;
 pub mod tensor;

@@ -22,6 +22,17 @@ pub enum DType {
     F8E4M3,
     /// float8 e5m2, four packed per u32: weights.
     F8E5M2,
+    /// GGML block formats (see [`crate::quant`]): blocks of 32 weights with
+    /// an f16 scale, 8-bit.
+    Q8_0,
+    /// 4-bit, symmetric.
+    Q4_0,
+    /// 4-bit with a minimum.
+    Q4_1,
+    /// 5-bit, symmetric.
+    Q5_0,
+    /// 5-bit with a minimum.
+    Q5_1,
 }
 
 impl DType {
@@ -31,6 +42,7 @@ impl DType {
             DType::F32 | DType::U32 => numel * 4,
             DType::F16 | DType::BF16 => numel * 2,
             DType::F8E4M3 | DType::F8E5M2 => numel,
+            q => numel.div_ceil(crate::quant::BLOCK) * crate::quant::block_bytes(q).unwrap_or(0),
         } as u64;
         raw.div_ceil(4) * 4
     }
@@ -44,41 +56,49 @@ impl DType {
             DType::BF16 => "bf16",
             DType::F8E4M3 => "f8e4m3",
             DType::F8E5M2 => "f8e5m2",
+            DType::Q8_0 => "q8_0",
+            DType::Q4_0 => "q4_0",
+            DType::Q4_1 => "q4_1",
+            DType::Q5_0 => "q5_0",
+            DType::Q5_1 => "q5_1",
         }
     }
 
     /// Weight storage packed into u32 words and decoded in the kernels'
     /// load stage (f16, bf16, fp8): the `W_F16` flag with [`Self::packed_format`].
     pub fn is_packed_weight(self) -> bool {
-        matches!(
-            self,
-            DType::F16 | DType::BF16 | DType::F8E4M3 | DType::F8E5M2
-        )
+        self.packed_format().is_some()
     }
 
     /// The kernels' `W_FMT` value of a packed weight type: 0 f16, 1 bf16,
-    /// 2 fp8 e4m3fn, 3 fp8 e5m2.
+    /// 2 fp8 e4m3fn, 3 fp8 e5m2, 4 Q8_0, 5 Q4_0, 6 Q4_1, 7 Q5_0, 8 Q5_1.
     pub fn packed_format(self) -> Option<u32> {
         match self {
             DType::F16 => Some(0),
             DType::BF16 => Some(1),
             DType::F8E4M3 => Some(2),
             DType::F8E5M2 => Some(3),
+            DType::Q8_0 => Some(4),
+            DType::Q4_0 => Some(5),
+            DType::Q4_1 => Some(6),
+            DType::Q5_0 => Some(7),
+            DType::Q5_1 => Some(8),
             _ => None,
         }
     }
 
-    /// The safetensors type of the same encoding.
-    pub fn safetensors(self) -> safetensors::Dtype {
+    /// The safetensors type of the same encoding (none for block formats).
+    pub fn safetensors(self) -> Option<safetensors::Dtype> {
         use safetensors::Dtype as S;
-        match self {
+        Some(match self {
             DType::F32 => S::F32,
             DType::F16 => S::F16,
             DType::U32 => S::U32,
             DType::BF16 => S::BF16,
             DType::F8E4M3 => S::F8_E4M3,
             DType::F8E5M2 => S::F8_E5M2,
-        }
+            _ => return None,
+        })
     }
 
     /// The weight storage of a safetensors type kept as it is on the GPU.
@@ -200,6 +220,10 @@ impl Tensor {
             }
             DType::F8E4M3 => data.iter().map(|&v| f8e4m3_from_f32(v)).collect(),
             DType::F8E5M2 => data.iter().map(|&v| f8e5m2_from_f32(v)).collect(),
+            q @ (DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1) => {
+                crate::quant::quantize(q, data)
+                    .ok_or_else(|| Error::Graph(format!("cannot quantize to {}", q.name())))?
+            }
             DType::U32 => {
                 return Err(Error::Graph(
                     "f32 data cannot be stored as u32; use from_u32".into(),
@@ -212,11 +236,13 @@ impl Tensor {
     /// Uploads bytes already in `dtype`'s encoding (a file's f16, bf16 or
     /// fp8 weights, kept as they are).
     pub fn from_raw(gpu: &Gpu, shape: &[usize], dtype: DType, bytes: Vec<u8>) -> Result<Tensor> {
+        let n = numel(shape);
         let raw = match dtype {
-            DType::F32 | DType::U32 => 4,
-            DType::F16 | DType::BF16 => 2,
-            DType::F8E4M3 | DType::F8E5M2 => 1,
-        } * numel(shape);
+            DType::F32 | DType::U32 => 4 * n,
+            DType::F16 | DType::BF16 => 2 * n,
+            DType::F8E4M3 | DType::F8E5M2 => n,
+            q => n.div_ceil(crate::quant::BLOCK) * crate::quant::block_bytes(q).unwrap_or(0),
+        };
         if bytes.len() != raw {
             return Err(Error::Graph(format!(
                 "{} bytes for a {} tensor of shape {}",
@@ -280,8 +306,12 @@ pub(crate) fn read_buffer(
             .iter()
             .map(|v| v.to_f32())
             .collect(),
-        other => crate::weights::to_f32("tensor", other.safetensors(), &bytes)
-            .map_err(|e| Error::Graph(e.to_string()))?[..numel]
-            .to_vec(),
+        other => match other.safetensors() {
+            Some(st) => crate::weights::to_f32("tensor", st, &bytes)
+                .map_err(|e| Error::Graph(e.to_string()))?[..numel]
+                .to_vec(),
+            None => crate::quant::dequantize(other, &bytes, numel)
+                .ok_or_else(|| Error::Graph(format!("cannot read {} back", other.name())))?,
+        },
     })
 }

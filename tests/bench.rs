@@ -107,3 +107,32 @@ fn fp8_weights_plan_sd3_medium_with_t5_under_6_gib() {
     eprintln!("SD3 medium + T5, fp8 matrices: peak {peak:.2} GiB");
     assert!(peak <= 6.0, "peak {peak:.2} GiB");
 }
+
+/// SD3.5 large with a Q4_0 MMDiT (GGUF) and an fp8 T5 plans under 6 GiB
+/// per stage at 1024² with CFG; Q8_0 takes about half of f16.
+#[test]
+fn q4_0_mmdit_and_fp8_t5_plan_sd35_large_under_6_gib() {
+    use sd3_wgpu::bench_arch::record_graphs_with;
+    let gpu = common::gpu();
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let stage = |weights, name: &str| {
+        let g =
+            record_graphs_with(gpu, Arch::Sd35Large, 1024, 1024, 2, DType::F16, weights).unwrap();
+        let s = &g.graphs.iter().find(|(n, _)| *n == name).unwrap().1;
+        (s.weight_bytes(), s.pooled_bytes() + s.input_bytes())
+    };
+    let (w4, a4) = stage(DType::Q4_0, "mmdit");
+    let (w8, _) = stage(DType::Q8_0, "mmdit");
+    let (w16, _) = stage(DType::F16, "mmdit");
+    let (t5w, t5a) = stage(DType::F8E4M3, "t5");
+    let peak = gib(w4 + a4).max(gib(t5w + t5a));
+    eprintln!(
+        "SD3.5 large MMDiT weights: f16 {:.2}, q8_0 {:.2}, q4_0 {:.2} GiB; peak with an fp8 T5 {peak:.2} GiB",
+        gib(w16),
+        gib(w8),
+        gib(w4)
+    );
+    assert!(peak <= 6.0, "peak {peak:.2} GiB");
+    let r = w8 as f64 / w16 as f64;
+    assert!((0.5..0.6).contains(&r), "q8_0/f16 {r:.2}");
+}

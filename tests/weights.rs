@@ -229,3 +229,54 @@ fn fp8_encoders_round_to_nearest_even() {
     assert_eq!(e5m2(f8e5m2_from_f32(1.125)), 1.0);
     assert_eq!(e5m2(f8e5m2_from_f32(1.375)), 1.5);
 }
+
+/// GGML's block formats as llama.cpp's Python reference (the gguf package)
+/// writes them: our dequantizer reads its blocks to the same values, and our
+/// quantizer writes the same bytes (tools/make_fixtures.py gguf).
+#[test]
+fn ggml_blocks_match_the_gguf_package() {
+    use sd3_wgpu::quant::{dequantize, quantize};
+    use sd3_wgpu::DType;
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let io = sd3_wgpu::weights::Checkpoint::open(&[root.join("gguf_blocks.safetensors")]).unwrap();
+    for (name, d) in [
+        ("q8_0", DType::Q8_0),
+        ("q4_0", DType::Q4_0),
+        ("q4_1", DType::Q4_1),
+        ("q5_0", DType::Q5_0),
+        ("q5_1", DType::Q5_1),
+    ] {
+        let src = io.read_f32(&format!("{name}.src")).unwrap().1;
+        let bytes: Vec<u8> = io
+            .read_f32(&format!("{name}.bytes"))
+            .unwrap()
+            .1
+            .iter()
+            .map(|&v| v as u8)
+            .collect();
+        let want = io.read_f32(&format!("{name}.values")).unwrap().1;
+        assert_eq!(
+            dequantize(d, &bytes, src.len()).unwrap(),
+            want,
+            "{name}: dequantize"
+        );
+        let ours = quantize(d, &src).unwrap();
+        let same = ours.iter().zip(&bytes).filter(|(a, b)| a == b).count();
+        assert_eq!(ours.len(), bytes.len(), "{name}: block bytes");
+        assert_eq!(
+            same,
+            bytes.len(),
+            "{name}: {} of {} bytes differ",
+            bytes.len() - same,
+            bytes.len()
+        );
+    }
+    assert!(
+        dequantize(DType::Q4_0, &[0; 17], 32).is_none(),
+        "too few bytes"
+    );
+    assert!(
+        dequantize(DType::F16, &[0; 64], 32).is_none(),
+        "not a block format"
+    );
+}

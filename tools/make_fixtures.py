@@ -1034,10 +1034,38 @@ def make_controlnet():
     print("controlnet cases", [c[0] for c in CONTROLNET_CASES])
 
 
+def make_gguf_blocks():
+    """GGML block formats as the gguf package (llama.cpp's Python reference)
+    quantizes and dequantizes them: gguf_blocks.safetensors with, per type,
+    `{t}.src` (f32 input, 6 blocks: random, a zero block, one dominated by a
+    negative value), `{t}.bytes` (the packed blocks, one byte per f32) and
+    `{t}.values` (its dequantization)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T, quants
+
+    rng = np.random.default_rng(99)
+    src = rng.standard_normal(6 * 32).astype(np.float32)
+    src[64:96] = 0.0
+    src[100] = -7.5
+    out = {}
+    for name in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        qt = getattr(T, name)
+        packed = quants.quantize(src.reshape(1, -1), qt)
+        values = quants.dequantize(packed, qt).reshape(-1).astype(np.float32)
+        key = name.lower()
+        out[f"{key}.src"] = torch.from_numpy(src.copy())
+        out[f"{key}.bytes"] = torch.from_numpy(packed.reshape(-1).astype(np.float32))
+        out[f"{key}.values"] = torch.from_numpy(values)
+    save_file(out, os.path.join(ROOT, "gguf_blocks.safetensors"))
+
+
 if __name__ == "__main__":
     import sys
     if sys.argv[1:] == ["img2img"]:
         make_img2img()
+        sys.exit()
+    if sys.argv[1:] == ["gguf"]:
+        make_gguf_blocks()
         sys.exit()
     if sys.argv[1:] == ["controlnet"]:
         make_controlnet()
@@ -1059,3 +1087,4 @@ if __name__ == "__main__":
     make_inpaint()
     make_lora()
     make_controlnet()
+    make_gguf_blocks()

@@ -75,17 +75,32 @@ pub fn stored(data: &[f32], dtype: DType) -> Vec<f64> {
             .iter()
             .map(|&v| half::f16::from_bits((f8e5m2_from_f32(v) as u16) << 8).to_f64())
             .collect(),
+        // Quantized and dequantized on the CPU (src/quant.rs, checked against
+        // the gguf package's dequantizer in tests/weights.rs).
+        q @ (DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1) => {
+            let bytes = sd3_wgpu::quant::quantize(q, data).unwrap();
+            sd3_wgpu::quant::dequantize(q, &bytes, data.len())
+                .unwrap()
+                .iter()
+                .map(|&v| v as f64)
+                .collect()
+        }
         _ => data.iter().map(|&v| v as f64).collect(),
     }
 }
 
 /// Every storage type a weight may have on the GPU.
-pub const WEIGHT_TYPES: [DType; 5] = [
+pub const WEIGHT_TYPES: [DType; 10] = [
     DType::F32,
     DType::F16,
     DType::BF16,
     DType::F8E4M3,
     DType::F8E5M2,
+    DType::Q8_0,
+    DType::Q4_0,
+    DType::Q4_1,
+    DType::Q5_0,
+    DType::Q5_1,
 ];
 
 /// Uploads `data` as a weight value of the graph.
