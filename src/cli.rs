@@ -136,6 +136,11 @@ pub struct GenerateArgs {
     /// T5-XXL weights (t5xxl_fp16.safetensors), overriding the model's.
     #[arg(long)]
     pub t5: Option<PathBuf>,
+    /// VAE weights (a safetensors file in Stability's or diffusers' names, or
+    /// a diffusers vae/ folder), overriding the model's; a .gguf transformer
+    /// needs it.
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
     /// Run without T5 (its part of the context becomes zeros, as in diffusers).
     #[arg(long)]
     pub no_t5: bool,
@@ -605,6 +610,7 @@ pub fn pipeline_options(cli: &Cli, a: &GenerateArgs) -> PipelineOptions {
         turbo: a.turbo.then_some(true),
         loras: a.loras.clone(),
         controlnets: a.controlnets.clone(),
+        vae: a.vae.clone(),
         ..PipelineOptions::default()
     }
 }

@@ -112,6 +112,9 @@ pub struct PipelineOptions {
     /// ControlNets (diffusers folders or safetensors files); each request
     /// gives one [`Control`] per ControlNet, in this order.
     pub controlnets: Vec<PathBuf>,
+    /// The VAE from elsewhere (a file in Stability's or diffusers' names, or
+    /// a diffusers `vae/` folder): a GGUF transformer holds none.
+    pub vae: Option<PathBuf>,
 }
 
 impl Default for PipelineOptions {
@@ -131,6 +134,7 @@ impl Default for PipelineOptions {
             turbo: None,
             loras: Vec::new(),
             controlnets: Vec::new(),
+            vae: None,
         }
     }
 }
@@ -397,7 +401,7 @@ impl Pipeline {
             )));
         }
         let mmdit = MmditSource::open(path)?;
-        let vae = VaeSource::open(path)?;
+        let vae = VaeSource::open(options.vae.as_deref().unwrap_or(path))?;
         if vae.config.latent_channels != mmdit.config.in_channels {
             return Err(Error::Weights(WeightsError::Unsupported(format!(
                 "{}: the VAE makes {} latent channels but the transformer takes {}",

@@ -471,6 +471,64 @@ fn generate_with_a_controlnet_records_it() {
     );
 }
 
+/// A GGUF transformer (city96's layout) with the VAE and the text encoders
+/// from separate files, as ComfyUI users have them; without --vae the error
+/// says what is missing.
+#[test]
+fn generate_from_a_gguf_transformer_with_separate_parts() {
+    let dir = temp_dir("gguf");
+    let out = dir.join("gguf.png");
+    let text = fixture("text");
+    let args = |vae: bool| {
+        let mut v: Vec<String> = [
+            "generate",
+            "--model",
+            &fixture("pipeline/sd35l.gguf"),
+            "--clip-l",
+            &format!("{text}/text_encoder"),
+            "--clip-g",
+            &format!("{text}/text_encoder_2"),
+            "--t5",
+            &format!("{text}/text_encoder_3"),
+            "--tokenizers",
+            &text,
+            "--prompt",
+            PROMPT,
+            "--steps",
+            "2",
+            "--width",
+            "20",
+            "--height",
+            "12",
+            "--max-t5-tokens",
+            "16",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if vae {
+            v.extend(["--vae".to_string(), fixture("vae/vae")]);
+        }
+        v
+    };
+    let run = |v: Vec<String>| {
+        let v: Vec<&str> = v.iter().map(|s| s.as_str()).collect();
+        sd3(&v)
+    };
+    let (ok, _, err) = run(args(false));
+    assert!(
+        !ok && err.contains("sd35l.gguf") && err.contains("no VAE decoder"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let (ok, _, err) = run(args(true));
+    assert!(ok, "{err}");
+    let img = image::open(&out).unwrap();
+    assert_eq!((img.width(), img.height()), (20, 12));
+}
+
 #[test]
 fn generate_bad_inputs_are_clear_and_write_nothing() {
     let model = common::pipeline_folder("sd3");

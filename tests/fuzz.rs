@@ -335,6 +335,46 @@ fn fuzz_safetensors_headers() {
     );
 }
 
+/// GGUF files with bytes flipped, inserted or removed in the header (and
+/// cut anywhere): an error naming the file or a model that loads, never a
+/// panic, a hang or an allocation the file cannot back.
+#[test]
+fn fuzz_gguf_headers() {
+    let gpu = common::gpu();
+    let dir = temp_dir("fuzz-gguf");
+    let original = std::fs::read(fixture("mmdit/sd35l.gguf")).unwrap();
+    let t0 = Instant::now();
+    let ok = run_cases(
+        "gguf",
+        N_HEADERS / 4,
+        Duration::from_secs(20),
+        move |i, r, desc| {
+            let mut file = original.clone();
+            if i % 8 == 7 {
+                file.truncate(r.below(original.len()));
+                *desc = format!("cut at {}", file.len());
+            } else {
+                // Mutate within the header (metadata and tensor infos).
+                let header = file.len().min(4096);
+                let mut head = file[..header].to_vec();
+                mutate_bytes(r, &mut head);
+                file.splice(..header, head);
+                *desc = format!("header {:?}", &file[..file.len().min(96)]);
+            }
+            let p = dir.join(format!("{i}.gguf"));
+            std::fs::write(&p, &file).unwrap();
+            let res = load_any(gpu, "mmdit", &p);
+            let _ = std::fs::remove_file(&p);
+            res
+        },
+    );
+    println!(
+        "gguf: {ok} of {} mutated files still loaded, {:?}",
+        N_HEADERS / 4,
+        t0.elapsed()
+    );
+}
+
 /// Opens and reads `path` as a component of `kind` (checkpoint, detection,
 /// every tensor read and shape-checked); the error as a string.
 fn load_any(gpu: &'static Gpu, kind: &str, path: &Path) -> Result<(), String> {

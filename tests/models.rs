@@ -71,6 +71,48 @@ fn mmdit_matches_diffusers_in_both_layouts_for_every_variant() {
     }
 }
 
+/// A GGUF MMDiT as city96's are written (Stability names, matrices in
+/// Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, the rest f16/f32; tools/make_fixtures.py gguf)
+/// against diffusers on the same weights dequantized by the gguf package:
+/// widened to f32, and with the blocks kept packed on the GPU.
+#[test]
+fn gguf_mmdit_matches_diffusers_on_its_dequantized_weights() {
+    let gpu = gpu();
+    let path = fixture("mmdit/sd35l.gguf");
+    let src = MmditSource::open(&path).unwrap();
+    assert!(src.is_single_file());
+    let io = Checkpoint::open(&[fixture("mmdit/sd35l_io.safetensors")]).unwrap();
+    let want: Vec<f64> = Checkpoint::open(&[fixture("mmdit/sd35l_gguf_io.safetensors")])
+        .unwrap()
+        .read_f32("out")
+        .unwrap()
+        .1
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let get = |k: &str| io.read_f32(&format!("case0.{k}")).unwrap();
+    let (xs, x) = get("x");
+    let (cs, ctx) = get("context");
+    let (_, pooled) = get("pooled");
+    let (_, t) = get("t");
+    for matrix in [DType::F32, DType::F16] {
+        let model = Mmdit::load(gpu, &src, matrix).unwrap();
+        let qkv = &model.joint_blocks[0].x_block.attn.qkv.weight;
+        if matrix == DType::F16 {
+            assert!(
+                qkv.dtype.packed_format().is_some_and(|f| f >= 4),
+                "kept as {:?}",
+                qkv.dtype
+            );
+        }
+        let run = MmditRun::new(gpu, &model, xs[0], xs[2], xs[3], cs[1]).unwrap();
+        let got = run.run(gpu, &x, &ctx, &pooled, &t).unwrap();
+        let e = rel_err(&got, &want);
+        eprintln!("gguf MMDiT, matrices {matrix:?}: rel err {e:.2e}");
+        assert!(e <= 1e-4, "{matrix:?}: relative error {e:.3e}");
+    }
+}
+
 #[test]
 fn mmdit_with_f16_matrices_stays_within_bound() {
     // sd3's fixture matrices are f32, so f16 storage really rounds them.

@@ -1059,6 +1059,74 @@ def make_gguf_blocks():
     save_file(out, os.path.join(ROOT, "gguf_blocks.safetensors"))
 
 
+GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+
+def write_gguf(single, path):
+    """Writes a Stability-named state dict as city96's GGUFs are written:
+    each 2-D matrix whose rows split into blocks of 32 in one of GGUF_TYPES
+    in turn, other matrices f16, everything else f32. Returns the tensors as
+    the gguf package dequantizes them."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T, GGUFWriter, quants
+
+    writer = GGUFWriter(path, arch="sd3")
+    dequant = {}
+    k = 0
+    for name in sorted(single):
+        v = single[name].float().numpy()
+        if v.ndim == 2 and v.shape[1] % 32 == 0 and name.endswith(".weight"):
+            qt = getattr(T, GGUF_TYPES[k % len(GGUF_TYPES)])
+            k += 1
+            packed = quants.quantize(v, qt)
+            writer.add_tensor(name, packed, raw_dtype=qt)
+            dequant[name] = torch.from_numpy(quants.dequantize(packed, qt).reshape(v.shape).astype(np.float32))
+        elif v.ndim >= 2 and name.endswith(".weight"):
+            h = v.astype(np.float16)
+            writer.add_tensor(name, h)
+            dequant[name] = torch.from_numpy(h.astype(np.float32))
+        else:
+            writer.add_tensor(name, v)
+            dequant[name] = torch.from_numpy(v)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    print(path, ": quantized", k, "matrices")
+    return dequant
+
+
+def make_gguf_model():
+    """The sd35l MMDiT fixture as a GGUF file (write_gguf), and its forward
+    pass run by diffusers on the same weights dequantized by the gguf package
+    (inputs of mmdit/sd35l_io.safetensors case0): mmdit/sd35l.gguf and
+    mmdit/sd35l_gguf_io.safetensors (`out`). Also the sd35l pipeline
+    fixture's transformer as pipeline/sd35l.gguf, for end-to-end runs with
+    --vae and the separate text encoders.
+    """
+    from safetensors.torch import load_file
+
+    base = os.path.join(ROOT, "mmdit")
+    model = SD3Transformer2DModel.from_pretrained(os.path.join(base, "sd35l", "transformer"),
+                                                  torch_dtype=torch.float32).eval()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    single = to_single_file(sd, model.config.num_layers, model.inner_dim)
+    dequant = write_gguf(single, os.path.join(base, "sd35l.gguf"))
+    back = convert_sd3_transformer_checkpoint_to_diffusers(dict(dequant))
+    model.load_state_dict(back)
+    io = load_file(os.path.join(base, "sd35l_io.safetensors"))
+    with torch.no_grad():
+        out = model(hidden_states=io["case0.x"], encoder_hidden_states=io["case0.context"],
+                    pooled_projections=io["case0.pooled"], timestep=io["case0.t"]).sample
+    assert torch.isfinite(out).all()
+    save_file({"out": out.contiguous()}, os.path.join(base, "sd35l_gguf_io.safetensors"))
+    pipe = SD3Transformer2DModel.from_pretrained(os.path.join(ROOT, "pipeline", "sd35l", "transformer"),
+                                                 torch_dtype=torch.float32)
+    psd = {k: v.detach().clone() for k, v in pipe.state_dict().items()}
+    write_gguf(to_single_file(psd, pipe.config.num_layers, pipe.inner_dim),
+               os.path.join(ROOT, "pipeline", "sd35l.gguf"))
+
+
 if __name__ == "__main__":
     import sys
     if sys.argv[1:] == ["img2img"]:
@@ -1066,6 +1134,7 @@ if __name__ == "__main__":
         sys.exit()
     if sys.argv[1:] == ["gguf"]:
         make_gguf_blocks()
+        make_gguf_model()
         sys.exit()
     if sys.argv[1:] == ["controlnet"]:
         make_controlnet()
@@ -1088,3 +1157,4 @@ if __name__ == "__main__":
     make_lora()
     make_controlnet()
     make_gguf_blocks()
+    make_gguf_model()

@@ -40,16 +40,19 @@ fn add(c: &mut Component, ck: &Checkpoint, prefix: &str, packed: bool) {
         let n = e.shape.iter().product::<usize>() as u64;
         c.tensors += 1;
         c.params += n;
-        *c.dtypes.entry(format!("{:?}", e.dtype)).or_default() += 1;
+        let label = match e.quant {
+            Some(q) => q.name().to_uppercase(),
+            None => format!("{:?}", e.dtype),
+        };
+        *c.dtypes.entry(label).or_default() += 1;
         let matrix = e.shape.len() >= 2 && name.ends_with(".weight");
         let scaled = ck.weight_scale(name).ok().flatten().is_some();
-        let per = match crate::DType::packed_from(e.dtype) {
-            // bytes(4): four elements, a whole number of words.
-            Some(d) if matrix && packed && !scaled => d.bytes(4) as f64 / 4.0,
-            _ if matrix => 2.0,
-            _ => 4.0,
+        c.gpu_bytes += match e.quant.or(crate::DType::packed_from(e.dtype)) {
+            Some(d) if matrix && packed && !scaled => d.bytes(n as usize),
+            // A GGUF block tensor outside the matrices is widened to f32.
+            _ if matrix => 2 * n,
+            _ => 4 * n,
         };
-        c.gpu_bytes += (n as f64 * per) as u64;
     }
 }
 

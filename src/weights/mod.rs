@@ -3,6 +3,7 @@
 //! tensors converted from f32/f16/bf16/fp8 at load.
 
 pub mod controlnet;
+pub mod gguf;
 pub mod inspect;
 pub mod mmdit;
 pub mod recipe;
@@ -94,6 +95,8 @@ pub struct TensorEntry {
     pub shape: Vec<usize>,
     /// Byte range in the file.
     pub range: (u64, u64),
+    /// A GGML block format (GGUF files; `dtype` is then U8, the raw bytes).
+    pub quant: Option<crate::DType>,
 }
 
 /// The largest safetensors header we parse (the format's own limit).
@@ -138,6 +141,18 @@ fn read_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result
 /// Reads a safetensors file's header and parses it with [`parse_header`].
 fn read_header(path: &Path, file: &std::fs::File, index: usize) -> Result<Header, WeightsError> {
     let len = file.metadata().map_err(|e| io_err(path, e))?.len();
+    let mut magic = [0u8; 4];
+    if len >= 4 {
+        read_at(file, &mut magic, 0).map_err(|e| io_err(path, e))?;
+    }
+    if &magic == gguf::MAGIC {
+        let mut start = vec![0u8; len.min(gguf::MAX_HEADER_BYTES) as usize];
+        read_at(file, &mut start, 0).map_err(|e| io_err(path, e))?;
+        return Ok(Header {
+            tensors: gguf::parse(path, &start, len, index)?,
+            metadata: BTreeMap::new(),
+        });
+    }
     let mut n8 = [0u8; 8];
     if len >= 8 {
         read_at(file, &mut n8, 0).map_err(|e| io_err(path, e))?;
@@ -254,6 +269,7 @@ fn parse_header_and_metadata(
                 dtype,
                 shape,
                 range: (base + a, base + b),
+                quant: None,
             },
         ));
     }
@@ -425,6 +441,14 @@ impl Checkpoint {
                 source: self.describe(),
             })?;
         let bytes = self.bytes(e)?;
+        if let Some(q) = e.quant {
+            let n = e.shape.iter().product();
+            let v = crate::quant::dequantize(q, &bytes, n).ok_or_else(|| WeightsError::Format {
+                path: self.files[e.file].clone(),
+                msg: format!("tensor '{name}': its {} blocks are cut short", q.name()),
+            })?;
+            return Ok((e.shape.clone(), v));
+        }
         Ok((
             e.shape.clone(),
             to_f32(name, e.dtype, &bytes).map_err(|err| match err {

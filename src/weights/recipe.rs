@@ -198,7 +198,7 @@ impl Checkpoint {
         let mut dtype = None;
         for n in r.names() {
             let e = self.tensors.get(n).ok_or_else(|| self.missing(n))?;
-            let d = crate::DType::packed_from(e.dtype);
+            let d = e.quant.or(crate::DType::packed_from(e.dtype));
             if d.is_none() || (dtype.is_some() && dtype != d) || self.weight_scale(n)?.is_some() {
                 return Ok(None);
             }
