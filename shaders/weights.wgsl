@@ -7,7 +7,11 @@
 // the flattened tensor — 4 Q8_0 (34 bytes: d, 32 × i8; x = d·q), 5 Q4_0 (18:
 // d, nibbles; d·(q − 8)), 6 Q4_1 (20: d, m, nibbles; d·q + m), 7 Q5_0 (22: d,
 // 32 high bits, nibbles; d·(q − 16)), 8 Q5_1 (24: d, m, high bits, nibbles;
-// d·q + m); nibble byte j holds elements j (low) and j + 16 (high). Weights
+// d·q + m); nibble byte j holds elements j (low) and j + 16 (high); 9-11:
+// the K-quants' super-blocks of 256 — 9 Q4_K (144 bytes: d, dmin, 6-bit
+// scales and mins of 8 sub-blocks, nibbles), 10 Q5_K (176: Q4_K's with 32
+// bytes of fifth bits before the nibbles), 11 Q6_K (210: low nibbles, 2-bit
+// highs, 16 i8 scales, d last); see src/quant.rs for the element order. Weights
 // stay in the file's encoding on the GPU and are decoded here, in the load
 // stage. A file including this declares `w: array<WElem>`.
 
@@ -81,7 +85,50 @@ fn load_block(i: u32) -> f32 {
     }
 }
 
+// Q4_K / Q5_K: sub-block j's 6-bit scale and min from the 12 bytes at s.
+fn scale_min_k4(j: u32, s: u32) -> vec2<f32> {
+    if (j < 4u) {
+        return vec2<f32>(f32(w_byte(s + j) & 63u), f32(w_byte(s + j + 4u) & 63u));
+    }
+    let b = w_byte(s + j + 4u);
+    let sc = (b & 15u) | ((w_byte(s + j - 4u) >> 6u) << 4u);
+    let m = (b >> 4u) | ((w_byte(s + j) >> 6u) << 4u);
+    return vec2<f32>(f32(sc), f32(m));
+}
+
+// Element i of a K-quant (W_FMT 9-11).
+fn load_k(i: u32) -> f32 {
+    let e = i % 256u;
+    if (W_FMT == 11u) {
+        let base = (i / 256u) * 210u;
+        let n = e / 128u;
+        let r = e % 128u;
+        let k = r / 32u;
+        let l = r % 32u;
+        let lo = w_byte(base + 64u * n + l + (k & 1u) * 32u);
+        let nib = select(lo & 15u, lo >> 4u, k >= 2u);
+        let hi = (w_byte(base + 128u + 32u * n + l) >> (2u * k)) & 3u;
+        let sc = f32(i32(w_byte(base + 192u + 8u * n + l / 16u + 2u * k) << 24u) >> 24u);
+        return w_half(base + 208u) * sc * f32(i32(nib | (hi << 4u)) - 32);
+    }
+    let five = W_FMT == 10u;
+    let base = (i / 256u) * select(144u, 176u, five);
+    let c = e / 64u;
+    let h = (e % 64u) / 32u;
+    let l = e % 32u;
+    let sm = scale_min_k4(2u * c + h, base + 4u);
+    let byte = w_byte(base + select(16u, 48u, five) + 32u * c + l);
+    var q = select(byte & 15u, byte >> 4u, h == 1u);
+    if (five) {
+        q |= ((w_byte(base + 16u + l) >> (2u * c + h)) & 1u) << 4u;
+    }
+    return w_half(base) * sm.x * f32(q) - w_half(base + 2u) * sm.y;
+}
+
 fn load_w(i: u32) -> f32 {
+    if (W_FMT >= 9u) {
+        return load_k(i);
+    }
     if (W_FMT >= 4u) {
         return load_block(i);
     }

@@ -360,6 +360,15 @@ pub enum StorageArg {
     /// GGML Q5_1 (6 bits per weight).
     #[value(name = "q5_1")]
     Q5_1,
+    /// GGML Q4_K (4.5 bits per weight).
+    #[value(name = "q4_k")]
+    Q4K,
+    /// GGML Q5_K (5.5 bits per weight).
+    #[value(name = "q5_k")]
+    Q5K,
+    /// GGML Q6_K (6.6 bits per weight).
+    #[value(name = "q6_k")]
+    Q6K,
 }
 
 impl StorageArg {
@@ -376,6 +385,9 @@ impl StorageArg {
             StorageArg::Q4_1 => DType::Q4_1,
             StorageArg::Q5_0 => DType::Q5_0,
             StorageArg::Q5_1 => DType::Q5_1,
+            StorageArg::Q4K => DType::Q4K,
+            StorageArg::Q5K => DType::Q5K,
+            StorageArg::Q6K => DType::Q6K,
         }
     }
 }

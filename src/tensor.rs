@@ -33,6 +33,12 @@ pub enum DType {
     Q5_0,
     /// 5-bit with a minimum.
     Q5_1,
+    /// GGML K-quant: super-blocks of 256, 4-bit with sub-block scales and mins.
+    Q4K,
+    /// K-quant, 5-bit.
+    Q5K,
+    /// K-quant, 6-bit.
+    Q6K,
 }
 
 impl DType {
@@ -42,7 +48,7 @@ impl DType {
             DType::F32 | DType::U32 => numel * 4,
             DType::F16 | DType::BF16 => numel * 2,
             DType::F8E4M3 | DType::F8E5M2 => numel,
-            q => numel.div_ceil(crate::quant::BLOCK) * crate::quant::block_bytes(q).unwrap_or(0),
+            q => crate::quant::packed_bytes(q, numel).unwrap_or(0),
         } as u64;
         raw.div_ceil(4) * 4
     }
@@ -61,6 +67,9 @@ impl DType {
             DType::Q4_1 => "q4_1",
             DType::Q5_0 => "q5_0",
             DType::Q5_1 => "q5_1",
+            DType::Q4K => "q4_k",
+            DType::Q5K => "q5_k",
+            DType::Q6K => "q6_k",
         }
     }
 
@@ -71,7 +80,8 @@ impl DType {
     }
 
     /// The kernels' `W_FMT` value of a packed weight type: 0 f16, 1 bf16,
-    /// 2 fp8 e4m3fn, 3 fp8 e5m2, 4 Q8_0, 5 Q4_0, 6 Q4_1, 7 Q5_0, 8 Q5_1.
+    /// 2 fp8 e4m3fn, 3 fp8 e5m2, 4 Q8_0, 5 Q4_0, 6 Q4_1, 7 Q5_0, 8 Q5_1,
+    /// 9 Q4_K, 10 Q5_K, 11 Q6_K.
     pub fn packed_format(self) -> Option<u32> {
         match self {
             DType::F16 => Some(0),
@@ -83,6 +93,9 @@ impl DType {
             DType::Q4_1 => Some(6),
             DType::Q5_0 => Some(7),
             DType::Q5_1 => Some(8),
+            DType::Q4K => Some(9),
+            DType::Q5K => Some(10),
+            DType::Q6K => Some(11),
             _ => None,
         }
     }
@@ -220,10 +233,15 @@ impl Tensor {
             }
             DType::F8E4M3 => data.iter().map(|&v| f8e4m3_from_f32(v)).collect(),
             DType::F8E5M2 => data.iter().map(|&v| f8e5m2_from_f32(v)).collect(),
-            q @ (DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1) => {
-                crate::quant::quantize(q, data)
-                    .ok_or_else(|| Error::Graph(format!("cannot quantize to {}", q.name())))?
-            }
+            q @ (DType::Q8_0
+            | DType::Q4_0
+            | DType::Q4_1
+            | DType::Q5_0
+            | DType::Q5_1
+            | DType::Q4K
+            | DType::Q5K
+            | DType::Q6K) => crate::quant::quantize(q, data)
+                .ok_or_else(|| Error::Graph(format!("cannot quantize to {}", q.name())))?,
             DType::U32 => {
                 return Err(Error::Graph(
                     "f32 data cannot be stored as u32; use from_u32".into(),
@@ -241,7 +259,7 @@ impl Tensor {
             DType::F32 | DType::U32 => 4 * n,
             DType::F16 | DType::BF16 => 2 * n,
             DType::F8E4M3 | DType::F8E5M2 => n,
-            q => n.div_ceil(crate::quant::BLOCK) * crate::quant::block_bytes(q).unwrap_or(0),
+            q => crate::quant::packed_bytes(q, n).unwrap_or(0),
         };
         if bytes.len() != raw {
             return Err(Error::Graph(format!(

@@ -280,3 +280,65 @@ fn ggml_blocks_match_the_gguf_package() {
         "not a block format"
     );
 }
+
+/// The K-quants' super-blocks decode as the gguf package decodes them (random
+/// blocks: every scale, min and quant bit in use), on the CPU and on the GPU;
+/// our own quantizer's blocks stay close to their input.
+#[test]
+fn k_quants_match_the_gguf_package() {
+    use sd3_wgpu::quant::{dequantize, quantize};
+    use sd3_wgpu::DType;
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let io = sd3_wgpu::weights::Checkpoint::open(&[root.join("gguf_blocks.safetensors")]).unwrap();
+    let gpu = common::gpu();
+    for (name, d, bound) in [
+        ("q4_k", DType::Q4K, 0.12),
+        ("q5_k", DType::Q5K, 0.06),
+        ("q6_k", DType::Q6K, 0.03),
+    ] {
+        let bytes: Vec<u8> = io
+            .read_f32(&format!("{name}.bytes"))
+            .unwrap()
+            .1
+            .iter()
+            .map(|&v| v as u8)
+            .collect();
+        let want = io.read_f32(&format!("{name}.values")).unwrap().1;
+        assert_eq!(
+            dequantize(d, &bytes, want.len()).unwrap(),
+            want,
+            "{name}: CPU"
+        );
+        // The shaders' decoder, through a gather of every row.
+        let t = sd3_wgpu::Tensor::from_raw(gpu, &[want.len() / 256, 256], d, bytes).unwrap();
+        let mut g = sd3_wgpu::graph::Graph::new(gpu.target());
+        let table = g.weight("t", &t);
+        let ids: Vec<u32> = (0..(want.len() / 256) as u32).collect();
+        let ids_t = sd3_wgpu::Tensor::from_u32(gpu, &[ids.len()], &ids).unwrap();
+        let idv = g.weight("ids", &ids_t);
+        let y = sd3_wgpu::ops::layout::gather(&mut g, table, idv).unwrap();
+        let y = sd3_wgpu::ops::layout::cast(&mut g, y, DType::F32).unwrap();
+        g.keep(y);
+        let plan = g.plan(gpu).unwrap();
+        plan.run(gpu).unwrap();
+        // Exact on lavapipe; a GPU may fuse d·sc·q − dmin·m into one FMA.
+        let got = plan.read(gpu, y).unwrap();
+        let want64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+        let e = common::rel_err(&got, &want64);
+        assert!(e <= 1e-6, "{name}: GPU relative error {e:.2e}");
+        // Our quantizer: valid blocks near the input.
+        let x: Vec<f32> = (0..1000)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 0.3)
+            .collect();
+        let back = dequantize(d, &quantize(d, &x).unwrap(), x.len()).unwrap();
+        let num: f64 = x
+            .iter()
+            .zip(&back)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
+        let den: f64 = x.iter().map(|a| (*a as f64).powi(2)).sum();
+        let e = (num / den).sqrt();
+        eprintln!("{name}: our quantizer's relative error {e:.3}");
+        assert!(e < bound, "{name}: relative error {e:.3}");
+    }
+}

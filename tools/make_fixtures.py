@@ -1056,6 +1056,19 @@ def make_gguf_blocks():
         out[f"{key}.src"] = torch.from_numpy(src.copy())
         out[f"{key}.bytes"] = torch.from_numpy(packed.reshape(-1).astype(np.float32))
         out[f"{key}.values"] = torch.from_numpy(values)
+    # K-quants: the gguf package only dequantizes them. Random super-blocks
+    # (every bit pattern of scales and quants is a valid block) with finite,
+    # moderate f16 super-scales.
+    for name, size, scale_at in (("Q4_K", 144, (0, 2)), ("Q5_K", 176, (0, 2)), ("Q6_K", 210, (208,))):
+        qt = getattr(T, name)
+        blocks = rng.integers(0, 256, size=(3, size), dtype=np.uint8)
+        for at in scale_at:
+            d = rng.uniform(0.001, 0.1, size=3).astype(np.float16).view(np.uint8).reshape(3, 2)
+            blocks[:, at:at + 2] = d
+        values = quants.dequantize(blocks.reshape(1, -1), qt).reshape(-1).astype(np.float32)
+        key = name.lower()
+        out[f"{key}.bytes"] = torch.from_numpy(blocks.reshape(-1).astype(np.float32))
+        out[f"{key}.values"] = torch.from_numpy(values)
     save_file(out, os.path.join(ROOT, "gguf_blocks.safetensors"))
 
 

@@ -232,10 +232,14 @@ pub const WEIGHTS: &[DType] = &[
     DType::Q4_1,
     DType::Q5_0,
     DType::Q5_1,
+    DType::Q4K,
+    DType::Q5K,
+    DType::Q6K,
 ];
 
 /// Every `W_FMT` value (the per-call constant of kernels reading weights).
-pub(crate) const W_FMT_VALUES: &[f64] = &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+pub(crate) const W_FMT_VALUES: &[f64] =
+    &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0];
 
 /// Errors for a mis-sized value of `n` elements in 32-bit index space.
 pub(crate) fn check_index_space(g: &Graph, kind: &str, n: usize) -> Result<()> {

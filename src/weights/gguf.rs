@@ -95,6 +95,9 @@ fn ggml_type(t: u32) -> Option<(Dtype, Option<DType>)> {
         6 => (Dtype::U8, Some(DType::Q5_0)),
         7 => (Dtype::U8, Some(DType::Q5_1)),
         8 => (Dtype::U8, Some(DType::Q8_0)),
+        12 => (Dtype::U8, Some(DType::Q4K)),
+        13 => (Dtype::U8, Some(DType::Q5K)),
+        14 => (Dtype::U8, Some(DType::Q6K)),
         _ => return None,
     })
 }
@@ -180,7 +183,7 @@ pub fn parse(
         let tbad = |what: String| bad(format!("tensor '{name}': {what}"));
         let (dtype, quant) = ggml_type(ty).ok_or_else(|| {
             tbad(format!(
-                "{} is not read yet (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 are)",
+                "{} is not read yet (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K are)",
                 ggml_name(ty)
             ))
         })?;
@@ -192,15 +195,14 @@ pub fn parse(
             .ok_or_else(|| tbad(format!("shape {shape:?} overflows")))?;
         let bytes = match quant {
             Some(q) => {
-                if dims[0] % crate::quant::BLOCK != 0 {
+                let (be, _) = crate::quant::block(q).unwrap_or((1, 0));
+                if dims[0] % be != 0 {
                     return Err(tbad(format!(
-                        "rows of {} do not split into blocks of {}",
-                        dims[0],
-                        crate::quant::BLOCK
+                        "rows of {} do not split into blocks of {be}",
+                        dims[0]
                     )));
                 }
-                ((numel / crate::quant::BLOCK) as u64)
-                    .checked_mul(crate::quant::block_bytes(q).unwrap_or(0) as u64)
+                crate::quant::packed_bytes(q, numel).map(|b| b as u64)
             }
             None => (numel as u64).checked_mul(dtype.bitsize() as u64 / 8),
         }

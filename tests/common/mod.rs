@@ -77,7 +77,14 @@ pub fn stored(data: &[f32], dtype: DType) -> Vec<f64> {
             .collect(),
         // Quantized and dequantized on the CPU (src/quant.rs, checked against
         // the gguf package's dequantizer in tests/weights.rs).
-        q @ (DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1) => {
+        q @ (DType::Q8_0
+        | DType::Q4_0
+        | DType::Q4_1
+        | DType::Q5_0
+        | DType::Q5_1
+        | DType::Q4K
+        | DType::Q5K
+        | DType::Q6K) => {
             let bytes = sd3_wgpu::quant::quantize(q, data).unwrap();
             sd3_wgpu::quant::dequantize(q, &bytes, data.len())
                 .unwrap()
@@ -90,7 +97,7 @@ pub fn stored(data: &[f32], dtype: DType) -> Vec<f64> {
 }
 
 /// Every storage type a weight may have on the GPU.
-pub const WEIGHT_TYPES: [DType; 10] = [
+pub const WEIGHT_TYPES: [DType; 13] = [
     DType::F32,
     DType::F16,
     DType::BF16,
@@ -101,6 +108,9 @@ pub const WEIGHT_TYPES: [DType; 10] = [
     DType::Q4_1,
     DType::Q5_0,
     DType::Q5_1,
+    DType::Q4K,
+    DType::Q5K,
+    DType::Q6K,
 ];
 
 /// Uploads `data` as a weight value of the graph.
