@@ -471,9 +471,9 @@ fn generate_with_a_controlnet_records_it() {
     );
 }
 
-/// A GGUF transformer (city96's layout) with the VAE and the text encoders
-/// from separate files, as ComfyUI users have them; without --vae the error
-/// says what is missing.
+/// A GGUF transformer (city96's layout) with the VAE, CLIP and a GGUF T5
+/// encoder from separate files, as ComfyUI users have them; without --vae
+/// the error says what is missing.
 #[test]
 fn generate_from_a_gguf_transformer_with_separate_parts() {
     let dir = temp_dir("gguf");
@@ -489,7 +489,7 @@ fn generate_from_a_gguf_transformer_with_separate_parts() {
             "--clip-g",
             &format!("{text}/text_encoder_2"),
             "--t5",
-            &format!("{text}/text_encoder_3"),
+            &format!("{text}/t5.gguf"),
             "--tokenizers",
             &text,
             "--prompt",

@@ -232,3 +232,36 @@ mod encoders {
         );
     }
 }
+
+/// A T5 encoder GGUF as llama.cpp writes it (city96's: llama.cpp's names,
+/// Q8_0/Q5_0 matrices; tools/make_fixtures.py gguf) against transformers on
+/// the gguf package's dequantization of the same file: widened to f32, and
+/// with the blocks kept packed on the GPU.
+#[test]
+fn t5_gguf_matches_transformers_on_its_dequantized_weights() {
+    use sd3_wgpu::models::t5::{encode, T5};
+    use sd3_wgpu::weights::text::TextSource;
+    use sd3_wgpu::DType;
+    let gpu = common::gpu();
+    let src = TextSource::open_file(&fixture("t5.gguf"), "t5xxl").unwrap();
+    let io = Checkpoint::open(&[fixture("t5_gguf_io.safetensors")]).unwrap();
+    let (shape, ids) = io.read_f32("ids").unwrap();
+    let rows: Vec<Vec<u32>> = ids
+        .chunks(shape[1])
+        .map(|r| r.iter().map(|&v| v as u32).collect())
+        .collect();
+    let want: Vec<f64> = io
+        .read_f32("out")
+        .unwrap()
+        .1
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    for matrix in [DType::F32, DType::F16] {
+        let t5 = T5::load(gpu, &src, matrix).unwrap();
+        let got = encode(gpu, &t5, &rows).unwrap();
+        let e = common::rel_err(&got, &want);
+        eprintln!("T5 GGUF, matrices {matrix:?}: rel err {e:.2e}");
+        assert!(e <= 1e-4, "{matrix:?}: relative error {e:.3e}");
+    }
+}

@@ -1140,6 +1140,64 @@ def make_gguf_model():
                os.path.join(ROOT, "pipeline", "sd35l.gguf"))
 
 
+def make_gguf_t5():
+    """The T5 fixture (text/text_encoder_3) as a llama.cpp T5-encoder GGUF
+    (city96's t5-v1_1-xxl-encoder GGUFs: llama.cpp's names, written with
+    the gguf package), matrices whose rows split into blocks of 32 in Q8_0
+    and Q5_0, the others f16, norms and the relative position bias f32; and
+    transformers' T5EncoderModel on the gguf package's dequantization of it
+    for the fixture's first three T5 id rows: text/t5.gguf and
+    text/t5_gguf_io.safetensors (`ids`, `out`)."""
+    import numpy as np
+    from safetensors.torch import load_file
+    from gguf import GGMLQuantizationType as T, GGUFWriter, quants
+    from transformers import T5EncoderModel
+
+    text = os.path.join(ROOT, "text")
+    model = T5EncoderModel.from_pretrained(os.path.join(text, "text_encoder_3"), torch_dtype=torch.float32).eval()
+    names = {"shared.weight": "token_embd.weight", "encoder.final_layer_norm.weight": "enc.output_norm.weight"}
+    parts = {"layer.0.layer_norm": "attn_norm", "layer.0.SelfAttention.q": "attn_q",
+             "layer.0.SelfAttention.k": "attn_k", "layer.0.SelfAttention.v": "attn_v",
+             "layer.0.SelfAttention.o": "attn_o", "layer.0.SelfAttention.relative_attention_bias": "attn_rel_b",
+             "layer.1.layer_norm": "ffn_norm", "layer.1.DenseReluDense.wi_0": "ffn_gate",
+             "layer.1.DenseReluDense.wi_1": "ffn_up", "layer.1.DenseReluDense.wo": "ffn_down"}
+    for b in range(model.config.num_layers):
+        for k, v in parts.items():
+            names[f"encoder.block.{b}.{k}.weight"] = f"enc.blk.{b}.{v}.weight"
+    writer = GGUFWriter(os.path.join(text, "t5.gguf"), arch="t5encoder")
+    sd = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    dequant = {}
+    k = 0
+    for name in sorted(sd):
+        if name not in names:
+            continue  # encoder.embed_tokens.weight: tied to shared
+        v = sd[name].numpy()
+        if v.ndim == 2 and v.shape[1] % 32 == 0 and "rel_b" not in names[name] and "embd" not in names[name]:
+            qt = (T.Q8_0, T.Q5_0)[k % 2]
+            k += 1
+            packed = quants.quantize(v, qt)
+            writer.add_tensor(names[name], packed, raw_dtype=qt)
+            d = quants.dequantize(packed, qt).reshape(v.shape).astype(np.float32)
+        elif v.ndim == 2 and "rel_b" not in names[name]:
+            writer.add_tensor(names[name], v.astype(np.float16))
+            d = v.astype(np.float16).astype(np.float32)
+        else:
+            writer.add_tensor(names[name], v)
+            d = v
+        dequant[name] = torch.from_numpy(d.copy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    dequant["encoder.embed_tokens.weight"] = dequant["shared.weight"]
+    model.load_state_dict(dequant)
+    ids = load_file(os.path.join(text, "text_io.safetensors"))["ids.t5"][:3].long()
+    with torch.no_grad():
+        out = model(input_ids=ids).last_hidden_state
+    save_file({"ids": ids.float().contiguous(), "out": out.contiguous()}, os.path.join(text, "t5_gguf_io.safetensors"))
+    print("t5 gguf: quantized", k, "matrices")
+
+
 if __name__ == "__main__":
     import sys
     if sys.argv[1:] == ["img2img"]:
@@ -1148,6 +1206,7 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["gguf"]:
         make_gguf_blocks()
         make_gguf_model()
+        make_gguf_t5()
         sys.exit()
     if sys.argv[1:] == ["controlnet"]:
         make_controlnet()
@@ -1171,3 +1230,4 @@ if __name__ == "__main__":
     make_controlnet()
     make_gguf_blocks()
     make_gguf_model()
+    make_gguf_t5()

@@ -2,7 +2,10 @@
 //! every layout users download; only the prefix differs: none in diffusers
 //! folders (`text_encoder/model.safetensors`) and in the separate files
 //! (`clip_l.safetensors`, `t5xxl_fp16.safetensors`), and
-//! `text_encoders.<name>.transformer.` in Stability's all-in-one files.
+//! `text_encoders.<name>.transformer.` in Stability's all-in-one files. T5
+//! encoder GGUFs (city96's `t5-v1_1-xxl-encoder-Q8_0.gguf`, written by
+//! llama.cpp's converter) use llama.cpp's names (`enc.blk.N.attn_q`, …),
+//! mapped here from transformers'.
 
 use std::path::{Path, PathBuf};
 
@@ -19,6 +22,35 @@ pub struct TextSource {
     pub config: Option<serde_json::Value>,
     /// Where it came from.
     pub path: PathBuf,
+    /// llama.cpp's T5 encoder names (GGUF files).
+    llama_t5: bool,
+}
+
+/// llama.cpp's name of a transformers T5 encoder tensor (gguf-py's
+/// tensor_mapping for the t5encoder architecture).
+fn llama_t5_name(name: &str) -> Option<String> {
+    if matches!(name, "shared.weight" | "encoder.embed_tokens.weight") {
+        return Some("token_embd.weight".into());
+    }
+    if name == "encoder.final_layer_norm.weight" {
+        return Some("enc.output_norm.weight".into());
+    }
+    let rest = name.strip_prefix("encoder.block.")?;
+    let (b, part) = rest.split_once('.')?;
+    let to = match part {
+        "layer.0.layer_norm.weight" => "attn_norm",
+        "layer.0.SelfAttention.q.weight" => "attn_q",
+        "layer.0.SelfAttention.k.weight" => "attn_k",
+        "layer.0.SelfAttention.v.weight" => "attn_v",
+        "layer.0.SelfAttention.o.weight" => "attn_o",
+        "layer.0.SelfAttention.relative_attention_bias.weight" => "attn_rel_b",
+        "layer.1.layer_norm.weight" => "ffn_norm",
+        "layer.1.DenseReluDense.wi_0.weight" => "ffn_gate",
+        "layer.1.DenseReluDense.wi_1.weight" => "ffn_up",
+        "layer.1.DenseReluDense.wo.weight" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("enc.blk.{b}.{to}.weight"))
 }
 
 impl TextSource {
@@ -31,6 +63,7 @@ impl TextSource {
             prefix: String::new(),
             config,
             path: dir.to_path_buf(),
+            llama_t5: false,
         })
     }
 
@@ -44,11 +77,13 @@ impl TextSource {
         } else {
             String::new()
         };
+        let llama_t5 = ck.tensors.contains_key("enc.blk.0.attn_q.weight");
         Ok(TextSource {
             ck,
             prefix,
             config: None,
             path: path.to_path_buf(),
+            llama_t5,
         })
     }
 
@@ -64,6 +99,11 @@ impl TextSource {
     }
 
     fn recipe(&self, name: &str) -> Recipe {
+        if self.llama_t5 {
+            if let Some(n) = llama_t5_name(name) {
+                return Recipe::Direct(n);
+            }
+        }
         Recipe::Direct(format!("{}{name}", self.prefix))
     }
 
@@ -104,6 +144,9 @@ impl TextSource {
 
     /// Number of distinct layer indices under `prefix` (e.g. `text_model.encoder.layers.`).
     pub fn count_layers(&self, prefix: &str) -> usize {
+        if self.llama_t5 && prefix == "encoder.block." {
+            return self.ck.indices_under("enc.blk.").len();
+        }
         self.ck
             .indices_under(&format!("{}{prefix}", self.prefix))
             .len()
