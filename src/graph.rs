@@ -716,6 +716,7 @@ impl Plan {
             buffer,
             shape: info.shape.clone(),
             dtype: s.dtype,
+            low_rank: None,
         })
     }
 

@@ -699,17 +699,15 @@ pub struct MergingProvider<'a> {
 
 impl MergingProvider<'_> {
     /// Merges `deltas` (each placed `offset` rows further) into `base`.
-    fn merge(
-        &self,
+    /// The updates stacked into one low-rank pair for a [rows, cols] weight:
+    /// down [rank, cols], up [rows, rank] (scaled, zero outside each
+    /// update's rows).
+    fn stack(
         gpu: &Gpu,
-        base: Tensor,
+        rows: usize,
+        cols: usize,
         deltas: &[(usize, &Delta)],
-        dtype: DType,
-    ) -> Result<Tensor> {
-        let shape = base.shape.clone();
-        let Some((rows, cols)) = as_matrix(&shape) else {
-            return Ok(base);
-        };
+    ) -> Result<(Tensor, Tensor)> {
         let rank: usize = deltas.iter().map(|(_, d)| d.rank).sum();
         let mut down = Vec::with_capacity(rank * cols);
         let mut up = vec![0f32; rows * rank];
@@ -722,8 +720,38 @@ impl MergingProvider<'_> {
             }
             k0 += d.rank;
         }
-        let a = Tensor::from_f32(gpu, &[rank, cols], DType::F32, &down)?;
-        let b = Tensor::from_f32(gpu, &[rows, rank], DType::F32, &up)?;
+        Ok((
+            Tensor::from_f32(gpu, &[rank, cols], DType::F32, &down)?,
+            Tensor::from_f32(gpu, &[rows, rank], DType::F32, &up)?,
+        ))
+    }
+
+    /// A block-quantized weight keeps its blocks; the updates ride beside it
+    /// as a low-rank pair the layer applies in its pass.
+    fn beside(gpu: &Gpu, mut base: Tensor, deltas: &[(usize, &Delta)]) -> Result<Tensor> {
+        let Some((rows, cols)) = as_matrix(&base.shape) else {
+            return Ok(base);
+        };
+        let (down, up) = Self::stack(gpu, rows, cols, deltas)?;
+        base.low_rank = Some(std::sync::Arc::new(crate::models::layers::LowRank {
+            down,
+            up,
+        }));
+        Ok(base)
+    }
+
+    fn merge(
+        &self,
+        gpu: &Gpu,
+        base: Tensor,
+        deltas: &[(usize, &Delta)],
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let shape = base.shape.clone();
+        let Some((rows, cols)) = as_matrix(&shape) else {
+            return Ok(base);
+        };
+        let (a, b) = Self::stack(gpu, rows, cols, deltas)?;
         let mut g = Graph::new(gpu.target());
         let w = g.weight("weight", &base);
         let w = g.reshape(w, &[rows, cols])?;
@@ -779,13 +807,19 @@ impl TensorProvider for MergingProvider<'_> {
         self.inner.host(name, shape)
     }
     fn matrix(&self, gpu: &Gpu, name: &str, shape: &[usize], matrix: DType) -> Result<Tensor> {
-        // A matrix a LoRA changes is merged in f16 (the merge writes f32 or
-        // f16); the others stay in their file's encoding.
-        if self.deltas.is_some_and(|d| d.contains_key(name)) {
-            self.tensor(gpu, name, shape, matrix)
-        } else {
-            self.inner.matrix(gpu, name, shape, matrix)
+        // A float matrix a LoRA changes is merged in f16 (the merge writes
+        // f32 or f16); a block-quantized one keeps its blocks and gets the
+        // update beside it; the others stay in their file's encoding.
+        let Some(ds) = self.deltas.and_then(|d| d.get(name)) else {
+            return self.inner.matrix(gpu, name, shape, matrix);
+        };
+        let base = self.inner.matrix(gpu, name, shape, matrix)?;
+        if crate::quant::block(base.dtype).is_some() {
+            let ds: Vec<(usize, &Delta)> = ds.iter().map(|d| (0, d)).collect();
+            return Self::beside(gpu, base, &ds);
         }
+        drop(base);
+        self.tensor(gpu, name, shape, matrix)
     }
     fn matrix_concat(
         &self,
@@ -794,13 +828,29 @@ impl TensorProvider for MergingProvider<'_> {
         shape: &[usize],
         matrix: DType,
     ) -> Result<Tensor> {
-        if names
+        if !names
             .iter()
             .any(|n| self.deltas.is_some_and(|d| d.contains_key(n)))
         {
-            self.tensor_concat(gpu, names, shape, matrix)
-        } else {
-            self.inner.matrix_concat(gpu, names, shape, matrix)
+            return self.inner.matrix_concat(gpu, names, shape, matrix);
         }
+        let base = self.inner.matrix_concat(gpu, names, shape, matrix)?;
+        if crate::quant::block(base.dtype).is_some() {
+            let part = shape.first().copied().unwrap_or(0) / names.len().max(1);
+            let ds: Vec<(usize, &Delta)> = names
+                .iter()
+                .enumerate()
+                .flat_map(|(i, n)| {
+                    self.deltas
+                        .and_then(|d| d.get(n))
+                        .into_iter()
+                        .flatten()
+                        .map(move |d| (i * part, d))
+                })
+                .collect();
+            return Self::beside(gpu, base, &ds);
+        }
+        drop(base);
+        self.tensor_concat(gpu, names, shape, matrix)
     }
 }

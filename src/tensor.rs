@@ -184,6 +184,9 @@ pub struct Tensor {
     pub shape: Vec<usize>,
     /// Element type.
     pub dtype: DType,
+    /// A low-rank update applied beside this (block-quantized) weight by
+    /// the layer that uses it (LoRAs on GGUF weights).
+    pub low_rank: Option<Arc<crate::models::layers::LowRank>>,
 }
 
 /// Usage every engine buffer gets: bound as storage, copied in and out.
@@ -292,6 +295,7 @@ impl Tensor {
             buffer: Arc::new(buffer),
             shape: shape.to_vec(),
             dtype,
+            low_rank: None,
         })
     }
 

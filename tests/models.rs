@@ -476,3 +476,129 @@ mod images {
             .contains("smaller than 16×16"));
     }
 }
+
+/// A LoRA on a GGUF MMDiT: the block-quantized weights keep their blocks and
+/// the update runs beside them as a low-rank product (never a dequantized
+/// copy); the result equals the LoRA merged into the same weights
+/// dequantized to f32.
+#[test]
+fn lora_on_gguf_weights_runs_beside_the_blocks() {
+    use safetensors::tensor::TensorView;
+    use safetensors::Dtype;
+    use sd3_wgpu::lora::{Architectures, Component, LoraSpec, Loras};
+    use sd3_wgpu::ops::elementwise::Act;
+    use sd3_wgpu::weights::text::TextSource;
+    let gpu = gpu();
+    let dir = std::env::temp_dir().join(format!("sd3-gguf-lora-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |path: &std::path::Path, tensors: &[(String, Vec<usize>, Vec<f32>)]| {
+        let bytes: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let views: Vec<(String, TensorView)> = tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((n, s, _), b)| {
+                (
+                    n.clone(),
+                    TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, path).unwrap();
+    };
+    // The GGUF's tensors dequantized, as a safetensors file.
+    let gguf = fixture("mmdit/sd35l.gguf");
+    let ck = Checkpoint::open(&[gguf.clone()]).unwrap();
+    let all: Vec<(String, Vec<usize>, Vec<f32>)> = ck
+        .tensors
+        .keys()
+        .map(|n| {
+            let (s, v) = ck.read_f32(n).unwrap();
+            (n.clone(), s, v)
+        })
+        .collect();
+    let dequant = dir.join("dequant.safetensors");
+    write(&dequant, &all);
+    // A kohya LoRA on three quantized matrices (fused qkv, the last block's
+    // context modulation, an MLP projection), rank 4, alpha 2.
+    let lora_path = dir.join("lora.safetensors");
+    let mut lora = Vec::new();
+    for (i, (module, out, inp)) in [
+        ("joint_blocks_0_x_block_attn_qkv", 192, 64),
+        ("joint_blocks_1_context_block_adaLN_modulation_1", 128, 64),
+        ("joint_blocks_0_x_block_mlp_fc2", 64, 256),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let k = format!("lora_unet_{module}");
+        let up: Vec<f32> = rand(700 + i as u64, out * 4)
+            .iter()
+            .map(|v| v * 0.2)
+            .collect();
+        let down: Vec<f32> = rand(710 + i as u64, 4 * inp)
+            .iter()
+            .map(|v| v / 8.0)
+            .collect();
+        lora.push((format!("{k}.lora_up.weight"), vec![out, 4], up));
+        lora.push((format!("{k}.lora_down.weight"), vec![4, inp], down));
+        lora.push((format!("{k}.alpha"), vec![], vec![2.0]));
+    }
+    write(&lora_path, &lora);
+    let gguf_src = MmditSource::open(&gguf).unwrap();
+    let float_src = MmditSource::open(&dequant).unwrap();
+    let text = |n: &str| TextSource::open_folder(&fixture(&format!("text/{n}"))).unwrap();
+    let clip_l = sd3_wgpu::models::clip::detect(&text("text_encoder"), Act::QuickGelu).unwrap();
+    let clip_g = sd3_wgpu::models::clip::detect(&text("text_encoder_2"), Act::GeluErf).unwrap();
+    let arch = Architectures {
+        mmdit: &gguf_src.config,
+        clip_l: &clip_l,
+        clip_g: &clip_g,
+        t5: None,
+    };
+    let spec = LoraSpec {
+        path: lora_path,
+        strength: 0.8,
+    };
+    let loras = Loras::load(gpu, &[spec], &arch, DType::F16).unwrap();
+    let io = Checkpoint::open(&[fixture("mmdit/sd35l_io.safetensors")]).unwrap();
+    let get = |k: &str| io.read_f32(&format!("case0.{k}")).unwrap();
+    let (xs, x) = get("x");
+    let (cs, ctx) = get("context");
+    let (_, pooled) = get("pooled");
+    let (_, t) = get("t");
+    let run = |model: &Mmdit| {
+        MmditRun::new(gpu, model, xs[0], xs[2], xs[3], cs[1])
+            .unwrap()
+            .run(gpu, &x, &ctx, &pooled, &t)
+            .unwrap()
+    };
+    let cfg = &gguf_src.config;
+    let beside = Mmdit::load_from(
+        gpu,
+        cfg,
+        &loras.provider(Component::Mmdit, &gguf_src),
+        DType::F16,
+    )
+    .unwrap();
+    let qkv = &beside.joint_blocks[0].x_block.attn.qkv.weight;
+    assert!(sd3_wgpu::quant::block(qkv.dtype).is_some() && qkv.low_rank.is_some());
+    let merged = Mmdit::load_from(
+        gpu,
+        cfg,
+        &loras.provider(Component::Mmdit, &float_src),
+        DType::F32,
+    )
+    .unwrap();
+    let plain = Mmdit::load(gpu, &gguf_src, DType::F16).unwrap();
+    let (a, b, c) = (run(&beside), run(&merged), run(&plain));
+    let want: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+    let e = rel_err(&a, &want);
+    let d = rel_err(&c, &want);
+    eprintln!("LoRA beside GGUF blocks vs merged into f32: {e:.2e} (without the LoRA: {d:.2e})");
+    assert!(e <= 1e-5, "relative error {e:.3e}");
+    assert!(d > 1e-3, "the LoRA changes little ({d:.2e})");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -267,6 +267,7 @@ impl Clip {
             ));
         }
         g.scoped("clip", |g| {
+            crate::models::layers::no_low_rank(g, &self.token_embedding, "token_embedding")?;
             let table = g.weight("token_embedding", &self.token_embedding);
             let x = layout::gather(g, table, ids)?;
             let x = g.reshape(x, &[batch, tokens, c.hidden])?;

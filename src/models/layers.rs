@@ -14,12 +14,44 @@ pub struct Linear {
     pub bias: Option<Tensor>,
 }
 
+/// A low-rank update kept beside a block-quantized weight (LoRAs on GGUF
+/// weights): y += (x · downᵀ) · upᵀ, never a dequantized copy of the weight.
+#[derive(Clone, Debug)]
+pub struct LowRank {
+    /// [rank, in], f32: the LoRAs' down matrices stacked.
+    pub down: Tensor,
+    /// [out, rank], f32: their up matrices, scaled by strength · α / r.
+    pub up: Tensor,
+}
+
+/// An error when `t` carries a low-rank update that `what` cannot apply
+/// (only linear layers add it in their pass).
+pub(crate) fn no_low_rank(g: &Graph, t: &Tensor, what: &str) -> Result<()> {
+    if t.low_rank.is_some() {
+        return Err(g.shape_error(
+            what,
+            "a LoRA on a block-quantized (GGUF) weight applies to linear layers only; this one is a convolution or an embedding table",
+        ));
+    }
+    Ok(())
+}
+
 impl Linear {
     /// Records x · weightᵀ + bias.
     pub fn forward(&self, g: &mut Graph, x: Value) -> Result<Value> {
         let w = g.weight("weight", &self.weight);
         let b = self.bias.as_ref().map(|b| g.weight("bias", b));
-        linear::linear(g, x, w, b)
+        let y = linear::linear(g, x, w, b)?;
+        match self.weight.low_rank.as_deref() {
+            None => Ok(y),
+            Some(lr) => g.scoped("lora", |g| {
+                let down = g.weight("down", &lr.down);
+                let up = g.weight("up", &lr.up);
+                let u = linear::linear(g, x, down, None)?;
+                let v = linear::linear(g, u, up, None)?;
+                elementwise::add(g, y, v)
+            }),
+        }
     }
 }
 

@@ -415,6 +415,7 @@ pub(crate) fn cropped_pos_embed(
 
 /// A patchify convolution (kernel = stride = `patch`).
 pub(crate) fn conv_forward(g: &mut Graph, l: &Linear, x: Value, patch: usize) -> Result<Value> {
+    crate::models::layers::no_low_rank(g, &l.weight, "conv")?;
     let w = g.weight("weight", &l.weight);
     let b = l.bias.as_ref().map(|b| g.weight("bias", b));
     conv::conv2d(g, x, w, b, patch, 0)

@@ -248,6 +248,7 @@ impl T5 {
         let c = &self.config;
         let tokens = g.shape(ids)[0] / batch.max(1);
         g.scoped("t5", |g| {
+            crate::models::layers::no_low_rank(g, &self.shared, "shared")?;
             let table = g.weight("shared", &self.shared);
             let x = g.with_activation(DType::F32, |g| layout::gather(g, table, ids))?;
             let mut x = g.reshape(x, &[batch, tokens, c.d_model])?;

@@ -737,6 +737,7 @@ impl TensorProvider for ShapeOnlyWeights {
             buffer: self.buffer.clone(),
             shape: shape.to_vec(),
             dtype,
+            low_rank: None,
         })
     }
     fn tensor_concat(
