@@ -510,7 +510,7 @@ fn lora_on_gguf_weights_runs_beside_the_blocks() {
     };
     // The GGUF's tensors dequantized, as a safetensors file.
     let gguf = fixture("mmdit/sd35l.gguf");
-    let ck = Checkpoint::open(&[gguf.clone()]).unwrap();
+    let ck = Checkpoint::open(std::slice::from_ref(&gguf)).unwrap();
     let all: Vec<(String, Vec<usize>, Vec<f32>)> = ck
         .tensors
         .keys()
