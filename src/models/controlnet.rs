@@ -96,7 +96,7 @@ impl ControlNet {
                 l.tensor(
                     "pos_embed",
                     &[1, b.pos_embed_max * b.pos_embed_max, h],
-                    DType::F32,
+                    l.table_dtype(),
                 )?,
             ))
         } else {
