@@ -699,6 +699,23 @@ pub struct MergingProvider<'a> {
 
 impl MergingProvider<'_> {
     /// Merges `deltas` (each placed `offset` rows further) into `base`.
+    /// The updates of the parts of a dim-0 concatenation of `names` (q, k,
+    /// v), each placed at its part's first row.
+    fn concat_deltas(&self, names: &[String], shape: &[usize]) -> Vec<(usize, &Delta)> {
+        let part = shape.first().copied().unwrap_or(0) / names.len().max(1);
+        names
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| {
+                self.deltas
+                    .and_then(|d| d.get(n))
+                    .into_iter()
+                    .flatten()
+                    .map(move |d| (i * part, d))
+            })
+            .collect()
+    }
+
     /// The updates stacked into one low-rank pair for a [rows, cols] weight:
     /// down [rank, cols], up [rows, rank] (scaled, zero outside each
     /// update's rows).
@@ -785,18 +802,7 @@ impl TensorProvider for MergingProvider<'_> {
         shape: &[usize],
         dtype: DType,
     ) -> Result<Tensor> {
-        let part = shape.first().copied().unwrap_or(0) / names.len().max(1);
-        let ds: Vec<(usize, &Delta)> = names
-            .iter()
-            .enumerate()
-            .flat_map(|(i, n)| {
-                self.deltas
-                    .and_then(|d| d.get(n))
-                    .into_iter()
-                    .flatten()
-                    .map(move |d| (i * part, d))
-            })
-            .collect();
+        let ds = self.concat_deltas(names, shape);
         let base = self.inner.tensor_concat(gpu, names, shape, dtype)?;
         if ds.is_empty() || dtype == DType::U32 {
             return Ok(base);
@@ -836,18 +842,7 @@ impl TensorProvider for MergingProvider<'_> {
         }
         let base = self.inner.matrix_concat(gpu, names, shape, matrix)?;
         if crate::quant::block(base.dtype).is_some() {
-            let part = shape.first().copied().unwrap_or(0) / names.len().max(1);
-            let ds: Vec<(usize, &Delta)> = names
-                .iter()
-                .enumerate()
-                .flat_map(|(i, n)| {
-                    self.deltas
-                        .and_then(|d| d.get(n))
-                        .into_iter()
-                        .flatten()
-                        .map(move |d| (i * part, d))
-                })
-                .collect();
+            let ds = self.concat_deltas(names, shape);
             return Self::beside(gpu, base, &ds);
         }
         drop(base);

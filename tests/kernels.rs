@@ -326,7 +326,7 @@ mod cases {
         let imps = gemm_implementations(gpu, &g);
         for imp in &imps {
             for (i, &(m, k, n)) in sizes.iter().enumerate() {
-                for (j, dtype) in WEIGHT_TYPES.into_iter().enumerate() {
+                for (j, dtype) in WEIGHT_TYPES.iter().copied().enumerate() {
                     let seed = (i * 10 + j) as u64;
                     let xd = rand(seed, m * k);
                     let wd = rand(seed + 100, n * k);
@@ -492,7 +492,7 @@ mod cases {
         let imps = gemm_implementations(gpu, &Graph::new(gpu.target()));
         for imp in &imps {
             for (ci, &(m, n, k, lda, ldw, ldy, xo, wo, yo)) in cases.iter().enumerate() {
-                for dtype in WEIGHT_TYPES {
+                for &dtype in WEIGHT_TYPES {
                     let (x_sh, w_sh, y_sh) = (m * lda + 1, n * ldw + 4, m * ldy + 2);
                     let (x_sb, w_sb, y_sb) = (inner * x_sh + 8, inner * w_sh, inner * y_sh + 3);
                     let (xn, wn, yn) = (xo + outer * x_sb, wo + outer * w_sb, yo + outer * y_sb);
@@ -1254,7 +1254,7 @@ mod cases {
             "an id past the table must give NaN"
         );
         // Tables kept in a file's bf16 or fp8 encoding, decoded as gathered.
-        for dtype in WEIGHT_TYPES.into_iter().skip(2) {
+        for dtype in WEIGHT_TYPES.iter().copied().skip(2) {
             let mut g = Graph::new(gpu.target());
             let t = weight(gpu, &mut g, "t", &[rows, cols], dtype, &td);
             let ids = g.weight("ids", &ids_t);

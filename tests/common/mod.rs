@@ -97,21 +97,8 @@ pub fn stored(data: &[f32], dtype: DType) -> Vec<f64> {
 }
 
 /// Every storage type a weight may have on the GPU.
-pub const WEIGHT_TYPES: [DType; 13] = [
-    DType::F32,
-    DType::F16,
-    DType::BF16,
-    DType::F8E4M3,
-    DType::F8E5M2,
-    DType::Q8_0,
-    DType::Q4_0,
-    DType::Q4_1,
-    DType::Q5_0,
-    DType::Q5_1,
-    DType::Q4K,
-    DType::Q5K,
-    DType::Q6K,
-];
+#[allow(unused_imports)]
+pub use sd3_wgpu::ops::WEIGHTS as WEIGHT_TYPES;
 
 /// Uploads `data` as a weight value of the graph.
 pub fn weight(
