@@ -95,16 +95,6 @@ impl ControlNetSource {
     pub fn read(&self, canonical: &str, expected: &[usize]) -> Result<Vec<f32>, WeightsError> {
         self.ck.read_recipe(&self.recipe(canonical), expected)
     }
-
-    /// Reads a tensor in the file's packed encoding (see
-    /// [`Checkpoint::read_recipe_packed`](super::Checkpoint::read_recipe_packed)).
-    pub fn read_packed(
-        &self,
-        name: &str,
-        expected: &[usize],
-    ) -> Result<Option<(crate::DType, Vec<u8>)>, WeightsError> {
-        self.ck.read_recipe_packed(&self.recipe(name), expected)
-    }
 }
 
 fn detect(
@@ -240,4 +230,13 @@ fn detect(
         zero_pooled,
         control_type,
     })
+}
+
+impl super::RecipeSource for ControlNetSource {
+    fn checkpoint(&self) -> &Checkpoint {
+        &self.ck
+    }
+    fn recipe_of(&self, name: &str) -> Recipe {
+        self.recipe(name)
+    }
 }

@@ -201,16 +201,6 @@ impl MmditSource {
         self.ck.read_recipe(&self.recipe(canonical), expected)
     }
 
-    /// Reads a tensor in the file's packed encoding (see
-    /// [`Checkpoint::read_recipe_packed`](super::Checkpoint::read_recipe_packed)).
-    pub fn read_packed(
-        &self,
-        name: &str,
-        expected: &[usize],
-    ) -> Result<Option<(crate::DType, Vec<u8>)>, WeightsError> {
-        self.ck.read_recipe_packed(&self.recipe(name), expected)
-    }
-
     fn detect(&self, config_json: Option<&serde_json::Value>) -> Result<MmditConfig, WeightsError> {
         let block_prefix = match &self.layout {
             Layout::SingleFile { prefix } => format!("{prefix}joint_blocks."),
@@ -444,4 +434,13 @@ fn check_config(
         }
     }
     Ok(())
+}
+
+impl super::RecipeSource for MmditSource {
+    fn checkpoint(&self) -> &Checkpoint {
+        &self.ck
+    }
+    fn recipe_of(&self, name: &str) -> Recipe {
+        self.recipe(name)
+    }
 }

@@ -587,6 +587,25 @@ pub trait TensorProvider {
     }
 }
 
+/// A source whose tensors are reached through [`recipe::Recipe`]s of
+/// canonical names (every checkpoint-backed source).
+pub trait RecipeSource {
+    /// The tensors.
+    fn checkpoint(&self) -> &Checkpoint;
+    /// How canonical `name` is stored.
+    fn recipe_of(&self, name: &str) -> recipe::Recipe;
+    /// `name` in the file's packed encoding (see
+    /// [`Checkpoint::read_recipe_packed`]).
+    fn read_packed(
+        &self,
+        name: &str,
+        expected: &[usize],
+    ) -> Result<Option<(crate::DType, Vec<u8>)>, WeightsError> {
+        self.checkpoint()
+            .read_recipe_packed(&self.recipe_of(name), expected)
+    }
+}
+
 macro_rules! provider_from_read {
     ($t:ty) => {
         impl TensorProvider for $t {
@@ -610,7 +629,7 @@ macro_rules! provider_from_read {
                 matrix: crate::DType,
             ) -> crate::Result<crate::Tensor> {
                 if matrix == crate::DType::F16 {
-                    if let Some((dtype, bytes)) = self.read_packed(name, shape)? {
+                    if let Some((dtype, bytes)) = RecipeSource::read_packed(self, name, shape)? {
                         return crate::Tensor::from_raw(gpu, shape, dtype, bytes);
                     }
                 }
@@ -628,7 +647,7 @@ macro_rules! provider_from_read {
                     part[0] /= names.len();
                     let mut parts = Vec::with_capacity(names.len());
                     for n in names {
-                        parts.push(self.read_packed(n, &part)?);
+                        parts.push(RecipeSource::read_packed(self, n, &part)?);
                     }
                     let first = parts.first().and_then(|p| p.as_ref().map(|p| p.0));
                     if first.is_some() && parts.iter().all(|p| p.as_ref().map(|p| p.0) == first) {

@@ -132,16 +132,6 @@ impl TextSource {
         self.ck.read_recipe(&self.recipe(name), expected)
     }
 
-    /// Reads a tensor in the file's packed encoding (see
-    /// [`Checkpoint::read_recipe_packed`](super::Checkpoint::read_recipe_packed)).
-    pub fn read_packed(
-        &self,
-        name: &str,
-        expected: &[usize],
-    ) -> Result<Option<(crate::DType, Vec<u8>)>, WeightsError> {
-        self.ck.read_recipe_packed(&self.recipe(name), expected)
-    }
-
     /// Number of distinct layer indices under `prefix` (e.g. `text_model.encoder.layers.`).
     pub fn count_layers(&self, prefix: &str) -> usize {
         if self.llama_t5 && prefix == "encoder.block." {
@@ -160,5 +150,14 @@ impl TextSource {
     /// A string from config.json.
     pub fn config_str(&self, key: &str) -> Option<String> {
         Some(self.config.as_ref()?.get(key)?.as_str()?.to_string())
+    }
+}
+
+impl super::RecipeSource for TextSource {
+    fn checkpoint(&self) -> &Checkpoint {
+        &self.ck
+    }
+    fn recipe_of(&self, name: &str) -> Recipe {
+        self.recipe(name)
     }
 }

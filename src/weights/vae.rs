@@ -156,16 +156,6 @@ impl VaeSource {
         self.ck.read_recipe(&self.recipe(canonical), expected)
     }
 
-    /// Reads a tensor in the file's packed encoding (see
-    /// [`Checkpoint::read_recipe_packed`](super::Checkpoint::read_recipe_packed)).
-    pub fn read_packed(
-        &self,
-        name: &str,
-        expected: &[usize],
-    ) -> Result<Option<(crate::DType, Vec<u8>)>, WeightsError> {
-        self.ck.read_recipe_packed(&self.recipe(name), expected)
-    }
-
     fn detect(&mut self, json: Option<&serde_json::Value>) -> Result<(), WeightsError> {
         let origin = self.path.clone();
         let dim =
@@ -269,3 +259,12 @@ impl VaeSource {
 
 /// Most resolution levels accepted (SD3: 4).
 const MAX_LEVELS: usize = 8;
+
+impl super::RecipeSource for VaeSource {
+    fn checkpoint(&self) -> &Checkpoint {
+        &self.ck
+    }
+    fn recipe_of(&self, name: &str) -> Recipe {
+        self.recipe(name)
+    }
+}
