@@ -508,12 +508,9 @@ impl Pipeline {
         let mut out: Vec<PathBuf> = self.mmdit.ck.files.clone();
         out.extend(self.vae.ck.files.iter().cloned());
         let t = &self.text;
-        let mut roots = vec![
-            t.clip_l.clone(),
-            t.clip_g.clone(),
-            t.tokenizer_l.clone(),
-            t.tokenizer_g.clone(),
-        ];
+        let mut roots = vec![t.clip_l.clone(), t.clip_g.clone()];
+        roots.extend(t.tokenizer_l.iter().cloned());
+        roots.extend(t.tokenizer_g.iter().cloned());
         roots.extend(t.t5.iter().cloned());
         roots.extend(t.tokenizer_t5.iter().cloned());
         for r in &roots {
@@ -1106,27 +1103,22 @@ fn encoder_configs(t: &TextPaths, c: &MmditConfig) -> Result<EncoderConfigs> {
 /// Text encoders and tokenizers for a model path and the options' overrides.
 fn text_paths(path: &Path, o: &PipelineOptions) -> Result<TextPaths> {
     let is_folder = path.is_dir();
-    let tok_root = o
-        .tokenizers
-        .clone()
-        .or_else(|| is_folder.then(|| path.to_path_buf()));
-    let tok = |sub: &str| -> Result<PathBuf> {
-        let root = tok_root.as_ref().ok_or_else(|| {
-            Error::Io(format!(
-                "{}: single-file checkpoints carry no tokenizers; pass --tokenizers with a folder holding \
-                 tokenizer/, tokenizer_2/ and tokenizer_3/ (a diffusers SD3 folder)",
-                path.display()
-            ))
-        })?;
-        let p = root.join(sub);
-        if p.is_dir() {
-            Ok(p)
-        } else {
-            Err(Error::Io(format!(
-                "{}: missing tokenizer folder",
-                p.display()
-            )))
+    // --tokenizers, else a model folder's own tokenizers, else the built-in
+    // ones (single files carry none).
+    let tok = |sub: &str| -> Result<Option<PathBuf>> {
+        if let Some(root) = &o.tokenizers {
+            let p = root.join(sub);
+            return if p.is_dir() {
+                Ok(Some(p))
+            } else {
+                Err(Error::Io(format!(
+                    "{}: missing tokenizer folder (--tokenizers)",
+                    p.display()
+                )))
+            };
         }
+        let p = path.join(sub);
+        Ok((is_folder && p.is_dir()).then_some(p))
     };
     let weights =
         |over: &Option<PathBuf>, sub: &str, name: &str, flag: &str| -> Result<Option<PathBuf>> {
@@ -1163,7 +1155,7 @@ fn text_paths(path: &Path, o: &PipelineOptions) -> Result<TextPaths> {
         tokenizer_l: tok("tokenizer")?,
         tokenizer_g: tok("tokenizer_2")?,
         tokenizer_t5: if t5.is_some() {
-            Some(tok("tokenizer_3")?)
+            tok("tokenizer_3")?
         } else {
             None
         },

@@ -26,11 +26,11 @@ pub struct TextPaths {
     pub clip_g: PathBuf,
     /// T5 weights; `None` runs without T5 (zeros, as diffusers does).
     pub t5: Option<PathBuf>,
-    /// CLIP-L tokenizer folder.
-    pub tokenizer_l: PathBuf,
-    /// CLIP-G tokenizer folder.
-    pub tokenizer_g: PathBuf,
-    /// T5 tokenizer folder (needed with `t5`).
+    /// CLIP-L tokenizer folder; `None`: the built-in one.
+    pub tokenizer_l: Option<PathBuf>,
+    /// CLIP-G tokenizer folder; `None`: the built-in one.
+    pub tokenizer_g: Option<PathBuf>,
+    /// T5 tokenizer folder; `None`: the built-in one (used with `t5`).
     pub tokenizer_t5: Option<PathBuf>,
 }
 
@@ -55,8 +55,8 @@ impl TextPaths {
             clip_l: need("text_encoder")?,
             clip_g: need("text_encoder_2")?,
             t5: has_t5.then_some(t5),
-            tokenizer_l: need("tokenizer")?,
-            tokenizer_g: need("tokenizer_2")?,
+            tokenizer_l: Some(need("tokenizer")?),
+            tokenizer_g: Some(need("tokenizer_2")?),
             tokenizer_t5: if has_t5 {
                 Some(need("tokenizer_3")?)
             } else {
@@ -104,6 +104,18 @@ pub struct PromptEmbeddings {
     pub pooled_width: usize,
     /// Prompts that were cut short.
     pub truncated: Vec<Truncation>,
+}
+
+/// An error when a token id lies outside the encoder's vocabulary: the
+/// tokenizer belongs to another model.
+fn check_vocab(tok: &PromptTokenizer, ids: &[Vec<u32>], name: &str, vocab: usize) -> Result<()> {
+    match ids.iter().flatten().find(|&&i| i as usize >= vocab) {
+        Some(id) => Err(Error::Io(format!(
+            "{}: token id {id} is outside {name}'s vocabulary of {vocab}: this tokenizer does not belong to these weights (pass --tokenizers with the model's tokenizer folders)",
+            tok.path.display()
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn tokenize(
@@ -159,15 +171,20 @@ pub fn encode_prompts_with(
     }
     let mut truncated = Vec::new();
     let mut run_clip = |weights: &Path,
-                        tok_dir: &Path,
+                        tok_dir: &Option<PathBuf>,
                         name: &'static str,
                         act: Act,
                         component: Component|
      -> Result<(Vec<f32>, Vec<f32>, usize, usize)> {
-        let tok = PromptTokenizer::clip(tok_dir)?;
+        let tok = match (tok_dir, component) {
+            (Some(d), _) => PromptTokenizer::clip(d)?,
+            (None, Component::ClipL) => PromptTokenizer::builtin_clip_l()?,
+            (None, _) => PromptTokenizer::builtin_clip_g()?,
+        };
         let ids = tokenize(&tok, name, prompts, &mut truncated)?;
         let src = open_encoder(weights, name)?;
         let config = clip::detect(&src, act)?;
+        check_vocab(&tok, &ids, name, config.vocab)?;
         let model = clip::Clip::load_from(gpu, &config, &loras.provider(component, &src), matrix)?;
         let (seq, pooled) = clip::encode(gpu, &model, &ids)?;
         Ok((seq, pooled, model.config.hidden, model.config.projection))
@@ -192,11 +209,15 @@ pub fn encode_prompts_with(
         )));
     }
     let t5_out = match (&paths.t5, &paths.tokenizer_t5) {
-        (Some(w), Some(tdir)) => {
-            let tok = PromptTokenizer::t5(tdir, t5_tokens)?;
+        (Some(w), tdir) => {
+            let tok = match tdir {
+                Some(d) => PromptTokenizer::t5(d, t5_tokens)?,
+                None => PromptTokenizer::builtin_t5(t5_tokens)?,
+            };
             let ids = tokenize(&tok, "t5", prompts, &mut truncated)?;
             let src = open_encoder(w, "t5xxl")?;
             let (config, shared) = t5::T5::detect(&src)?;
+            check_vocab(&tok, &ids, "t5xxl", config.vocab)?;
             let provider = loras.provider(Component::T5, &src);
             let model = t5::T5::load_from(gpu, &config, shared, &provider, matrix)?;
             if model.config.d_model != width {
@@ -206,11 +227,6 @@ pub fn encode_prompts_with(
                 )));
             }
             Some(t5::encode(gpu, &model, &ids)?)
-        }
-        (Some(_), None) => {
-            return Err(Error::Io(
-                "T5 weights were given without a T5 tokenizer (tokenizer_3/)".into(),
-            ))
         }
         _ => None,
     };

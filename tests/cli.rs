@@ -527,6 +527,18 @@ fn generate_from_a_gguf_transformer_with_separate_parts() {
     assert!(ok, "{err}");
     let img = image::open(&out).unwrap();
     assert_eq!((img.width(), img.height()), (20, 12));
+    // Without --tokenizers a single file takes the built-in tokenizers, which
+    // do not fit these tiny fixture encoders: the error says so.
+    let mut v = args(true);
+    let i = v.iter().position(|a| a == "--tokenizers").unwrap();
+    v.drain(i..i + 2);
+    std::fs::remove_file(&out).unwrap();
+    let (ok, _, err) = run(v);
+    assert!(
+        !ok && err.contains("(built-in CLIP-L tokenizer)") && err.contains("--tokenizers"),
+        "{err}"
+    );
+    assert!(!out.exists());
 }
 
 #[test]

@@ -76,6 +76,34 @@ fn token_ids_match_transformers_for_tricky_prompts() {
     }
 }
 
+/// The tokenizers the binary carries (CLIP-L, CLIP-G, T5 v1.1) give
+/// transformers' ids for every fixture prompt: scripts, emoji, "!" (CLIP-G's
+/// pad, split out as a special token), truncation.
+#[test]
+fn builtin_tokenizers_match_transformers() {
+    let ck = Checkpoint::open(&[fixture("builtin_ids.safetensors")]).unwrap();
+    let text: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("prompts.json")).unwrap()).unwrap();
+    let prompts: Vec<String> = text["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    for (key, tok) in [
+        ("clip_l", PromptTokenizer::builtin_clip_l().unwrap()),
+        ("clip_g", PromptTokenizer::builtin_clip_g().unwrap()),
+        ("t5", PromptTokenizer::builtin_t5(32).unwrap()),
+    ] {
+        let (shape, ids) = ck.read_f32(key).unwrap();
+        assert_eq!(shape[0], prompts.len());
+        for (p, row) in prompts.iter().zip(ids.chunks(shape[1])) {
+            let want: Vec<u32> = row.iter().map(|&v| v as u32).collect();
+            assert_eq!(tok.encode(p).unwrap().ids, want, "{key}: {p:?}");
+        }
+    }
+}
+
 #[test]
 fn missing_tokenizer_files_are_named() {
     let dir = std::env::temp_dir().join(format!("sd3-tok-{}", std::process::id()));

@@ -1198,10 +1198,59 @@ def make_gguf_t5():
     print("t5 gguf: quantized", k, "matrices")
 
 
+def make_builtin_tokenizer_ids():
+    """Token ids of the tokenizers the binary carries (assets/tokenizers/),
+    as transformers makes them, for text/prompts.json (many scripts, emoji):
+    CLIPTokenizer from the vocabulary and merges that OpenAI's BPE file gives
+    (SD3's tokenizer/ padded with <|endoftext|>, tokenizer_2/ with "!"), and
+    T5TokenizerFast from T5 v1.1's tokenizer.json. Writes
+    text/builtin_ids.safetensors (`clip_l`, `clip_g` [n, 77], `t5` [n, 32])."""
+    import gzip
+    import tempfile
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    assets = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets", "tokenizers")
+    lines = gzip.open(os.path.join(assets, "clip_bpe_simple_vocab_16e6.txt.gz")).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    chars = [chr(c) for c in cs]
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(ROOT, "text", "prompts.json")) as f:
+        prompts = json.load(f)["prompts"]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "vocab.json"), "w") as f:
+            json.dump({t: i for i, t in enumerate(vocab)}, f)
+        with open(os.path.join(tmp, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+        for key, pad in (("clip_l", "<|endoftext|>"), ("clip_g", "!")):
+            tok = CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"), pad_token=pad)
+            ids = tok(prompts, padding="max_length", max_length=77, truncation=True).input_ids
+            out[key] = torch.tensor(ids, dtype=torch.float32)
+        with open(os.path.join(tmp, "t5.json"), "wb") as f:
+            f.write(gzip.open(os.path.join(assets, "t5_v1_1_tokenizer.json.gz")).read())
+        t5 = T5TokenizerFast(tokenizer_file=os.path.join(tmp, "t5.json"), eos_token="</s>", pad_token="<pad>",
+                             unk_token="<unk>", extra_ids=100)
+        ids = t5(prompts, padding="max_length", max_length=32, truncation=True).input_ids
+        out["t5"] = torch.tensor(ids, dtype=torch.float32)
+    save_file(out, os.path.join(ROOT, "text", "builtin_ids.safetensors"))
+    print("builtin tokenizer ids for", len(prompts), "prompts")
+
+
 if __name__ == "__main__":
     import sys
     if sys.argv[1:] == ["img2img"]:
         make_img2img()
+        sys.exit()
+    if sys.argv[1:] == ["tokenizers"]:
+        make_builtin_tokenizer_ids()
         sys.exit()
     if sys.argv[1:] == ["gguf"]:
         make_gguf_blocks()
@@ -1231,3 +1280,4 @@ if __name__ == "__main__":
     make_gguf_blocks()
     make_gguf_model()
     make_gguf_t5()
+    make_builtin_tokenizer_ids()
