@@ -1060,3 +1060,39 @@ fn bytemuck_bytes<T: Copy + Into<u64>>(v: &[T]) -> Vec<u8> {
         .flat_map(|&x| x.into().to_le_bytes()[..size].to_vec())
         .collect()
 }
+
+/// The whole pipeline from a GGUF transformer with the VAE and the text
+/// encoders from separate files, against StableDiffusion3Pipeline with the
+/// same transformer dequantized by the gguf package.
+#[test]
+fn gguf_pipeline_matches_diffusers_on_the_dequantized_transformer() {
+    use sd3_wgpu::sampler::Rng;
+    let text = fixtures().join("text");
+    let pipe = Pipeline::load(
+        &fixtures().join("pipeline/sd35l.gguf"),
+        PipelineOptions {
+            vae: Some(fixtures().join("vae/vae")),
+            clip_l: Some(text.join("text_encoder")),
+            clip_g: Some(text.join("text_encoder_2")),
+            t5: Some(text.join("text_encoder_3")),
+            tokenizers: Some(text.clone()),
+            ..f32_options()
+        },
+    )
+    .unwrap();
+    let mut req = request();
+    req.seed = 5;
+    req.rng = Rng::Torch;
+    let out = pipe.generate(&req, &mut |_, _| {}).unwrap();
+    let want: Vec<f64> = Checkpoint::open(&[fixtures().join("pipeline/sd35l_gguf_io.safetensors")])
+        .unwrap()
+        .read_f32("latents")
+        .unwrap()
+        .1
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let e = common::rel_err(&out.latents, &want);
+    eprintln!("GGUF pipeline: final latents rel err {e:.2e}");
+    assert!(e <= 1e-4, "relative error {e:.3e}");
+}

@@ -1136,8 +1136,20 @@ def make_gguf_model():
     pipe = SD3Transformer2DModel.from_pretrained(os.path.join(ROOT, "pipeline", "sd35l", "transformer"),
                                                  torch_dtype=torch.float32)
     psd = {k: v.detach().clone() for k, v in pipe.state_dict().items()}
-    write_gguf(to_single_file(psd, pipe.config.num_layers, pipe.inner_dim),
-               os.path.join(ROOT, "pipeline", "sd35l.gguf"))
+    pdequant = write_gguf(to_single_file(psd, pipe.config.num_layers, pipe.inner_dim),
+                          os.path.join(ROOT, "pipeline", "sd35l.gguf"))
+    # The whole pipeline on the GGUF's dequantized transformer: final latents.
+    from diffusers import StableDiffusion3Pipeline
+    pipe.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(dict(pdequant)))
+    comp = fixture_components()
+    comp["transformer"] = pipe
+    with torch.no_grad():
+        lat = StableDiffusion3Pipeline(**comp)(
+            prompt=PIPE_PROMPT, negative_prompt=PIPE_NEGATIVE, num_inference_steps=4, guidance_scale=5.0,
+            height=12, width=20, max_sequence_length=32, generator=torch.Generator().manual_seed(5),
+            output_type="latent").images
+    assert torch.isfinite(lat).all()
+    save_file({"latents": lat.contiguous()}, os.path.join(ROOT, "pipeline", "sd35l_gguf_io.safetensors"))
 
 
 def make_gguf_t5():
