@@ -281,6 +281,9 @@ pub struct BenchOptions {
     pub cfg: f32,
     /// Matrix storage.
     pub dtype: DType,
+    /// Storage of the text encoders' and the MMDiT's matrices (f16, bf16,
+    /// fp8, GGML blocks: random bits of that encoding); the VAE's follow `dtype`.
+    pub weights: DType,
     /// Which stages: any of text, mmdit, vae.
     pub components: Vec<String>,
     /// Weight seed.
@@ -349,7 +352,7 @@ pub fn run(gpu: &Gpu, o: &BenchOptions) -> Result<BenchReport> {
             })
             .collect();
         for (name, cfg) in [("clip_l", &spec.clip_l), ("clip_g", &spec.clip_g)] {
-            let m = Clip::load_from(gpu, cfg, &weights, o.dtype)?;
+            let m = Clip::load_from(gpu, cfg, &weights, o.weights)?;
             let mut g = Graph::new(gpu.target());
             let idv = g.input("ids", &[batch * CLIP_TOKENS], DType::U32);
             let rows = g.input("pool_rows", &[batch], DType::U32);
@@ -370,7 +373,7 @@ pub fn run(gpu: &Gpu, o: &BenchOptions) -> Result<BenchReport> {
             text_flops += p.entries.iter().map(|e| e.flops).sum::<u64>();
             profiles.push(p);
         }
-        let t5 = T5::load_from(gpu, &spec.t5, "shared.weight", &weights, o.dtype)?;
+        let t5 = T5::load_from(gpu, &spec.t5, "shared.weight", &weights, o.weights)?;
         let mut g = Graph::new(gpu.target());
         let idv = g.input("ids", &[batch * spec.t5_tokens], DType::U32);
         let bias = g.input(
@@ -412,7 +415,7 @@ pub fn run(gpu: &Gpu, o: &BenchOptions) -> Result<BenchReport> {
     let n = LATENT_CHANNELS * lh * lw;
     let mut latents = noise(Rng::Native, o.seed, n);
     if want("mmdit") {
-        let m = Mmdit::load_from(gpu, &spec.mmdit, &weights, o.dtype)?;
+        let m = Mmdit::load_from(gpu, &spec.mmdit, &weights, o.weights)?;
         if pooled.iter().all(|v| *v == 0.0) {
             pooled = noise(Rng::Native, o.seed + 1, pooled.len());
         }
@@ -477,8 +480,13 @@ pub fn run(gpu: &Gpu, o: &BenchOptions) -> Result<BenchReport> {
         ),
         driver: format!("{} {}", gpu.info.driver, gpu.info.driver_info),
         features: format!(
-            "shader-f16 {}, subgroup {}, timestamps {}, timestamps-inside-passes {}",
-            f.f16, f.subgroup, f.timestamps, f.timestamps_inside_passes
+            "shader-f16 {}, subgroup {}, timestamps {}, timestamps-inside-passes {}; matrices {} (text encoders, MMDiT), activations {}",
+            f.f16,
+            f.subgroup,
+            f.timestamps,
+            f.timestamps_inside_passes,
+            o.weights.name(),
+            o.dtype.name()
         ),
         stages,
         ops: Profile {

@@ -298,9 +298,9 @@ pub struct BenchArgs {
     /// Only record and validate the graphs (no GPU work), printing FLOP counts.
     #[arg(long)]
     pub dry_run: bool,
-    /// With --dry-run: the text encoders' and MMDiT's matrices stored as a
-    /// checkpoint in this encoding keeps them on the GPU (default: --dtype).
-    #[arg(long, value_enum, requires = "dry_run")]
+    /// The text encoders' and MMDiT's matrices stored as a checkpoint in this
+    /// encoding keeps them on the GPU (random bits of it; default: --dtype).
+    #[arg(long, value_enum)]
     pub weights: Option<StorageArg>,
 }
 
@@ -791,6 +791,7 @@ fn bench_arch(cli: &Cli, a: &BenchArgs) -> Result<(), Box<dyn std::error::Error>
         steps: a.steps,
         cfg: a.cfg,
         dtype: a.dtype.dtype(),
+        weights: a.weights.map(|w| w.dtype()).unwrap_or(a.dtype.dtype()),
         components: a.components.clone(),
         seed: 0,
     };

@@ -781,6 +781,32 @@ fn bench_tiny_runs_every_stage_and_writes_json_trace_and_png() {
     assert_eq!(image::open(&png).unwrap().width(), 64);
 }
 
+/// `bench --arch tiny` with the text encoders' and MMDiT's matrices as
+/// random bf16, fp8 and GGML blocks (the packed storage a real GPU run would
+/// time): every stage runs, the image is written.
+#[test]
+fn bench_tiny_runs_packed_weights() {
+    let dir = temp_dir("bench-packed");
+    for w in ["bf16", "fp8", "q8_0", "q4_k"] {
+        let png = dir.join(format!("{w}.png"));
+        let (ok, out, err) = sd3(&[
+            "bench",
+            "--arch",
+            "tiny",
+            "--steps",
+            "1",
+            "--weights",
+            w,
+            "--out",
+            png.to_str().unwrap(),
+        ]);
+        assert!(ok, "{w}: {err}");
+        assert!(out.contains("vae decode") && png.exists(), "{w}: {out}");
+        let name = if w == "fp8" { "f8e4m3" } else { w };
+        assert!(out.contains(&format!("matrices {name}")), "{w}: {out}");
+    }
+}
+
 #[test]
 fn bench_dry_run_records_the_real_architectures() {
     for arch in ["sd3-medium", "sd3.5-medium", "sd3.5-large"] {

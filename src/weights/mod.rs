@@ -694,6 +694,66 @@ impl RandomWeights {
     }
 }
 
+/// `n` random weights of magnitude up to about `scale` in packed `dtype`
+/// (bf16, fp8, GGML blocks): random signs and mantissas or quants, with
+/// exponents or block scales chosen so no value is NaN or infinite.
+fn random_packed(dtype: crate::DType, n: usize, seed: u64, scale: f32) -> Vec<u8> {
+    use crate::DType as D;
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let e2 = scale.log2().floor() as i32;
+    let h = |v: f32| half::f16::from_f32(v).to_le_bytes();
+    match dtype {
+        D::BF16 => {
+            // Exponent of scale/2, random sign and 7-bit mantissa.
+            let e = ((e2 - 1 + 127).clamp(1, 254) as u16) << 7;
+            (0..n)
+                .flat_map(|_| {
+                    let r = next() as u16;
+                    ((r & 0x807f) | e).to_le_bytes()
+                })
+                .collect()
+        }
+        D::F8E4M3 => {
+            let e = ((e2 - 1 + 7).clamp(1, 14) as u8) << 3;
+            (0..n).map(|_| (next() as u8 & 0x87) | e).collect()
+        }
+        D::F8E5M2 => {
+            let e = ((e2 - 1 + 15).clamp(1, 30) as u8) << 2;
+            (0..n).map(|_| (next() as u8 & 0x83) | e).collect()
+        }
+        q => {
+            let Some((be, bb)) = crate::quant::block(q) else {
+                return Vec::new();
+            };
+            let blocks = n.div_ceil(be);
+            let mut out: Vec<u8> = (0..blocks * bb).map(|_| next() as u8).collect();
+            // (offset, value) of each block's f16 scale fields.
+            let fields: Vec<(usize, f32)> = match q {
+                D::Q8_0 => vec![(0, scale / 127.0)],
+                D::Q4_0 => vec![(0, scale / 8.0)],
+                D::Q5_0 => vec![(0, scale / 16.0)],
+                D::Q4_1 => vec![(0, scale / 8.0), (2, -scale)],
+                D::Q5_1 => vec![(0, scale / 16.0), (2, -scale)],
+                D::Q4K => vec![(0, scale / (63.0 * 15.0)), (2, scale / 63.0)],
+                D::Q5K => vec![(0, scale / (63.0 * 31.0)), (2, scale / 63.0)],
+                _ => vec![(208, scale / (127.0 * 32.0))],
+            };
+            for blk in out.chunks_exact_mut(bb) {
+                for &(at, v) in &fields {
+                    blk[at..at + 2].copy_from_slice(&h(v));
+                }
+            }
+            out
+        }
+    }
+}
+
 impl TensorProvider for RandomWeights {
     fn tensor(
         &self,
@@ -703,6 +763,13 @@ impl TensorProvider for RandomWeights {
         dtype: crate::DType,
     ) -> crate::Result<crate::Tensor> {
         let (seed, scale, shift) = self.params(name, shape);
+        if dtype.packed_format().is_some_and(|f| f != 0) {
+            // bf16, fp8 and GGML blocks: random bits of the right magnitude,
+            // made on the CPU (a benchmark times the kernels, not the values).
+            let n: usize = shape.iter().product();
+            let bytes = random_packed(dtype, n, seed as u64, scale.max(1e-6));
+            return crate::Tensor::from_raw(gpu, shape, dtype, bytes);
+        }
         let mut g = crate::Graph::new(gpu.target());
         let v = crate::ops::random::random_uniform(&mut g, shape, dtype, seed, scale, shift)?;
         g.keep(v);
