@@ -59,6 +59,22 @@ fn inspect_prints_the_detected_variant() {
         "{out}"
     );
     assert!(out.contains("qk RMSNorm"), "{out}");
+    // GGUF files: the blocks and their GPU size; a T5 encoder in llama.cpp's names.
+    let (ok, out, err) = sd3(&[
+        "inspect",
+        &format!("{dir}/tests/fixtures/pipeline/sd35l.gguf"),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("Q4_0 ×") && out.contains("MiB on the GPU"),
+        "{out}"
+    );
+    let (ok, out, err) = sd3(&["inspect", &format!("{dir}/tests/fixtures/text/t5.gguf")]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("t5xxl        present") && out.contains("Q8_0 ×"),
+        "{out}"
+    );
     let (ok, _, err) = sd3(&["inspect", &format!("{dir}/README.md")]);
     assert!(!ok);
     assert!(

@@ -117,6 +117,8 @@ pub fn inspect(path: &Path) -> Result<Report, WeightsError> {
                 ("vae", "decoder."),
                 ("clip", "text_model."),
                 ("t5xxl", "encoder.block."),
+                // llama.cpp's T5-encoder names (GGUF).
+                ("t5xxl", "enc.blk."),
             ];
             for (name, prefix) in guess {
                 if ck.with_prefix(prefix).next().is_some() {
@@ -130,7 +132,7 @@ pub fn inspect(path: &Path) -> Result<Report, WeightsError> {
         layout = if components.is_empty() {
             return Err(WeightsError::Unsupported(format!(
                 "{}: no SD3 component found (no 'model.diffusion_model.', 'first_stage_model.', 'text_encoders.*', \
-                 'joint_blocks.', 'transformer_blocks.', 'decoder.', 'text_model.' or 'encoder.block.' tensors)",
+                 'joint_blocks.', 'transformer_blocks.', 'decoder.', 'text_model.', 'encoder.block.' or 'enc.blk.' tensors)",
                 path.display()
             )));
         } else {
