@@ -566,6 +566,13 @@ pub fn generate_request(a: &GenerateArgs) -> Result<GenerateRequest, Box<dyn std
 /// Pairs each --controlnet with its --control-image and settings.
 fn controls(a: &GenerateArgs) -> Result<Vec<crate::pipeline::Control>, Box<dyn std::error::Error>> {
     let n = a.controlnets.len();
+    if n == 0
+        && !(a.control_scales.is_empty()
+            && a.control_starts.is_empty()
+            && a.control_stops.is_empty())
+    {
+        return Err("--control-scale/--control-start/--control-stop need --controlnet".into());
+    }
     if a.control_images.len() != n {
         return Err(format!(
             "{} --control-image for {n} --controlnet: give one image per ControlNet, in the same order",
@@ -698,11 +705,21 @@ fn generate(cli: &Cli, a: &GenerateArgs) -> Result<(), Box<dyn std::error::Error
             }
         }
     })?;
+    // With CFG the negative prompts come first; each prompt is repeated per image.
+    let negatives = if out.settings.cfg > 1.0 { req.batch } else { 0 };
+    let mut said = std::collections::BTreeSet::new();
     for t in &out.truncated {
-        eprintln!(
-            "warning: the prompt was too long for {}: {} tokens were dropped",
-            t.encoder, t.dropped
-        );
+        let which = if t.prompt < negatives {
+            "negative prompt"
+        } else {
+            "prompt"
+        };
+        if said.insert((t.encoder, which)) {
+            eprintln!(
+                "warning: the {which} was too long for {}: {} tokens were dropped",
+                t.encoder, t.dropped
+            );
+        }
     }
     let s = &out.settings;
     let text = pipe.image_metadata(&req, s);

@@ -426,7 +426,13 @@ impl Denoiser {
         for i in start..steps {
             for (ci, s) in self.control.iter().zip(&self.options.control) {
                 self.plan
-                    .write(gpu, ci.scale, &vec![s.scale_at(i, steps); ci.hidden])?;
+                    // Fractions of the steps that run (img2img starts later),
+                    // as diffusers' ControlNet pipelines with a strength count.
+                    .write(
+                        gpu,
+                        ci.scale,
+                        &vec![s.scale_at(i - start, steps - start); ci.hidden],
+                    )?;
             }
             let skip_weight = self.options.skip_layers.as_ref().and_then(|s| {
                 // diffusers compares the integer step with fractions of the step count.

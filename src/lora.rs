@@ -421,7 +421,8 @@ impl PeftConfig {
 /// A matrix flattened to 2-D: [rows, everything else].
 fn as_matrix(shape: &[usize]) -> Option<(usize, usize)> {
     let (&rows, rest) = shape.split_first()?;
-    (!rest.is_empty()).then(|| (rows, rest.iter().product()))
+    let cols = rest.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+    (!rest.is_empty()).then_some((rows, cols))
 }
 
 impl Loras {
@@ -560,7 +561,11 @@ impl Loras {
             else {
                 return Err(bad(format!("up {us:?} and down {ds:?} must be matrices")));
             };
-            let up_extra: usize = us.iter().skip(2).product();
+            let up_extra = us
+                .iter()
+                .skip(2)
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .unwrap_or(usize::MAX);
             if up_rank != rank || up_extra != 1 || rank == 0 || rank > MAX_RANK {
                 return Err(bad(format!(
                     "up {us:?} and down {ds:?} do not share one rank (1..={MAX_RANK})"

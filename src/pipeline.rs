@@ -357,6 +357,9 @@ pub fn default_steps_cfg(c: &MmditConfig, turbo: bool) -> (usize, f32) {
 /// has SD3.5 large's architecture and configs to the byte, so the name is
 /// all there is to go by.
 pub fn turbo_name_hint(path: &Path) -> bool {
+    // "." or "model/.." name nothing: look at the resolved path.
+    let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let path = resolved.as_path();
     let name = |p: &Path| {
         p.file_name()
             .map(|n| n.to_string_lossy().to_lowercase())
@@ -629,6 +632,14 @@ impl Pipeline {
             Some(p) => Some(load_image(p, scale)?),
             None => None,
         };
+        if !req.controls.is_empty() && !req.slg_layers.is_empty() && cfg > 1.0 {
+            return Err(invalid(
+                "skip-layer guidance together with ControlNets is not supported: drop --slg-layers or the ControlNets".into(),
+            ));
+        }
+        if req.mask.is_none() && req.mask_blur != 0.0 {
+            return Err(invalid("--mask-blur needs --mask".into()));
+        }
         if req.controls.len() != self.controlnets.len() {
             return Err(invalid(format!(
                 "{} control image(s) for {} ControlNet(s): give one --control-image per --controlnet",
@@ -1175,6 +1186,21 @@ fn a1111_value(v: &str) -> String {
     }
 }
 
+/// A model's short name: a folder's name, or a file's without its extension
+/// ("stable-diffusion-3.5-large", "sd3.5_large").
+fn display_name(p: &Path) -> String {
+    let name = if p.is_dir() {
+        std::fs::canonicalize(p)
+            .ok()
+            .and_then(|c| c.file_name().map(|n| n.to_os_string()))
+    } else {
+        p.file_stem().map(|n| n.to_os_string())
+    };
+    name.unwrap_or_else(|| p.as_os_str().to_os_string())
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// The PNG metadata of a generated image: our own keys (`prompt`, `seed`, …)
 /// and `parameters` in the A1111 web UI's format, which image browsers and
 /// other UIs read.
@@ -1187,11 +1213,7 @@ pub fn image_metadata(
 ) -> Vec<(&'static str, String)> {
     let version = format!("sd3-wgpu {}", env!("CARGO_PKG_VERSION"));
     let rng = format!("{:?}", req.rng).to_lowercase();
-    let model_name = model
-        .file_stem()
-        .unwrap_or(model.as_os_str())
-        .to_string_lossy()
-        .into_owned();
+    let model_name = display_name(model);
     let mut parameters = req.prompt.clone();
     if !req.negative_prompt.is_empty() {
         parameters.push_str("\nNegative prompt: ");
@@ -1221,12 +1243,7 @@ pub fn image_metadata(
             parameters.push_str(&format!(", Mask blur: {}", req.mask_blur));
         }
     }
-    let stem = |p: &Path| {
-        p.file_stem()
-            .unwrap_or(p.as_os_str())
-            .to_string_lossy()
-            .into_owned()
-    };
+    let stem = display_name;
     if !loras.is_empty() {
         // A1111's form: short (12-digit) SHA-256 per LoRA name.
         let hashes: Vec<String> = loras

@@ -122,7 +122,7 @@ fn f16_at(b: &[u8], o: usize) -> f32 {
 }
 
 /// Dequantizes `numel` elements of block format `d` from `bytes` (which
-/// must hold ⌈numel / 32⌉ blocks); `None` when `d` is not a block format or
+/// must hold ⌈numel / block⌉ blocks); `None` when `d` is not a block format or
 /// the bytes are too few.
 pub fn dequantize(d: DType, bytes: &[u8], numel: usize) -> Option<Vec<f32>> {
     let (be, bb) = block(d)?;

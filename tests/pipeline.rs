@@ -397,6 +397,7 @@ fn inpainting_rejects_bad_masks() {
             f32::NAN,
             "--mask-blur",
         ),
+        (Some(init.clone()), None, 2.0, "--mask-blur needs --mask"),
     ];
     for (init, mask, blur, want) in cases {
         let mut req = request();
@@ -890,6 +891,14 @@ fn bad_controlnets_are_clear_errors() {
         assert!(e.contains(want), "{want:?}: {e}");
     }
     let pipe = load(vec![joint.clone()]).unwrap();
+    // Without a config.json: InstantX's (joint) zero the pooled text, the
+    // SD3.5-large kind (image-only) take it.
+    assert!(pipe.controlnets()[0].zero_pooled);
+    let single = sd3_wgpu::weights::controlnet::ControlNetSource::open(
+        &fixtures().join("controlnet/single/diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    assert!(!single.config.zero_pooled);
     // A ControlNet of another width, and of a text width this model lacks.
     let mut other = pipe.controlnets()[0].clone();
     other.blocks.hidden = 128;
@@ -929,6 +938,15 @@ fn bad_controlnets_are_clear_errors() {
         ),
         (vec![Control::new(&tmp.join("nope.png"))], "nope.png"),
     ];
+    let mut slg = request();
+    (slg.width, slg.height) = (Some(24), Some(16));
+    slg.controls = vec![good.clone()];
+    slg.slg_layers = vec![1];
+    let e = pipe.check(&slg).unwrap_err().to_string();
+    assert!(
+        e.contains("skip-layer guidance together with ControlNets"),
+        "{e}"
+    );
     for (controls, want) in cases {
         req.controls = controls;
         let e = pipe.check(&req).unwrap_err().to_string();

@@ -342,3 +342,34 @@ fn k_quants_match_the_gguf_package() {
         assert!(e < bound, "{name}: relative error {e:.3}");
     }
 }
+
+/// A GGUF listing one tensor name twice is refused (it used to reach an
+/// out-of-range index while the error was being written).
+#[test]
+fn gguf_with_a_repeated_tensor_name_is_an_error() {
+    let mut f = Vec::new();
+    f.extend(b"GGUF");
+    f.extend(3u32.to_le_bytes());
+    f.extend(2u64.to_le_bytes()); // tensors
+    f.extend(0u64.to_le_bytes()); // metadata
+    for offset in [0u64, 32] {
+        f.extend(8u64.to_le_bytes());
+        f.extend(b"a.weight");
+        f.extend(1u32.to_le_bytes());
+        f.extend(4u64.to_le_bytes());
+        f.extend(0u32.to_le_bytes()); // F32
+        f.extend(offset.to_le_bytes());
+    }
+    f.resize(f.len().div_ceil(32) * 32 + 64, 0);
+    let p = std::env::temp_dir().join(format!("sd3-dup-{}.gguf", std::process::id()));
+    std::fs::write(&p, &f).unwrap();
+    let e = sd3_wgpu::weights::Checkpoint::open(std::slice::from_ref(&p))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("'a.weight' is listed twice") && e.contains("dup"),
+        "{e}"
+    );
+    let _ = std::fs::remove_file(p);
+}

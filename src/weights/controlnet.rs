@@ -175,14 +175,18 @@ fn detect(
         (cond_channels, 0)
     };
     let dual_attention_layers: Vec<usize> = (0..depth)
-        .filter(|i| has(&format!("transformer_blocks.{i}.attn2.to_q.weight")))
+        .filter(|i| {
+            has(&format!("transformer_blocks.{i}.attn2.to_q.weight"))
+                || has(&format!("transformer_blocks.{i}.attn2.qkv.weight"))
+        })
         .collect();
-    // Stability's SD3.5 ControlNets take the pooled text (their diffusers
-    // configs say force_zeros_for_pooled_projection: false).
+    // Without a config: InstantX's (joint blocks) zero the pooled text, as
+    // diffusers' default; Stability's SD3.5 ones (image-only blocks) take it
+    // (their diffusers configs say force_zeros_for_pooled_projection: false).
     let zero_pooled = json
         .and_then(|j| j.get("force_zeros_for_pooled_projection"))
         .and_then(|v| v.as_bool())
-        .unwrap_or(!stability);
+        .unwrap_or(!stability && joint);
     let control_type = match ck.tensors.get("control_type") {
         Some(e) => {
             use safetensors::Dtype;

@@ -130,7 +130,12 @@ pub fn parse(
         path: path.to_path_buf(),
         msg,
     };
-    let cut = || bad("the GGUF header is cut short or malformed".into());
+    let cut = || {
+        bad(format!(
+            "the GGUF header is cut short, malformed or larger than {} MiB",
+            MAX_HEADER_BYTES >> 20
+        ))
+    };
     let mut r = Reader { buf: start, at: 0 };
     if r.take(4) != Some(MAGIC.as_slice()) {
         return Err(bad("not a GGUF file (no 'GGUF' magic)".into()));
@@ -160,8 +165,12 @@ pub fn parse(
         }
     }
     let mut infos = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for _ in 0..tensors {
         let name = r.string().ok_or_else(cut)?;
+        if !seen.insert(name.clone()) {
+            return Err(bad(format!("tensor '{name}' is listed twice")));
+        }
         let n_dims = r.u32().ok_or_else(cut)?;
         if n_dims == 0 || n_dims > MAX_DIMS {
             return Err(bad(format!("tensor '{name}': {n_dims} dimensions")));

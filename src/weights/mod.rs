@@ -301,7 +301,7 @@ impl Checkpoint {
                         path: path.clone(),
                         msg: format!(
                             "tensor '{name}' is also in {}; a checkpoint holds each tensor once",
-                            ck.files[prev.file].display()
+                            ck.files.get(prev.file).unwrap_or(path).display()
                         ),
                     });
                 }
