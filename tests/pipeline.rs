@@ -28,6 +28,16 @@ pub fn request() -> GenerateRequest {
     r
 }
 
+/// A fixture's latents as f64, the reference of a comparison.
+fn latents(io: &Checkpoint, key: &str) -> Vec<f64> {
+    io.read_f32(key)
+        .unwrap()
+        .1
+        .iter()
+        .map(|&v| v as f64)
+        .collect()
+}
+
 fn f32_options() -> PipelineOptions {
     PipelineOptions {
         dtype: DType::F32,
@@ -68,13 +78,7 @@ fn check_with(
     let mut steps = Vec::new();
     let out = pipe.generate(&req, &mut |s, n| steps.push((s, n))).unwrap();
     assert_eq!(steps.last(), Some(&(4, 4)));
-    let want: Vec<f64> = io
-        .read_f32(&format!("{key}.latents"))
-        .unwrap()
-        .1
-        .iter()
-        .map(|&v| v as f64)
-        .collect();
+    let want = latents(&io, &format!("{key}.latents"));
     let e = common::rel_err(&out.latents, &want);
     eprintln!(
         "{variant} {key} {:?}: final latents rel err {e:.2e}",
@@ -166,20 +170,8 @@ fn skip_layer_guidance_matches_diffusers() {
     req.slg_layers = vec![1];
     req.slg_stop = 0.6;
     let out = pipe.generate(&req, &mut |_, _| {}).unwrap();
-    let want: Vec<f64> = io
-        .read_f32("slg.latents")
-        .unwrap()
-        .1
-        .iter()
-        .map(|&v| v as f64)
-        .collect();
-    let plain: Vec<f64> = io
-        .read_f32("t5.latents")
-        .unwrap()
-        .1
-        .iter()
-        .map(|&v| v as f64)
-        .collect();
+    let want = latents(&io, "slg.latents");
+    let plain = latents(&io, "t5.latents");
     let e = common::rel_err(&out.latents, &want);
     assert!(e <= 1e-3, "skip-layer guidance: relative error {e:.3e}");
     assert!(
@@ -277,13 +269,7 @@ fn img2img_reproduces_diffusers_from_the_seed() {
         let mut steps = Vec::new();
         let out = pipe.generate(&req, &mut |s, n| steps.push((s, n))).unwrap();
         assert_eq!(steps.last(), Some(&(steps_run, steps_run)), "{name}");
-        let want: Vec<f64> = io
-            .read_f32(&format!("{name}.latents"))
-            .unwrap()
-            .1
-            .iter()
-            .map(|&v| v as f64)
-            .collect();
+        let want = latents(&io, &format!("{name}.latents"));
         let e = common::rel_err(&out.latents, &want);
         eprintln!("img2img {name}: final latents rel err {e:.2e}");
         assert!(e <= 1e-4, "img2img {name}: relative error {e:.3e}");
@@ -342,13 +328,7 @@ fn inpainting_reproduces_diffusers_from_the_seed() {
         let mut steps = Vec::new();
         let out = pipe.generate(&req, &mut |s, n| steps.push((s, n))).unwrap();
         assert_eq!(steps.last(), Some(&(steps_run, steps_run)), "{name}");
-        let want: Vec<f64> = io
-            .read_f32(&format!("{name}.latents"))
-            .unwrap()
-            .1
-            .iter()
-            .map(|&v| v as f64)
-            .collect();
+        let want = latents(&io, &format!("{name}.latents"));
         let e = common::rel_err(&out.latents, &want);
         eprintln!("inpaint {name}: final latents rel err {e:.2e}");
         assert!(e <= 1e-4, "inpaint {name}: relative error {e:.3e}");
@@ -519,13 +499,7 @@ fn loras_reproduce_diffusers_fuse_lora() {
         req.seed = seed;
         req.rng = Rng::Torch;
         let out = pipe.generate(&req, &mut |_, _| {}).unwrap();
-        let want: Vec<f64> = io
-            .read_f32(&format!("{case}.latents"))
-            .unwrap()
-            .1
-            .iter()
-            .map(|&v| v as f64)
-            .collect();
+        let want = latents(&io, &format!("{case}.latents"));
         let e = common::rel_err(&out.latents, &want);
         eprintln!("lora {case}: final latents rel err {e:.2e}");
         assert!(e <= 1e-4, "lora {case}: relative error {e:.3e}");
@@ -716,13 +690,7 @@ fn controlnets_reproduce_diffusers() {
         req.batch = batch;
         req.controls = nets.iter().map(|(_, c)| c.clone()).collect();
         let out = pipe.generate(&req, &mut |_, _| {}).unwrap();
-        let want: Vec<f64> = io
-            .read_f32(&format!("{case}.latents"))
-            .unwrap()
-            .1
-            .iter()
-            .map(|&v| v as f64)
-            .collect();
+        let want = latents(&io, &format!("{case}.latents"));
         let e = common::rel_err(&out.latents, &want);
         eprintln!("controlnet {case}: final latents rel err {e:.2e}");
         assert!(e <= 1e-4, "controlnet {case}: relative error {e:.3e}");
@@ -812,13 +780,7 @@ fn stability_single_file_controlnets_load_as_diffusers_folders() {
         assert!(!pipe.controlnets()[0].zero_pooled);
         pipe.generate(&req, &mut |_, _| {}).unwrap().latents
     };
-    let want: Vec<f64> = io
-        .read_f32("sd35l_single_batch2.latents")
-        .unwrap()
-        .1
-        .iter()
-        .map(|&v| v as f64)
-        .collect();
+    let want = latents(&io, "sd35l_single_batch2.latents");
     let e = common::rel_err(&run(&blur), &want);
     assert!(e <= 1e-4, "Stability names: relative error {e:.3e}");
     let d = common::rel_err(&run(&canny), &want);
@@ -1102,14 +1064,8 @@ fn gguf_pipeline_matches_diffusers_on_the_dequantized_transformer() {
     req.seed = 5;
     req.rng = Rng::Torch;
     let out = pipe.generate(&req, &mut |_, _| {}).unwrap();
-    let want: Vec<f64> = Checkpoint::open(&[fixtures().join("pipeline/sd35l_gguf_io.safetensors")])
-        .unwrap()
-        .read_f32("latents")
-        .unwrap()
-        .1
-        .iter()
-        .map(|&v| v as f64)
-        .collect();
+    let io = Checkpoint::open(&[fixtures().join("pipeline/sd35l_gguf_io.safetensors")]).unwrap();
+    let want = latents(&io, "latents");
     let e = common::rel_err(&out.latents, &want);
     eprintln!("GGUF pipeline: final latents rel err {e:.2e}");
     assert!(e <= 1e-4, "relative error {e:.3e}");
