@@ -445,6 +445,7 @@ pub fn run(gpu: &Gpu, o: &BenchOptions) -> Result<BenchReport> {
                 });
                 profiles.push(p);
             }
+            Ok(())
         })?;
         latents = d.latents(gpu)?;
     }

@@ -413,14 +413,15 @@ impl Denoiser {
     }
 
     /// Runs steps `start..` of `schedule`, calling `each(i, profile)` after
-    /// step i (with its per-op profile when `profile(i)` asked for one).
+    /// step i (with its per-op profile when `profile(i)` asked for one); an
+    /// error from `each` stops the loop and is returned.
     pub fn run(
         &self,
         gpu: &Gpu,
         schedule: &FlowMatchEuler,
         start: usize,
         profile: &dyn Fn(usize) -> bool,
-        each: &mut dyn FnMut(usize, Option<Profile>),
+        each: &mut dyn FnMut(usize, Option<Profile>) -> Result<()>,
     ) -> Result<()> {
         let steps = schedule.timesteps.len();
         for i in start..steps {
@@ -448,7 +449,7 @@ impl Denoiser {
                 skip_weight,
                 profile(i),
             )?;
-            each(i, p);
+            each(i, p)?;
         }
         Ok(())
     }

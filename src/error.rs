@@ -24,6 +24,8 @@ pub enum Error {
     Weights(WeightsError),
     /// Reading or writing an image or data file failed (the message names the path).
     Io(String),
+    /// The caller stopped the work (a server's job was cancelled).
+    Cancelled,
 }
 
 impl fmt::Display for Error {
@@ -34,6 +36,7 @@ impl fmt::Display for Error {
             Error::Graph(m) => f.write_str(m),
             Error::Weights(e) => e.fmt(f),
             Error::Io(m) => f.write_str(m),
+            Error::Cancelled => f.write_str("cancelled"),
         }
     }
 }

@@ -1,14 +1,96 @@
 //! Images in and out: PNG with text metadata (so an image remembers how it was
 //! made), written whole or not at all; input images for the encoder.
 
-use std::path::Path;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::files::write_atomically;
 use crate::models::vae::{from_u8, to_u8};
 
 fn io_error(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
     Error::Io(format!("{}: {what}: {e}", path.display()))
+}
+
+/// An input image: a file, or encoded bytes already in memory (an image an
+/// HTTP request carried).
+#[derive(Clone, Debug, PartialEq)]
+pub enum ImageSource {
+    /// A PNG or JPEG file.
+    File(PathBuf),
+    /// Encoded PNG or JPEG bytes, with the name that errors and metadata give
+    /// them (e.g. `init_images[0]`).
+    Bytes {
+        /// What the image is called in messages.
+        name: String,
+        /// The encoded image.
+        data: Arc<Vec<u8>>,
+    },
+}
+
+impl ImageSource {
+    /// The encoded bytes (a file's read with the image size bound).
+    pub fn read(&self) -> Result<Arc<Vec<u8>>> {
+        match self {
+            ImageSource::File(p) => Ok(Arc::new(crate::files::read_bounded(
+                p,
+                crate::files::MAX_IMAGE_BYTES,
+            )?)),
+            ImageSource::Bytes { data, .. } => {
+                if data.len() as u64 > crate::files::MAX_IMAGE_BYTES {
+                    return Err(Error::Io(format!(
+                        "{self}: {} bytes, more than the {} an image may have",
+                        data.len(),
+                        crate::files::MAX_IMAGE_BYTES
+                    )));
+                }
+                Ok(data.clone())
+            }
+        }
+    }
+}
+
+impl fmt::Display for ImageSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImageSource::File(p) => write!(f, "{}", p.display()),
+            ImageSource::Bytes { name, .. } => f.write_str(name),
+        }
+    }
+}
+
+impl From<PathBuf> for ImageSource {
+    fn from(p: PathBuf) -> Self {
+        ImageSource::File(p)
+    }
+}
+
+impl From<&PathBuf> for ImageSource {
+    fn from(p: &PathBuf) -> Self {
+        ImageSource::File(p.clone())
+    }
+}
+
+impl From<&Path> for ImageSource {
+    fn from(p: &Path) -> Self {
+        ImageSource::File(p.to_path_buf())
+    }
+}
+
+impl From<&str> for ImageSource {
+    fn from(p: &str) -> Self {
+        ImageSource::File(p.into())
+    }
+}
+
+impl From<&ImageSource> for ImageSource {
+    fn from(s: &ImageSource) -> Self {
+        s.clone()
+    }
+}
+
+fn image_error(src: &ImageSource, what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Io(format!("{src}: {what}: {e}"))
 }
 
 /// Image batch [b, 3, h, w] (values about [-1, 1]) → one RGB8 buffer (HWC) per image.
@@ -68,6 +150,23 @@ pub fn save_png(
     height: usize,
     text: &[(&str, String)],
 ) -> Result<Vec<String>> {
+    let (bytes, warnings) = png_bytes(rgb, width, height, text)?;
+    crate::files::write_bytes(path, &bytes)?;
+    Ok(warnings
+        .into_iter()
+        .map(|w| format!("{}: {w}", path.display()))
+        .collect())
+}
+
+/// An RGB8 image (HWC) encoded as PNG in memory, with text metadata as
+/// [`save_png`] writes it; returns the bytes and a warning for each field
+/// dropped.
+pub fn png_bytes(
+    rgb: &[u8],
+    width: usize,
+    height: usize,
+    text: &[(&str, String)],
+) -> Result<(Vec<u8>, Vec<String>)> {
     let dims = width.checked_mul(height).and_then(|p| p.checked_mul(3));
     let (w32, h32) = match (u32::try_from(width), u32::try_from(height)) {
         (Ok(w), Ok(h)) if w > 0 && h > 0 && dims == Some(rgb.len()) => (w, h),
@@ -85,44 +184,41 @@ pub fn save_png(
             fields.push((*k, v.as_str()));
         } else {
             warnings.push(format!(
-                "{}: metadata key {k:?} is not a valid PNG keyword; that field is left out",
-                path.display()
+                "metadata key {k:?} is not a valid PNG keyword; that field is left out"
             ));
         }
     }
-    let write = |fields: &[(&str, &str)]| {
-        write_atomically(path, |w| {
-            let mut enc = png::Encoder::new(w, w32, h32);
-            enc.set_color(png::ColorType::Rgb);
-            enc.set_depth(png::BitDepth::Eight);
-            for (k, v) in fields {
-                let r = if plain_latin1(v) {
-                    enc.add_text_chunk(k.to_string(), v.to_string())
-                } else {
-                    enc.add_itxt_chunk(k.to_string(), v.to_string())
-                };
-                r.map_err(|e| io_error(path, "PNG text", e))?;
-            }
-            let mut writer = enc
-                .write_header()
-                .map_err(|e| io_error(path, "PNG header", e))?;
-            writer
-                .write_image_data(rgb)
-                .map_err(|e| io_error(path, "PNG data", e))?;
-            writer.finish().map_err(|e| io_error(path, "PNG finish", e))
-        })
+    let png_error = |what: &str, e: png::EncodingError| Error::Io(format!("PNG {what}: {e}"));
+    let encode = |fields: &[(&str, &str)]| -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut enc = png::Encoder::new(&mut out, w32, h32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        for (k, v) in fields {
+            let r = if plain_latin1(v) {
+                enc.add_text_chunk(k.to_string(), v.to_string())
+            } else {
+                enc.add_itxt_chunk(k.to_string(), v.to_string())
+            };
+            r.map_err(|e| png_error("text", e))?;
+        }
+        let mut writer = enc.write_header().map_err(|e| png_error("header", e))?;
+        writer
+            .write_image_data(rgb)
+            .map_err(|e| png_error("data", e))?;
+        writer.finish().map_err(|e| png_error("finish", e))?;
+        Ok(out)
     };
-    match write(&fields) {
+    let bytes = match encode(&fields) {
         Err(e) if !fields.is_empty() => {
             warnings.push(format!(
-                "{}: the metadata could not be written ({e}); the image is saved without it",
-                path.display()
+                "the metadata could not be written ({e}); the image is saved without it"
             ));
-            write(&[])?;
+            encode(&[])?
         }
         r => r?,
-    }
-    Ok(warnings)
+    };
+    Ok((bytes, warnings))
 }
 
 /// Reads the text chunks of a PNG (key, value): `tEXt`, `zTXt` and `iTXt`.
@@ -149,22 +245,21 @@ pub fn png_text(path: &Path) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-/// Reads an image file as 8-bit RGB (alpha dropped, palettes expanded).
-fn read_rgb(path: &Path) -> Result<image::RgbImage> {
-    let bytes = crate::files::read_bounded(path, crate::files::MAX_IMAGE_BYTES)?;
+/// Reads an image as 8-bit RGB (alpha dropped, palettes expanded).
+fn read_rgb(src: &ImageSource) -> Result<image::RgbImage> {
+    let bytes = src.read()?;
     Ok(image::load_from_memory(&bytes)
-        .map_err(|e| io_error(path, "cannot read the image", e))?
+        .map_err(|e| image_error(src, "cannot read the image", e))?
         .to_rgb8())
 }
 
 /// The centred crop of a `w0`×`h0` image whose sides are multiples of
 /// `multiple`: (x0, y0, w, h).
-fn centre_crop(path: &Path, w0: usize, h0: usize, multiple: usize) -> Result<[usize; 4]> {
+fn centre_crop(src: &ImageSource, w0: usize, h0: usize, multiple: usize) -> Result<[usize; 4]> {
     let (w, h) = (w0 / multiple * multiple, h0 / multiple * multiple);
     if w == 0 || h == 0 {
         return Err(Error::Io(format!(
-            "{}: {w0}×{h0} is smaller than {multiple}×{multiple}",
-            path.display()
+            "{src}: {w0}×{h0} is smaller than {multiple}×{multiple}"
         )));
     }
     Ok([(w0 - w) / 2, (h0 - h) / 2, w, h])
@@ -172,10 +267,14 @@ fn centre_crop(path: &Path, w0: usize, h0: usize, multiple: usize) -> Result<[us
 
 /// Loads an image for the encoder: RGB, centre-cropped so that both sides are
 /// multiples of `multiple` (16 for SD3), as [1, 3, h, w] values in [-1, 1].
-pub fn load_image(path: &Path, multiple: usize) -> Result<(Vec<f32>, usize, usize)> {
-    let img = read_rgb(path)?;
+pub fn load_image(
+    src: impl Into<ImageSource>,
+    multiple: usize,
+) -> Result<(Vec<f32>, usize, usize)> {
+    let src = src.into();
+    let img = read_rgb(&src)?;
     let (w0, h0) = (img.width() as usize, img.height() as usize);
-    let [x0, y0, w, h] = centre_crop(path, w0, h0, multiple)?;
+    let [x0, y0, w, h] = centre_crop(&src, w0, h0, multiple)?;
     let mut out = vec![0f32; 3 * h * w];
     for y in 0..h {
         for x in 0..w {
@@ -188,14 +287,15 @@ pub fn load_image(path: &Path, multiple: usize) -> Result<(Vec<f32>, usize, usiz
     Ok((out, h, w))
 }
 
-/// The size of an image file (width, height), read from its header.
-pub fn image_size(path: &Path) -> Result<(usize, usize)> {
-    let bytes = crate::files::read_bounded(path, crate::files::MAX_IMAGE_BYTES)?;
-    let (w, h) = image::ImageReader::new(std::io::Cursor::new(&bytes))
+/// The size of an image (width, height), read from its header.
+pub fn image_size(src: impl Into<ImageSource>) -> Result<(usize, usize)> {
+    let src = src.into();
+    let bytes = src.read()?;
+    let (w, h) = image::ImageReader::new(std::io::Cursor::new(&bytes[..]))
         .with_guessed_format()
-        .map_err(|e| io_error(path, "cannot read the image", e))?
+        .map_err(|e| image_error(&src, "cannot read the image", e))?
         .into_dimensions()
-        .map_err(|e| io_error(path, "cannot read the image", e))?;
+        .map_err(|e| image_error(&src, "cannot read the image", e))?;
     Ok((w as usize, h as usize))
 }
 
@@ -216,20 +316,19 @@ fn pil_grey(p: &image::Rgb<u8>) -> u8 {
 /// (`interpolate(mode="nearest")`: pixel ⌊i · s⌋ for latent pixel i, `s` the
 /// VAE's scale). The mask must have the init image's size, `image` (w, h).
 pub fn load_mask(
-    path: &Path,
+    src: impl Into<ImageSource>,
     multiple: usize,
     vae_scale: usize,
     image: (usize, usize),
     blur: f32,
 ) -> Result<(Vec<f32>, usize, usize)> {
-    let img = read_rgb(path)?;
+    let src = src.into();
+    let img = read_rgb(&src)?;
     let (w0, h0) = (img.width() as usize, img.height() as usize);
     if (w0, h0) != image {
         return Err(Error::Io(format!(
-            "{}: the mask is {w0}×{h0}, but the init image is {}×{}; they must be the same size",
-            path.display(),
-            image.0,
-            image.1
+            "{src}: the mask is {w0}×{h0}, but the init image is {}×{}; they must be the same size",
+            image.0, image.1
         )));
     }
     let grey: Vec<u8> = img.pixels().map(pil_grey).collect();
@@ -238,11 +337,10 @@ pub fn load_mask(
     } else {
         grey
     };
-    let [x0, y0, w, h] = centre_crop(path, w0, h0, multiple)?;
+    let [x0, y0, w, h] = centre_crop(&src, w0, h0, multiple)?;
     if vae_scale == 0 || !w.is_multiple_of(vae_scale) || !h.is_multiple_of(vae_scale) {
         return Err(Error::Io(format!(
-            "{}: {w}×{h} does not divide into latent pixels of {vae_scale}",
-            path.display()
+            "{src}: {w}×{h} does not divide into latent pixels of {vae_scale}"
         )));
     }
     let (lh, lw) = (h / vae_scale, w / vae_scale);

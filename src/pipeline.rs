@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::gpu::profile::Profile;
 use crate::gpu::{Gpu, GpuOptions};
 use crate::graph::Graph;
-use crate::image_io::{image_size, load_image, load_mask, to_rgb8};
+use crate::image_io::{image_size, load_image, load_mask, to_rgb8, ImageSource};
 use crate::lora::{Architectures, Component, LoraSpec, LoraSummary, Loras};
 use crate::models::clip::{Clip, ClipConfig};
 use crate::models::controlnet::ControlNet;
@@ -26,7 +26,7 @@ use crate::models::vae::{latents_from_moments, Vae, VaeRun};
 use crate::ops::elementwise::Act;
 use crate::sampler::{FlowMatchEuler, NoiseStream, Rng};
 use crate::tensor::DType;
-use crate::text::{encode_prompts_with, open_encoder, TextPaths, Truncation};
+use crate::text::{encode_prompts_kept, open_encoder, TextModels, TextPaths, Truncation};
 use crate::tokenize::CLIP_TOKENS;
 use crate::weights::controlnet::{ControlNetConfig, ControlNetSource, CONTROL_TYPE_CANNY};
 use crate::weights::mmdit::{MmditConfig, MmditSource};
@@ -98,6 +98,8 @@ pub struct PipelineOptions {
     pub dtype: DType,
     /// Keep the MMDiT and VAE on the GPU between generations.
     pub keep_loaded: bool,
+    /// Keep the text encoders on the GPU between generations too.
+    pub keep_text: bool,
     /// VAE tile size in latent pixels (automatic when `None`).
     pub vae_tile: Option<usize>,
     /// VAE tile overlap in latent pixels.
@@ -128,6 +130,7 @@ impl Default for PipelineOptions {
             tokenizers: None,
             dtype: DType::F16,
             keep_loaded: false,
+            keep_text: false,
             vae_tile: None,
             tile_overlap: defaults::TILE_OVERLAP,
             vae_budget: None,
@@ -203,13 +206,13 @@ pub struct GenerateRequest {
     /// Images per prompt.
     pub batch: usize,
     /// img2img source image.
-    pub init_image: Option<PathBuf>,
+    pub init_image: Option<ImageSource>,
     /// img2img strength (1 = all noise).
     pub strength: f64,
     /// img2img: which latents of the init image the noise is mixed into.
     pub init_mode: InitMode,
     /// Inpainting mask (white = repaint), the init image's size.
-    pub mask: Option<PathBuf>,
+    pub mask: Option<ImageSource>,
     /// Pillow Gaussian blur radius applied to the mask before it is binarised.
     pub mask_blur: f32,
     /// Initial noise [batch, 16, h/8, w/8] instead of the seeded noise.
@@ -294,8 +297,54 @@ pub struct GenerateOutput {
     pub peak_memory: u64,
 }
 
+/// A stage of a generation, in the order they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// The text encoders (loaded, run, freed).
+    Text,
+    /// The VAE encoder on the init or control images.
+    Encode,
+    /// Uploading the MMDiT (and ControlNets) unless they are kept loaded.
+    Load,
+    /// The denoising loop.
+    Denoise,
+    /// The VAE decoder.
+    Decode,
+}
+
+impl Stage {
+    /// A short lower-case name: `text`, `encode`, `load`, `denoise`, `decode`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Text => "text",
+            Stage::Encode => "encode",
+            Stage::Load => "load",
+            Stage::Denoise => "denoise",
+            Stage::Decode => "decode",
+        }
+    }
+}
+
+/// What [`Pipeline::generate_with`] reports as it goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// A stage starts (the previous one has ended).
+    Stage(Stage),
+    /// Denoising step `step` of `total` is done (1-based); `profiled` when
+    /// it was the step timed per op.
+    Step {
+        /// Steps done.
+        step: usize,
+        /// Steps this generation runs.
+        total: usize,
+        /// This step ran with per-op timestamps.
+        profiled: bool,
+    },
+}
+
 #[derive(Default)]
 struct Loaded {
+    text: TextModels,
     mmdit: Option<Mmdit>,
     vae: Option<Vae>,
     controlnets: Vec<ControlNet>,
@@ -485,6 +534,11 @@ impl Pipeline {
         })
     }
 
+    /// The model path the pipeline was loaded from.
+    pub fn model_path(&self) -> &Path {
+        &self.mmdit.path
+    }
+
     /// The detected transformer.
     pub fn config(&self) -> &MmditConfig {
         &self.mmdit.config
@@ -663,7 +717,7 @@ impl Pipeline {
                     ctl.start, ctl.stop
                 )));
             }
-            controls.push(load_image(&ctl.image, scale)?);
+            controls.push(load_image(ctl.image.as_path(), scale)?);
         }
         let dims = init_image
             .as_ref()
@@ -834,6 +888,22 @@ impl Pipeline {
         req: &GenerateRequest,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<GenerateOutput> {
+        self.generate_with(req, &mut |e| {
+            if let Progress::Step { step, total, .. } = e {
+                progress(step, total);
+            }
+            Ok(())
+        })
+    }
+
+    /// Generates `req.batch` images, telling `observe` as each stage starts
+    /// and each step ends; an error from `observe` (e.g. [`Error::Cancelled`])
+    /// stops the generation there and is returned.
+    pub fn generate_with(
+        &self,
+        req: &GenerateRequest,
+        observe: &mut dyn FnMut(Progress) -> Result<()>,
+    ) -> Result<GenerateOutput> {
         let gpu = &self.gpu;
         gpu.memory.reset_peak();
         let prepared = self.prepare(req)?;
@@ -863,7 +933,12 @@ impl Pipeline {
             prompts.extend(std::iter::repeat_n(req.negative_prompt.clone(), b));
         }
         prompts.extend(std::iter::repeat_n(req.prompt.clone(), b));
-        let emb = encode_prompts_with(
+        let mut loaded = self
+            .loaded
+            .lock()
+            .map_err(|_| Error::Graph("pipeline lock poisoned".into()))?;
+        observe(Progress::Stage(Stage::Text))?;
+        let emb = encode_prompts_kept(
             gpu,
             &self.text,
             &prompts,
@@ -871,14 +946,14 @@ impl Pipeline {
             c.context_dim,
             self.options.dtype,
             &self.loras,
+            self.options.keep_text.then_some(&mut loaded.text),
         )?;
         let schedule = FlowMatchEuler::new(settings.steps, settings.shift);
-        let mut loaded = self
-            .loaded
-            .lock()
-            .map_err(|_| Error::Graph("pipeline lock poisoned".into()))?;
         let mut start = 0;
         let mut control_latents = Vec::new();
+        if prepared.init_image.is_some() || !prepared.controls.is_empty() {
+            observe(Progress::Stage(Stage::Encode))?;
+        }
         for (img, src) in prepared.controls.iter().zip(&self.controlnets) {
             // diffusers samples the control image's latent distribution from
             // the global RNG (not the generator); its mean is reproducible.
@@ -920,6 +995,7 @@ impl Pipeline {
             }
             known = Some(image_latents);
         }
+        observe(Progress::Stage(Stage::Load))?;
         if loaded.controlnets.len() != self.controlnets.len() {
             loaded.controlnets = self
                 .controlnets
@@ -978,16 +1054,22 @@ impl Pipeline {
                 d.set_inpaint(gpu, known, noise, mask)?;
             }
             let total = settings.steps - start;
+            observe(Progress::Stage(Stage::Denoise))?;
             d.run(
                 gpu,
                 &schedule,
                 start,
                 &|i| req.profile && i == start,
                 &mut |i, p| {
-                    if p.is_some() {
+                    let profiled = p.is_some();
+                    if profiled {
                         profile = p;
                     }
-                    progress(i + 1 - start, total);
+                    observe(Progress::Step {
+                        step: i + 1 - start,
+                        total,
+                        profiled,
+                    })
                 },
             )?;
             latents = d.latents(gpu)?;
@@ -1003,6 +1085,7 @@ impl Pipeline {
             loaded.controlnets.clear();
         }
         let shape = [b, c.in_channels, lh, lw];
+        observe(Progress::Stage(Stage::Decode))?;
         let image = {
             let vae = self.vae(&mut loaded)?;
             decode_auto(
@@ -1232,7 +1315,7 @@ pub fn image_metadata(
     ));
     let init = req.init_image.as_ref().map(|p| {
         let mode = format!("{:?}", req.init_mode).to_lowercase();
-        (p.display().to_string(), mode)
+        (p.to_string(), mode)
     });
     if let Some((_, mode)) = &init {
         parameters.push_str(&format!(
@@ -1285,7 +1368,7 @@ pub fn image_metadata(
         entries.push(("strength", req.strength.to_string()));
         entries.push(("init_mode", mode));
         if let Some(m) = &req.mask {
-            entries.push(("mask", m.display().to_string()));
+            entries.push(("mask", m.to_string()));
             entries.push(("mask_blur", req.mask_blur.to_string()));
         }
     }

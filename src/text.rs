@@ -4,7 +4,8 @@
 //! same length when T5 is absent; pooled = [CLIP-L pooled ‖ CLIP-G pooled].
 //!
 //! Each encoder is loaded, run and dropped in turn, so its GPU memory is free
-//! again before the next one (and the MMDiT) needs it.
+//! again before the next one (and the MMDiT) needs it — unless the caller
+//! keeps them ([`TextModels`], a server).
 
 use std::path::{Path, PathBuf};
 
@@ -155,6 +156,15 @@ pub fn encode_prompts(
     encode_prompts_with(gpu, paths, prompts, t5_tokens, width, matrix, &none)
 }
 
+/// Text encoders kept on the GPU between calls (a server's): each is loaded
+/// by its first use.
+#[derive(Default)]
+pub struct TextModels {
+    clip_l: Option<clip::Clip>,
+    clip_g: Option<clip::Clip>,
+    t5: Option<t5::T5>,
+}
+
 /// [`encode_prompts`] with LoRA updates merged into the encoders' weights.
 pub fn encode_prompts_with(
     gpu: &Gpu,
@@ -164,6 +174,22 @@ pub fn encode_prompts_with(
     width: usize,
     matrix: DType,
     loras: &Loras,
+) -> Result<PromptEmbeddings> {
+    encode_prompts_kept(gpu, paths, prompts, t5_tokens, width, matrix, loras, None)
+}
+
+/// [`encode_prompts_with`], taking the encoders from `kept` when it holds
+/// them and leaving them there (instead of freeing them) when given.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_prompts_kept(
+    gpu: &Gpu,
+    paths: &TextPaths,
+    prompts: &[String],
+    t5_tokens: usize,
+    width: usize,
+    matrix: DType,
+    loras: &Loras,
+    mut kept: Option<&mut TextModels>,
 ) -> Result<PromptEmbeddings> {
     let batch = prompts.len();
     if batch == 0 {
@@ -182,11 +208,28 @@ pub fn encode_prompts_with(
             (None, _) => PromptTokenizer::builtin_clip_g()?,
         };
         let ids = tokenize(&tok, name, prompts, &mut truncated)?;
-        let src = open_encoder(weights, name)?;
-        let config = clip::detect(&src, act)?;
-        check_vocab(&tok, &ids, name, config.vocab)?;
-        let model = clip::Clip::load_from(gpu, &config, &loras.provider(component, &src), matrix)?;
-        let (seq, pooled) = clip::encode(gpu, &model, &ids)?;
+        let load = || -> Result<clip::Clip> {
+            let src = open_encoder(weights, name)?;
+            let config = clip::detect(&src, act)?;
+            check_vocab(&tok, &ids, name, config.vocab)?;
+            clip::Clip::load_from(gpu, &config, &loras.provider(component, &src), matrix)
+        };
+        let slot = kept.as_deref_mut().map(|k| match component {
+            Component::ClipL => &mut k.clip_l,
+            _ => &mut k.clip_g,
+        });
+        let mut owned = None;
+        let model: &clip::Clip = match slot {
+            Some(slot) => {
+                if slot.is_none() {
+                    *slot = Some(load()?);
+                }
+                slot.as_ref().expect("loaded above")
+            }
+            None => owned.insert(load()?),
+        };
+        check_vocab(&tok, &ids, name, model.config.vocab)?;
+        let (seq, pooled) = clip::encode(gpu, model, &ids)?;
         Ok((seq, pooled, model.config.hidden, model.config.projection))
     };
     let (seq_l, pool_l, dl, pl) = run_clip(
@@ -215,18 +258,31 @@ pub fn encode_prompts_with(
                 None => PromptTokenizer::builtin_t5(t5_tokens)?,
             };
             let ids = tokenize(&tok, "t5", prompts, &mut truncated)?;
-            let src = open_encoder(w, "t5xxl")?;
-            let (config, shared) = t5::T5::detect(&src)?;
-            check_vocab(&tok, &ids, "t5xxl", config.vocab)?;
-            let provider = loras.provider(Component::T5, &src);
-            let model = t5::T5::load_from(gpu, &config, shared, &provider, matrix)?;
+            let load = || -> Result<t5::T5> {
+                let src = open_encoder(w, "t5xxl")?;
+                let (config, shared) = t5::T5::detect(&src)?;
+                check_vocab(&tok, &ids, "t5xxl", config.vocab)?;
+                let provider = loras.provider(Component::T5, &src);
+                t5::T5::load_from(gpu, &config, shared, &provider, matrix)
+            };
+            let mut owned = None;
+            let model: &t5::T5 = match kept.map(|k| &mut k.t5) {
+                Some(slot) => {
+                    if slot.is_none() {
+                        *slot = Some(load()?);
+                    }
+                    slot.as_ref().expect("loaded above")
+                }
+                None => owned.insert(load()?),
+            };
+            check_vocab(&tok, &ids, "t5xxl", model.config.vocab)?;
             if model.config.d_model != width {
                 return Err(Error::Graph(format!(
                     "T5 width {} differs from the transformer's context width {width}",
                     model.config.d_model
                 )));
             }
-            Some(t5::encode(gpu, &model, &ids)?)
+            Some(t5::encode(gpu, model, &ids)?)
         }
         _ => None,
     };

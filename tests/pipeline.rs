@@ -261,7 +261,7 @@ fn img2img_reproduces_diffusers_from_the_seed() {
         [("s0.6", 7, 0.6, 1, 3), ("s0.3_batch2", 11, 0.3, 2, 2)]
     {
         let mut req = request();
-        req.init_image = Some(fixtures().join("pipeline/init.png"));
+        req.init_image = Some(fixtures().join("pipeline/init.png").into());
         req.strength = strength;
         req.seed = seed;
         req.rng = Rng::Torch;
@@ -317,8 +317,8 @@ fn inpainting_reproduces_diffusers_from_the_seed() {
         ("s0.8_blur2_nocfg", 3, 0.8, 1, 1.0, 2.0, 4),
     ] {
         let mut req = request();
-        req.init_image = Some(init.clone());
-        req.mask = Some(mask.clone());
+        req.init_image = Some(init.clone().into());
+        req.mask = Some(mask.clone().into());
         req.mask_blur = blur;
         req.strength = strength;
         req.seed = seed;
@@ -381,8 +381,8 @@ fn inpainting_rejects_bad_masks() {
     ];
     for (init, mask, blur, want) in cases {
         let mut req = request();
-        req.init_image = init;
-        req.mask = mask;
+        req.init_image = init.map(Into::into);
+        req.mask = mask.map(Into::into);
         req.mask_blur = blur;
         let e = pipe.check(&req).unwrap_err().to_string();
         assert!(e.contains(want), "{want:?} not in {e:?}");
