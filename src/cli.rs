@@ -71,6 +71,9 @@ pub enum Command {
     },
     /// Text to image.
     Generate(Box<GenerateArgs>),
+    /// Serve the model over HTTP: a web page, A1111's and OpenAI's image
+    /// APIs, a job queue with progress as server-sent events.
+    Serve(Box<ServeArgs>),
     /// Time the portable GEMM's tile candidates on this adapter and keep the
     /// fastest, cached per adapter, driver, activation type and version
     /// (in $SD3_CACHE_DIR, else the user cache folder).
@@ -121,9 +124,9 @@ pub enum BenchWhat {
     },
 }
 
-/// `sd3 generate` arguments.
+/// What to load and how: `generate` and `serve` take the same flags.
 #[derive(clap::Args)]
-pub struct GenerateArgs {
+pub struct ModelArgs {
     /// Checkpoint: a Stability single file or a diffusers folder.
     #[arg(long)]
     pub model: PathBuf,
@@ -152,6 +155,28 @@ pub struct GenerateArgs {
     /// the text encoders.
     #[arg(long = "lora", value_name = "FILE[:STRENGTH]", value_parser = parse_lora)]
     pub loras: Vec<crate::lora::LoraSpec>,
+    /// A distilled turbo model: 4 steps and no CFG unless --steps/--cfg say
+    /// otherwise (SD3.5 large turbo is recognised from its name without it).
+    #[arg(long)]
+    pub turbo: bool,
+    /// f16: f16 matrices and, where the adapter has SHADER_F16, f16 activations
+    /// (f32 accumulation); f32: the exact path.
+    #[arg(long, value_enum, default_value_t = WeightType::F16)]
+    pub dtype: WeightType,
+    /// Decode in tiles of this many latent pixels.
+    #[arg(long)]
+    pub vae_tile: Option<usize>,
+    /// Tile the VAE when a full decode needs more than this many MiB.
+    #[arg(long)]
+    pub vae_budget_mib: Option<u64>,
+}
+
+/// `sd3 generate` arguments.
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// The model and how it is loaded.
+    #[command(flatten)]
+    pub load: ModelArgs,
     /// An SD3 ControlNet (diffusers folder or safetensors file); repeat for
     /// several, each with its own --control-image.
     #[arg(long = "controlnet", value_name = "PATH")]
@@ -168,10 +193,6 @@ pub struct GenerateArgs {
     /// Fraction of the steps after which each ControlNet stops (default 1).
     #[arg(long = "control-stop", value_name = "B")]
     pub control_stops: Vec<f32>,
-    /// A distilled turbo model: 4 steps and no CFG unless --steps/--cfg say
-    /// otherwise (SD3.5 large turbo is recognised from its name without it).
-    #[arg(long)]
-    pub turbo: bool,
     /// The prompt.
     #[arg(long)]
     pub prompt: String,
@@ -229,10 +250,6 @@ pub struct GenerateArgs {
     /// Also save the final latents (before the VAE's scale/shift) as safetensors.
     #[arg(long)]
     pub save_latents: Option<PathBuf>,
-    /// f16: f16 matrices and, where the adapter has SHADER_F16, f16 activations
-    /// (f32 accumulation); f32: the exact path.
-    #[arg(long, value_enum, default_value_t = WeightType::F16)]
-    pub dtype: WeightType,
     /// Output PNG (numbered -0, -1, … for a batch).
     #[arg(long, default_value = "image.png")]
     pub out: PathBuf,
@@ -242,12 +259,6 @@ pub struct GenerateArgs {
     /// Write that step's timings as Chrome trace JSON.
     #[arg(long)]
     pub trace: Option<PathBuf>,
-    /// Decode in tiles of this many latent pixels.
-    #[arg(long)]
-    pub vae_tile: Option<usize>,
-    /// Tile the VAE when a full decode needs more than this many MiB.
-    #[arg(long)]
-    pub vae_budget_mib: Option<u64>,
     /// Skip-layer guidance: blocks to skip in the extra pass (e.g. 7,8,9 for SD3.5 medium).
     #[arg(long, value_delimiter = ',')]
     pub slg_layers: Vec<usize>,
@@ -260,6 +271,25 @@ pub struct GenerateArgs {
     /// Skip-layer guidance stops at this fraction of the steps.
     #[arg(long, default_value_t = defaults::SLG_STOP)]
     pub slg_stop: f32,
+}
+
+/// `sd3 serve` arguments.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// The model and how it is loaded.
+    #[command(flatten)]
+    pub load: ModelArgs,
+    /// Address and port to listen on. The server has no authentication:
+    /// keep it on loopback unless the network is yours.
+    #[arg(long, default_value = "127.0.0.1:7860")]
+    pub listen: std::net::SocketAddr,
+    /// Jobs that may wait at once (more are refused with 503).
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Free the text encoders after each job instead of keeping them on the
+    /// GPU (less memory held, slower jobs).
+    #[arg(long)]
+    pub unload_text: bool,
 }
 
 /// `sd3 bench --arch` arguments.
@@ -536,9 +566,9 @@ pub fn generate_request(a: &GenerateArgs) -> Result<GenerateRequest, Box<dyn std
     req.height = a.height;
     req.max_t5_tokens = a.max_t5_tokens;
     req.batch = a.batch;
-    req.init_image = a.init_image.clone();
+    req.init_image = a.init_image.clone().map(Into::into);
     req.controls = controls(a)?;
-    req.mask = a.mask.clone();
+    req.mask = a.mask.clone().map(Into::into);
     req.mask_blur = a.mask_blur;
     req.strength = a.strength;
     req.init_mode = match a.init_mode {
@@ -616,6 +646,11 @@ fn mib(m: u64) -> u64 {
 
 /// The pipeline options a `generate` command line asks for.
 pub fn pipeline_options(cli: &Cli, a: &GenerateArgs) -> PipelineOptions {
+    model_options(cli, &a.load, a.controlnets.clone())
+}
+
+/// The pipeline options of a model's flags, with `controlnets`.
+pub fn model_options(cli: &Cli, a: &ModelArgs, controlnets: Vec<PathBuf>) -> PipelineOptions {
     PipelineOptions {
         gpu: gpu_options(cli),
         clip_l: a.clip_l.clone(),
@@ -628,7 +663,7 @@ pub fn pipeline_options(cli: &Cli, a: &GenerateArgs) -> PipelineOptions {
         vae_budget: a.vae_budget_mib.map(mib),
         turbo: a.turbo.then_some(true),
         loras: a.loras.clone(),
-        controlnets: a.controlnets.clone(),
+        controlnets,
         vae: a.vae.clone(),
         ..PipelineOptions::default()
     }
@@ -668,7 +703,7 @@ fn generate(cli: &Cli, a: &GenerateArgs) -> Result<(), Box<dyn std::error::Error
     for (_, p) in generate_outputs(a) {
         check_output(&p)?;
     }
-    let pipe = Pipeline::load(&a.model, pipeline_options(cli, a))?;
+    let pipe = Pipeline::load(&a.load.model, pipeline_options(cli, a))?;
     let req = check_generate(&pipe, a)?;
     for l in pipe.loras() {
         let parts: Vec<String> = l
@@ -749,6 +784,38 @@ fn generate(cli: &Cli, a: &GenerateArgs) -> Result<(), Box<dyn std::error::Error
             out.peak_memory as f64 / (1u64 << 20) as f64
         );
     }
+    Ok(())
+}
+
+fn serve(cli: &Cli, a: &ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if a.max_queue == 0 {
+        return Err("--max-queue must be at least 1".into());
+    }
+    let options = PipelineOptions {
+        keep_loaded: true,
+        keep_text: !a.unload_text,
+        ..model_options(cli, &a.load, Vec::new())
+    };
+    let pipe = Pipeline::load(&a.load.model, options)?;
+    let adapter = pipe.gpu.info.name.clone();
+    let config = crate::serve::ServeConfig {
+        listen: a.listen,
+        max_queued: a.max_queue,
+        ..Default::default()
+    };
+    let server = crate::serve::Server::start(pipe, &config)?;
+    if !server.addr.ip().is_loopback() {
+        eprintln!(
+            "warning: listening on {} — anyone who can reach it can use this GPU (there is no authentication)",
+            server.addr
+        );
+    }
+    println!(
+        "serving {} on {adapter} at http://{} (Ctrl-C stops)",
+        a.load.model.display(),
+        server.addr
+    );
+    server.run_until_interrupted()?;
     Ok(())
 }
 
@@ -847,6 +914,7 @@ pub fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
     match &cli.command {
         Command::Devices => devices(cli),
         Command::Generate(a) => generate(cli, a),
+        Command::Serve(a) => serve(cli, a),
         Command::Decode {
             model,
             latents,

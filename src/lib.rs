@@ -22,6 +22,7 @@ pub mod ops;
 pub mod pipeline;
 pub mod quant;
 pub mod sampler;
+pub mod serve;
 pub mod target;
 pub mod tensor;
 pub mod text;
