@@ -174,6 +174,8 @@ pub use crate::weights::ShapeOnlyWeights;
 pub struct ArchGraphs {
     /// (component, graph).
     pub graphs: Vec<(&'static str, Graph)>,
+    /// The MMDiT's blocks: (bytes, layout group) each, for streaming plans.
+    pub mmdit_blocks: Vec<(u64, usize)>,
 }
 
 /// Records (without running) every graph of `arch` at `width`×`height`, batch
@@ -224,7 +226,9 @@ pub fn record_graphs_with(
     );
     t5.forward(&mut g, ids, bias, batch)?;
     graphs.push(("t5", g));
-    let m = Mmdit::load_from(gpu, &spec.mmdit, &w, weights)?;
+    let mut m = Mmdit::load_from(gpu, &spec.mmdit, &w, weights)?;
+    let mmdit_blocks =
+        crate::stream::block_sizes(m.joint_blocks.iter_mut().map(|b| b.tensors_mut()));
     let (lh, lw) = (
         height / 8 * 8 / spec.vae.scale_factor(),
         width / 8 * 8 / spec.vae.scale_factor(),
@@ -250,7 +254,10 @@ pub fn record_graphs_with(
     );
     v.decode(&mut g, z)?;
     graphs.push(("vae", g));
-    Ok(ArchGraphs { graphs })
+    Ok(ArchGraphs {
+        graphs,
+        mmdit_blocks,
+    })
 }
 
 /// Op class of a kernel family, for the report.
@@ -494,6 +501,7 @@ pub fn run(gpu: &Gpu, o: &BenchOptions) -> Result<BenchReport> {
             entries,
             wall_ns: wall,
             source,
+            uploads: None,
         },
         peak_memory: gpu.memory.peak(),
         image,

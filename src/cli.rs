@@ -127,6 +127,10 @@ pub enum BenchWhat {
 /// What to load and how: `generate` and `serve` take the same flags.
 #[derive(clap::Args)]
 pub struct ModelArgs {
+    /// GPU memory budget in MiB: MMDiT blocks that do not fit beside the
+    /// rest are streamed from host memory every step (same image, slower).
+    #[arg(long, value_name = "MIB")]
+    pub vram_budget: Option<u64>,
     /// Checkpoint: a Stability single file or a diffusers folder.
     #[arg(long)]
     pub model: PathBuf,
@@ -332,6 +336,10 @@ pub struct BenchArgs {
     /// encoding keeps them on the GPU (random bits of it; default: --dtype).
     #[arg(long, value_enum)]
     pub weights: Option<StorageArg>,
+    /// With --dry-run: plan the MMDiT stage within this many MiB, streaming
+    /// the blocks that do not fit (see `generate --vram-budget`).
+    #[arg(long, value_name = "MIB", requires = "dry_run")]
+    pub vram_budget: Option<u64>,
 }
 
 /// `--rng`.
@@ -665,6 +673,7 @@ pub fn model_options(cli: &Cli, a: &ModelArgs, controlnets: Vec<PathBuf>) -> Pip
         loras: a.loras.clone(),
         controlnets,
         vae: a.vae.clone(),
+        vram_budget: a.vram_budget.map(mib),
         ..PipelineOptions::default()
     }
 }
@@ -866,6 +875,43 @@ fn bench_arch(cli: &Cli, a: &BenchArgs) -> Result<(), Box<dyn std::error::Error>
             a.dtype.dtype().name(),
             weights.name()
         );
+        if let Some(budget) = a.vram_budget.map(mib) {
+            let mut peaks = Vec::new();
+            for (name, graph) in &g.graphs {
+                let total = graph.weight_bytes() + graph.pooled_bytes() + graph.input_bytes();
+                if *name == "mmdit" {
+                    let blocks: u64 = g.mmdit_blocks.iter().map(|b| b.0).sum();
+                    let fixed = total.saturating_sub(blocks);
+                    match crate::stream::choose_resident(fixed, &g.mmdit_blocks, budget) {
+                        Ok((r, peak)) => {
+                            println!(
+                                "mmdit within {} MiB: {r} of {} blocks resident, {} streamed each step ({:.2} GiB from host memory per step); peak {:.2} GiB",
+                                budget >> 20,
+                                g.mmdit_blocks.len(),
+                                g.mmdit_blocks.len() - r,
+                                gib(g.mmdit_blocks[r..].iter().map(|b| b.0).sum()),
+                                gib(peak)
+                            );
+                            peaks.push(peak);
+                        }
+                        Err(e) => println!("mmdit: {e}"),
+                    }
+                } else {
+                    if total > budget {
+                        println!(
+                            "{name}: {:.2} GiB, over the budget (only the MMDiT's blocks are streamed so far)",
+                            gib(total)
+                        );
+                    }
+                    peaks.push(total);
+                }
+            }
+            println!(
+                "peak with --vram-budget {}: {:.2} GiB",
+                budget >> 20,
+                gib(peaks.into_iter().max().unwrap_or(0))
+            );
+        }
         return Ok(());
     }
     let opts = BenchOptions {

@@ -376,8 +376,11 @@ impl Denoiser {
                 let skip_in = self
                     .skip_in
                     .ok_or_else(|| Error::Graph("skip pass without its input".into()))?;
-                let mut enc = gpu.device.create_command_encoder(&Default::default());
+                // Three submissions in queue order: the latents in, the pass
+                // (several submissions when its weights are streamed), the
+                // prediction out.
                 let bytes = self.plan.buffer(self.latents)?.size();
+                let mut enc = gpu.device.create_command_encoder(&Default::default());
                 enc.copy_buffer_to_buffer(
                     self.plan.buffer(self.latents)?,
                     0,
@@ -385,7 +388,11 @@ impl Denoiser {
                     0,
                     bytes,
                 );
-                s.plan.encode_run(&mut enc);
+                gpu.guarded("the skip-layer pass", 0, || {
+                    gpu.queue.submit([enc.finish()])
+                })?;
+                s.plan.submit(gpu)?;
+                let mut enc = gpu.device.create_command_encoder(&Default::default());
                 enc.copy_buffer_to_buffer(
                     s.plan.buffer(s.out)?,
                     0,

@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::gpu::{profile::Profile, Access, Gpu, PipelineKey, TrackedBuffer};
+use crate::stream::BlockStream;
 use crate::target::Target;
 use crate::tensor::{create_storage, numel, read_buffer, shape_str, DType, Tensor};
 
@@ -479,6 +480,7 @@ impl Graph {
             });
         }
         let pooled_bytes = pool.iter().sum();
+        let (stream, segments) = self.segments()?;
 
         // Every op's params in one uniform buffer, each at an aligned offset.
         let align = gpu.limits.min_uniform_buffer_offset_alignment.max(16) as usize;
@@ -574,8 +576,70 @@ impl Graph {
             _params: params_buf,
             _dummy: dummy,
             pooled_bytes,
+            stream,
+            segments,
         })
     }
+
+    /// The streamed block each op reads weights of (at most one), and the
+    /// ops split into segments at each change of block (ops reading no
+    /// streamed weight join the segment before them).
+    fn segments(&self) -> Result<(Option<Arc<BlockStream>>, Vec<Segment>)> {
+        let mut stream: Option<Arc<BlockStream>> = None;
+        let mut segments: Vec<Segment> = Vec::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let mut block = None;
+            for v in n.call.args.iter().flatten() {
+                let Source::Weight(t) = &self.storages[self.values[v.0].storage].source else {
+                    continue;
+                };
+                let Some(r) = &t.stream else { continue };
+                match &stream {
+                    Some(s) if !Arc::ptr_eq(s, &r.stream) => {
+                        return Err(Error::Graph(format!(
+                            "{}: weights of two streamed models in one plan",
+                            n.label
+                        )))
+                    }
+                    _ => stream = Some(r.stream.clone()),
+                }
+                match block {
+                    Some(b) if b != r.block => {
+                        return Err(Error::Graph(format!(
+                            "{}: reads weights of streamed blocks {b} and {}",
+                            n.label, r.block
+                        )))
+                    }
+                    _ => block = Some(r.block),
+                }
+            }
+            match (segments.last_mut(), block) {
+                (Some(last), None) => last.ops.end = i + 1,
+                (Some(last), Some(b)) if last.block.is_none() || last.block == Some(b) => {
+                    last.ops.end = i + 1;
+                    last.block = Some(b);
+                }
+                _ => segments.push(Segment {
+                    ops: i..i + 1,
+                    block,
+                }),
+            }
+        }
+        if stream.is_none() {
+            segments = vec![Segment {
+                ops: 0..self.nodes.len(),
+                block: None,
+            }];
+        }
+        Ok((stream, segments))
+    }
+}
+
+/// A run of ops submitted together: with streaming, those of one block.
+#[derive(Clone, Debug)]
+struct Segment {
+    ops: std::ops::Range<usize>,
+    block: Option<usize>,
 }
 
 struct PlannedOp {
@@ -600,6 +664,10 @@ pub struct Plan {
     _params: wgpu::Buffer,
     _dummy: TrackedBuffer,
     pooled_bytes: u64,
+    /// The stream of the streamed weights the plan binds, if any.
+    stream: Option<Arc<BlockStream>>,
+    /// The ops in submission order (one segment unless streamed).
+    segments: Vec<Segment>,
 }
 
 impl Plan {
@@ -717,6 +785,7 @@ impl Plan {
             shape: info.shape.clone(),
             dtype: s.dtype,
             low_rank: None,
+            stream: None,
         })
     }
 
@@ -770,22 +839,72 @@ impl Plan {
         }
     }
 
-    /// Runs every op once, all in one compute pass, and waits for the GPU.
+    /// Runs every op once, all in one compute pass (one per block when
+    /// weights are streamed, each submitted after its block's upload), and
+    /// waits for the GPU.
     pub fn run(&self, gpu: &Gpu) -> Result<()> {
-        let mut enc = gpu.device.create_command_encoder(&Default::default());
-        self.encode_run(&mut enc);
-        gpu.submit_and_wait("a graph run", enc.finish())?;
+        self.submit_run(gpu, true)
+    }
+
+    /// [`Plan::run`] without waiting: later submissions run after it.
+    pub fn submit(&self, gpu: &Gpu) -> Result<()> {
+        self.submit_run(gpu, false)
+    }
+
+    fn submit_run(&self, gpu: &Gpu, wait: bool) -> Result<()> {
+        let finish = |enc: wgpu::CommandEncoder| -> Result<()> {
+            if wait {
+                gpu.submit_and_wait("a graph run", enc.finish())?;
+            } else {
+                gpu.guarded("a graph run", 0, || gpu.queue.submit([enc.finish()]))?;
+            }
+            Ok(())
+        };
+        let Some(stream) = &self.stream else {
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            self.encode_run(&mut enc)?;
+            return finish(enc);
+        };
+        let last = self.segments.len().saturating_sub(1);
+        for (k, seg) in self.segments.iter().enumerate() {
+            if let Some(b) = seg.block {
+                stream.ensure(gpu, b)?;
+            }
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                self.encode(&mut pass, seg.ops.clone(), None);
+            }
+            if k == last {
+                self.encode_feedback(&mut enc);
+                finish(enc)?;
+            } else {
+                gpu.guarded("a graph run", 0, || gpu.queue.submit([enc.finish()]))?;
+            }
+        }
         Ok(())
     }
 
+    /// Whether the plan streams block weights (runs in several submissions).
+    pub fn is_streamed(&self) -> bool {
+        self.stream.is_some()
+    }
+
     /// Encodes one run (its compute pass, then the feedback copies) into
-    /// `enc`, for callers that chain several plans in one submission.
-    pub fn encode_run(&self, enc: &mut wgpu::CommandEncoder) {
+    /// `enc`, for callers that chain several plans in one submission; a
+    /// streamed plan cannot be (see [`Plan::run`]).
+    pub fn encode_run(&self, enc: &mut wgpu::CommandEncoder) -> Result<()> {
+        if self.stream.is_some() {
+            return Err(Error::Graph(
+                "a plan with streamed weights runs in several submissions: use Plan::run".into(),
+            ));
+        }
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
             self.encode(&mut pass, 0..self.ops.len(), None);
         }
         self.encode_feedback(enc);
+        Ok(())
     }
 
     fn encode_feedback(&self, enc: &mut wgpu::CommandEncoder) {
@@ -821,51 +940,66 @@ impl Plan {
         };
         let per_set = (wgpu::QUERY_SET_MAX_QUERIES / 2) as usize;
         let mut ticks: Vec<u64> = Vec::new();
+        if let Some(s) = &self.stream {
+            s.take_stats();
+        }
         let t0 = Instant::now();
         if source == TimingSource::WallClock {
             self.run(gpu)?;
         } else {
-            let mut enc = gpu.device.create_command_encoder(&Default::default());
             let mut sets = Vec::new();
-            for start in (0..self.ops.len()).step_by(per_set) {
-                let end = (start + per_set).min(self.ops.len());
-                let count = 2 * (end - start) as u32;
-                let qs = gpu.guarded("a timestamp query set", count as u64 * 8, || {
-                    gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
-                        label: Some("op timestamps"),
-                        ty: wgpu::QueryType::Timestamp,
-                        count,
-                    })
-                })?;
-                if source == TimingSource::InsidePass {
-                    let mut pass = enc.begin_compute_pass(&Default::default());
-                    self.encode(&mut pass, start..end, Some(&qs));
-                } else {
-                    for (j, op) in self.ops[start..end].iter().enumerate() {
-                        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                            label: Some(&op.label),
-                            timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
-                                query_set: &qs,
-                                beginning_of_pass_write_index: Some(2 * j as u32),
-                                end_of_pass_write_index: Some(2 * j as u32 + 1),
-                            }),
-                        });
-                        self.encode(&mut pass, start + j..start + j + 1, None);
-                    }
+            let last = self.segments.len().saturating_sub(1);
+            for (k, seg) in self.segments.iter().enumerate() {
+                if let (Some(stream), Some(b)) = (&self.stream, seg.block) {
+                    stream.ensure(gpu, b)?;
                 }
-                let resolve = gpu.guarded("a timestamp buffer", count as u64 * 8, || {
-                    gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some("timestamps"),
-                        size: count as u64 * 8,
-                        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-                        mapped_at_creation: false,
-                    })
-                })?;
-                enc.resolve_query_set(&qs, 0..count, &resolve, 0);
-                sets.push((qs, resolve, count));
+                let mut enc = gpu.device.create_command_encoder(&Default::default());
+                for start in seg.ops.clone().step_by(per_set) {
+                    let end = (start + per_set).min(seg.ops.end);
+                    let count = 2 * (end - start) as u32;
+                    let qs = gpu.guarded("a timestamp query set", count as u64 * 8, || {
+                        gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+                            label: Some("op timestamps"),
+                            ty: wgpu::QueryType::Timestamp,
+                            count,
+                        })
+                    })?;
+                    if source == TimingSource::InsidePass {
+                        let mut pass = enc.begin_compute_pass(&Default::default());
+                        self.encode(&mut pass, start..end, Some(&qs));
+                    } else {
+                        for (j, op) in self.ops[start..end].iter().enumerate() {
+                            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                                label: Some(&op.label),
+                                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                                    query_set: &qs,
+                                    beginning_of_pass_write_index: Some(2 * j as u32),
+                                    end_of_pass_write_index: Some(2 * j as u32 + 1),
+                                }),
+                            });
+                            self.encode(&mut pass, start + j..start + j + 1, None);
+                        }
+                    }
+                    let resolve = gpu.guarded("a timestamp buffer", count as u64 * 8, || {
+                        gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                            label: Some("timestamps"),
+                            size: count as u64 * 8,
+                            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                            mapped_at_creation: false,
+                        })
+                    })?;
+                    enc.resolve_query_set(&qs, 0..count, &resolve, 0);
+                    sets.push((qs, resolve, count));
+                }
+                if k == last {
+                    self.encode_feedback(&mut enc);
+                    gpu.submit_and_wait("a profiled graph run", enc.finish())?;
+                } else {
+                    gpu.guarded("a profiled graph run", 0, || {
+                        gpu.queue.submit([enc.finish()])
+                    })?;
+                }
             }
-            self.encode_feedback(&mut enc);
-            gpu.submit_and_wait("a profiled graph run", enc.finish())?;
             for (_, resolve, count) in &sets {
                 let bytes = gpu.read_bytes(resolve, *count as u64 * 8)?;
                 ticks.extend(bytemuck::pod_collect_to_vec::<u8, u64>(&bytes));
@@ -903,6 +1037,7 @@ impl Plan {
             entries,
             wall_ns,
             source,
+            uploads: self.stream.as_ref().map(|s| s.take_stats()),
         })
     }
 }

@@ -23,6 +23,7 @@ pub mod pipeline;
 pub mod quant;
 pub mod sampler;
 pub mod serve;
+pub mod stream;
 pub mod target;
 pub mod tensor;
 pub mod text;

@@ -100,6 +100,9 @@ pub struct PipelineOptions {
     pub keep_loaded: bool,
     /// Keep the text encoders on the GPU between generations too.
     pub keep_text: bool,
+    /// GPU memory budget in bytes: MMDiT blocks that do not fit are
+    /// streamed from host memory each step (see [`crate::stream`]).
+    pub vram_budget: Option<u64>,
     /// VAE tile size in latent pixels (automatic when `None`).
     pub vae_tile: Option<usize>,
     /// VAE tile overlap in latent pixels.
@@ -131,6 +134,7 @@ impl Default for PipelineOptions {
             dtype: DType::F16,
             keep_loaded: false,
             keep_text: false,
+            vram_budget: None,
             vae_tile: None,
             tile_overlap: defaults::TILE_OVERLAP,
             vae_budget: None,
@@ -816,6 +820,70 @@ impl Pipeline {
 
     /// Records every graph the request will run with shape-only weights and
     /// validates it against the adapter's limits (no GPU work).
+    /// The bytes one MMDiT step of `req` needs beside the weights
+    /// (intermediates and inputs, as planned), what a memory budget keeps
+    /// free for it.
+    pub fn step_activation_bytes(&self, req: &GenerateRequest) -> Result<u64> {
+        let s = self.check(req)?;
+        let w = ShapeOnlyWeights::new(&self.gpu)?;
+        let b = req.batch;
+        let batch2 = if s.cfg > 1.0 { 2 * b } else { b };
+        let scale = self.vae.config.scale_factor();
+        let g = self.mmdit_graph(
+            &w,
+            batch2,
+            (s.height / scale, s.width / scale),
+            req.max_t5_tokens,
+        )?;
+        Ok(g.pooled_bytes() + g.input_bytes())
+    }
+
+    /// The MMDiT blocks streamed from host memory (when the model is kept
+    /// loaded and was loaded under a budget its blocks did not all fit).
+    pub fn streamed_blocks(&self) -> Vec<usize> {
+        self.loaded
+            .lock()
+            .ok()
+            .and_then(|l| l.mmdit.as_ref().and_then(|m| m.stream()))
+            .map(|s| s.blocks())
+            .unwrap_or_default()
+    }
+
+    /// One MMDiT step's graph (with the ControlNets) on shape-only weights.
+    fn mmdit_graph(
+        &self,
+        w: &ShapeOnlyWeights,
+        batch2: usize,
+        (lh, lw): (usize, usize),
+        t5_tokens: usize,
+    ) -> Result<Graph> {
+        let gpu = &self.gpu;
+        let dt = self.options.dtype;
+        let c = &self.mmdit.config;
+        let m = Mmdit::load_from(gpu, c, w, dt)?;
+        let mut g = Graph::new(gpu.target());
+        let x = g.input("latents", &[batch2, c.in_channels, lh, lw], DType::F32);
+        let ctx = g.input(
+            "context",
+            &[batch2, CLIP_TOKENS + t5_tokens, c.context_dim],
+            DType::F32,
+        );
+        let pooled = g.input("pooled", &[batch2, c.pooled_dim], DType::F32);
+        let t = g.input("t_emb", &[batch2, TIMESTEP_DIM], DType::F32);
+        let mut residuals = Vec::new();
+        for (k, src) in self.controlnets.iter().enumerate() {
+            let net = ControlNet::load_from(gpu, &src.config, w, dt)?;
+            let cond = g.input(
+                &format!("control{k}"),
+                &[batch2, c.in_channels, lh, lw],
+                DType::F32,
+            );
+            residuals = net.forward(&mut g, &m, x, cond, ctx, pooled, t)?;
+        }
+        m.forward_controlled(&mut g, x, ctx, pooled, t, &residuals)?;
+        Ok(g)
+    }
+
     fn check_limits(
         &self,
         req: &GenerateRequest,
@@ -846,29 +914,7 @@ impl Pipeline {
             m.forward(&mut g, ids, bias, batch2)?;
             graphs.push(g);
         }
-        let c = &self.mmdit.config;
-        let m = Mmdit::load_from(gpu, c, &w, dt)?;
-        let mut g = Graph::new(gpu.target());
-        let x = g.input("latents", &[batch2, c.in_channels, lh, lw], DType::F32);
-        let ctx = g.input(
-            "context",
-            &[batch2, CLIP_TOKENS + req.max_t5_tokens, c.context_dim],
-            DType::F32,
-        );
-        let pooled = g.input("pooled", &[batch2, c.pooled_dim], DType::F32);
-        let t = g.input("t_emb", &[batch2, TIMESTEP_DIM], DType::F32);
-        let mut residuals = Vec::new();
-        for (k, src) in self.controlnets.iter().enumerate() {
-            let net = ControlNet::load_from(gpu, &src.config, &w, dt)?;
-            let cond = g.input(
-                &format!("control{k}"),
-                &[batch2, c.in_channels, lh, lw],
-                DType::F32,
-            );
-            residuals = net.forward(&mut g, &m, x, cond, ctx, pooled, t)?;
-        }
-        m.forward_controlled(&mut g, x, ctx, pooled, t, &residuals)?;
-        graphs.push(g);
+        graphs.push(self.mmdit_graph(&w, batch2, (lh, lw), req.max_t5_tokens)?);
         if img2img {
             let v = Vae::load_from(gpu, &self.vae.config, &w, dt)?;
             let mut g = Graph::new(gpu.target());
@@ -1005,11 +1051,17 @@ impl Pipeline {
         }
         if loaded.mmdit.is_none() {
             let src = self.loras.provider(Component::Mmdit, &self.mmdit);
-            loaded.mmdit = Some(Mmdit::load_from(
+            // Under a budget: what one step's activations need beside the weights.
+            let budget = match self.options.vram_budget {
+                Some(bytes) => Some((bytes, self.step_activation_bytes(req)?)),
+                None => None,
+            };
+            loaded.mmdit = Some(Mmdit::load_budgeted(
                 gpu,
                 &self.mmdit.config,
                 &src,
                 self.options.dtype,
+                budget,
             )?);
         }
         let mut profile = None;

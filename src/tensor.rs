@@ -187,6 +187,9 @@ pub struct Tensor {
     /// A low-rank update applied beside this (block-quantized) weight by
     /// the layer that uses it (LoRAs on GGUF weights).
     pub low_rank: Option<Arc<crate::models::layers::LowRank>>,
+    /// Set on a streamed block's weights: the buffer is a slot that the
+    /// block shares with others (see [`crate::stream`]).
+    pub stream: Option<crate::stream::StreamRef>,
 }
 
 /// Usage every engine buffer gets: bound as storage, copied in and out.
@@ -296,6 +299,7 @@ impl Tensor {
             shape: shape.to_vec(),
             dtype,
             low_rank: None,
+            stream: None,
         })
     }
 

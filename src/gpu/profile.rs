@@ -55,6 +55,8 @@ pub struct Profile {
     pub wall_ns: f64,
     /// How the times were taken.
     pub source: TimingSource,
+    /// Block uploads of a streamed run (see [`crate::stream`]).
+    pub uploads: Option<crate::stream::UploadStats>,
 }
 
 fn rate(amount: u64, ns: f64) -> f64 {
@@ -88,6 +90,25 @@ impl Profile {
         }
     }
 
+    /// GPU time between the first op's start and the last op's end in which
+    /// no op ran (uploads of streamed weights, gaps between submissions);
+    /// `None` without GPU timestamps.
+    pub fn idle_ns(&self) -> Option<f64> {
+        let mut span: Option<(f64, f64)> = None;
+        let mut busy = 0.0;
+        for e in &self.entries {
+            let (Some(a), Some(d)) = (e.start_ns, e.gpu_ns) else {
+                return None;
+            };
+            busy += d;
+            span = Some(match span {
+                None => (a, a + d),
+                Some((lo, hi)) => (lo.min(a), hi.max(a + d)),
+            });
+        }
+        span.map(|(lo, hi)| (hi - lo - busy).max(0.0))
+    }
+
     /// Totals per kernel family and implementation ([`OpTiming::kernel`]).
     pub fn by_family(&self) -> BTreeMap<String, Totals> {
         let mut m: BTreeMap<String, Totals> = BTreeMap::new();
@@ -118,6 +139,24 @@ impl Profile {
             total / 1e6,
             self.wall_ns / 1e6
         );
+        if let Some(u) = &self.uploads {
+            let idle = self
+                .idle_ns()
+                .map(|ns| {
+                    format!(
+                        "; between ops the GPU stood idle {:.3} ms (uploads, submissions)",
+                        ns / 1e6
+                    )
+                })
+                .unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "streamed weights: {} block uploads, {:.1} MiB, {:.3} ms on the host{idle}",
+                u.blocks,
+                u.bytes as f64 / (1u64 << 20) as f64,
+                u.host_ns / 1e6
+            );
+        }
         let _ = writeln!(
             s,
             "{:<24} {:>5} {:>10} {:>6} {:>10} {:>9}",

@@ -37,6 +37,13 @@ pub(crate) fn no_low_rank(g: &Graph, t: &Tensor, what: &str) -> Result<()> {
 }
 
 impl Linear {
+    /// The weight and bias (not a low-rank update's factors), for streaming.
+    pub fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v = vec![&mut self.weight];
+        v.extend(self.bias.as_mut());
+        v
+    }
+
     /// Records x · weightᵀ + bias.
     pub fn forward(&self, g: &mut Graph, x: Value) -> Result<Value> {
         let w = g.weight("weight", &self.weight);
@@ -61,6 +68,15 @@ pub struct Mlp {
     pub fc1: Linear,
     /// Second layer (`mlp.2` / `fc2`).
     pub fc2: Linear,
+}
+
+impl Mlp {
+    /// Both layers' tensors, for streaming.
+    pub fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v = self.fc1.tensors_mut();
+        v.extend(self.fc2.tensors_mut());
+        v
+    }
 }
 
 impl Mlp {

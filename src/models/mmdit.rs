@@ -31,6 +31,20 @@ pub struct Attention {
     pub ln_qk: Option<(Tensor, Tensor)>,
 }
 
+impl Attention {
+    fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v = self.qkv.tensors_mut();
+        if let Some(p) = &mut self.proj {
+            v.extend(p.tensors_mut());
+        }
+        if let Some((q, k)) = &mut self.ln_qk {
+            v.push(q);
+            v.push(k);
+        }
+        v
+    }
+}
+
 /// The adaLN modulation vector of one stream, [batch, chunks·hidden], with the
 /// chunks in Stability's order.
 #[derive(Clone, Copy)]
@@ -88,6 +102,29 @@ pub struct JointBlock {
     pub x_block: DitBlock,
     /// Text tokens.
     pub context_block: DitBlock,
+}
+
+impl DitBlock {
+    fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v = self.adaln_modulation.tensors_mut();
+        v.extend(self.attn.tensors_mut());
+        if let Some(a) = &mut self.attn2 {
+            v.extend(a.tensors_mut());
+        }
+        if let Some(m) = &mut self.mlp {
+            v.extend(m.tensors_mut());
+        }
+        v
+    }
+}
+
+impl JointBlock {
+    /// Every tensor of the block, in a fixed order (what streaming moves).
+    pub fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v = self.x_block.tensors_mut();
+        v.extend(self.context_block.tensors_mut());
+        v
+    }
 }
 
 /// Final adaLN (shift, scale) and projection to patches.
@@ -200,44 +237,90 @@ impl Mmdit {
         src: &dyn TensorProvider,
         matrix: DType,
     ) -> Result<Mmdit> {
+        Self::load_budgeted(gpu, config, src, matrix, None)
+    }
+
+    /// [`Mmdit::load_from`] within a GPU memory budget: with `budget` =
+    /// (bytes, activations), the blocks that do not fit beside everything
+    /// already on the GPU, the model's other weights and `activations` bytes
+    /// of a step are streamed (see [`crate::stream`]): each is uploaded,
+    /// read back into host memory and leaves two slots per block layout;
+    /// then as many leading blocks as fit get their own buffers again.
+    pub fn load_budgeted(
+        gpu: &Gpu,
+        config: &MmditConfig,
+        src: &dyn TensorProvider,
+        matrix: DType,
+        budget: Option<(u64, u64)>,
+    ) -> Result<Mmdit> {
         let c = config.clone();
         let l = Loader { gpu, src, matrix };
         let h = c.hidden;
         let p = c.patch;
+        // The parts outside the blocks first: they always stay.
+        let x_embedder = Linear {
+            weight: l.matrix("x_embedder.proj.weight", &[h, c.in_channels, p, p])?,
+            bias: Some(l.tensor("x_embedder.proj.bias", &[h], DType::F32)?),
+        };
+        // f16 with f16 matrices (as PyTorch's fp16 pipelines hold it):
+        // SD3.5 medium's 384² table is 0.9 GiB in f32.
+        let pos_embed = l.tensor(
+            "pos_embed",
+            &[1, c.pos_embed_max * c.pos_embed_max, h],
+            l.table_dtype(),
+        )?;
+        let t_embedder = l.mlp("t_embedder", TIMESTEP_DIM, h, h, ("mlp.0", "mlp.2"))?;
+        let y_embedder = l.mlp("y_embedder", c.pooled_dim, h, h, ("mlp.0", "mlp.2"))?;
+        let context_embedder = l.linear("context_embedder", h, c.context_dim)?;
+        let final_layer = FinalLayer {
+            adaln_modulation: l.linear("final_layer.adaLN_modulation.1", 2 * h, h)?,
+            linear: l.linear("final_layer.linear", p * p * c.out_channels, h)?,
+        };
+        let mut stream = budget.map(|_| crate::stream::StreamBuilder::new("mmdit"));
         let mut joint_blocks = Vec::with_capacity(c.depth);
         for i in 0..c.depth {
             let dual = c.dual_attention_layers.contains(&i);
             let pre_only = i + 1 == c.depth;
-            joint_blocks.push(JointBlock::load(
-                &l,
-                &format!("joint_blocks.{i}"),
-                &c,
-                dual,
-                pre_only,
-            )?);
+            let mut block = JointBlock::load(&l, &format!("joint_blocks.{i}"), &c, dual, pre_only)?;
+            if let Some(s) = &mut stream {
+                s.add(gpu, i, block.tensors_mut())?;
+            }
+            joint_blocks.push(block);
+        }
+        if let (Some(mut s), Some((bytes, activations))) = (stream, budget) {
+            let sizes = s.sizes();
+            let fixed = gpu.memory.current().saturating_sub(s.slot_bytes()) + activations;
+            let blocks: Vec<(u64, usize)> = sizes.iter().map(|&(_, b, g)| (b, g)).collect();
+            let (resident, _) = crate::stream::choose_resident(fixed, &blocks, bytes)?;
+            for (i, block) in joint_blocks.iter_mut().enumerate().take(resident) {
+                s.make_resident(gpu, i, block.tensors_mut())?;
+            }
+            if let Some(stream) = s.finish() {
+                for (i, block) in joint_blocks.iter_mut().enumerate().skip(resident) {
+                    crate::stream::tag(block.tensors_mut(), &stream, i);
+                }
+            }
         }
         Ok(Mmdit {
-            x_embedder: Linear {
-                weight: l.matrix("x_embedder.proj.weight", &[h, c.in_channels, p, p])?,
-                bias: Some(l.tensor("x_embedder.proj.bias", &[h], DType::F32)?),
-            },
-            // f16 with f16 matrices (as PyTorch's fp16 pipelines hold it):
-            // SD3.5 medium's 384² table is 0.9 GiB in f32.
-            pos_embed: l.tensor(
-                "pos_embed",
-                &[1, c.pos_embed_max * c.pos_embed_max, h],
-                l.table_dtype(),
-            )?,
-            t_embedder: l.mlp("t_embedder", TIMESTEP_DIM, h, h, ("mlp.0", "mlp.2"))?,
-            y_embedder: l.mlp("y_embedder", c.pooled_dim, h, h, ("mlp.0", "mlp.2"))?,
-            context_embedder: l.linear("context_embedder", h, c.context_dim)?,
+            x_embedder,
+            pos_embed,
+            t_embedder,
+            y_embedder,
+            context_embedder,
             joint_blocks,
-            final_layer: FinalLayer {
-                adaln_modulation: l.linear("final_layer.adaLN_modulation.1", 2 * h, h)?,
-                linear: l.linear("final_layer.linear", p * p * c.out_channels, h)?,
-            },
+            final_layer,
             config: c,
         })
+    }
+
+    /// The streamed blocks' stream, when the model was loaded under a
+    /// budget its blocks did not all fit.
+    pub fn stream(&self) -> Option<std::sync::Arc<crate::stream::BlockStream>> {
+        self.joint_blocks
+            .iter()
+            .rev()
+            .find_map(|b| b.x_block.adaln_modulation.weight.stream.as_ref())
+            .map(|r| r.stream.clone())
     }
 
     /// Records the forward pass: latents x [batch, in, H, W], context

@@ -824,6 +824,7 @@ impl TensorProvider for ShapeOnlyWeights {
             shape: shape.to_vec(),
             dtype,
             low_rank: None,
+            stream: None,
         })
     }
     fn tensor_concat(

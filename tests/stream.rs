@@ -1,0 +1,228 @@
+//! Layer streaming under `--vram-budget`: the MMDiT's blocks that do not fit
+//! take turns in GPU slots, and the result is the same, bit for bit.
+
+mod common;
+
+use common::pipeline_folder;
+use sd3_wgpu::bench_arch::Arch;
+use sd3_wgpu::denoise::{DenoiseOptions, Denoiser, SkipLayers};
+use sd3_wgpu::gpu::profile::Profile;
+use sd3_wgpu::models::mmdit::Mmdit;
+use sd3_wgpu::pipeline::{GenerateRequest, Pipeline, PipelineOptions};
+use sd3_wgpu::sampler::FlowMatchEuler;
+use sd3_wgpu::stream::choose_resident;
+use sd3_wgpu::weights::mmdit::MmditConfig;
+use sd3_wgpu::weights::RandomWeights;
+use sd3_wgpu::{DType, Gpu, GpuOptions};
+
+fn options(budget: Option<u64>, dtype: DType) -> PipelineOptions {
+    PipelineOptions {
+        dtype,
+        keep_loaded: true,
+        vram_budget: budget,
+        ..PipelineOptions::default()
+    }
+}
+
+fn request() -> GenerateRequest {
+    let mut r = GenerateRequest::new("a photo of a cat");
+    r.negative_prompt = "blurry".into();
+    (r.width, r.height, r.steps, r.cfg, r.seed) = (Some(20), Some(12), Some(3), Some(5.0), 4);
+    r.max_t5_tokens = 32;
+    r.profile = true;
+    r
+}
+
+/// The tiny architecture, 7 blocks deep, the first three with dual
+/// attention: three block layouts (dual, plain, the last's pre-only
+/// context stream), enough blocks for slots to take turns.
+fn deep_config() -> MmditConfig {
+    let mut c = Arch::Tiny.spec().mmdit;
+    c.depth = 7;
+    c.dual_attention_layers = vec![0, 1, 2];
+    c
+}
+
+/// A fresh device (the memory counter sees only this test's buffers).
+fn device(dtype: DType) -> Gpu {
+    Gpu::new(&GpuOptions {
+        f16_activations: dtype == DType::F16,
+        ..GpuOptions::from_env()
+    })
+    .unwrap()
+}
+
+/// Each block's (bytes, layout group) and the bytes outside the blocks.
+fn sizes(m: &mut Mmdit, total: u64) -> (u64, Vec<(u64, usize)>) {
+    let mut layouts: Vec<Vec<(DType, u64)>> = Vec::new();
+    let blocks: Vec<(u64, usize)> = m
+        .joint_blocks
+        .iter_mut()
+        .map(|b| {
+            let layout: Vec<(DType, u64)> = b
+                .tensors_mut()
+                .iter()
+                .map(|t| (t.dtype, t.buffer.size()))
+                .collect();
+            let bytes = layout.iter().map(|l| l.1).sum();
+            let g = layouts
+                .iter()
+                .position(|l| *l == layout)
+                .unwrap_or_else(|| {
+                    layouts.push(layout);
+                    layouts.len() - 1
+                });
+            (bytes, g)
+        })
+        .collect();
+    (total - blocks.iter().map(|b| b.0).sum::<u64>(), blocks)
+}
+
+/// Three denoising steps with CFG (and skip-layer guidance): the latents,
+/// and the first step's profile.
+fn denoise(gpu: &Gpu, m: &Mmdit, slg: bool) -> (Vec<f32>, Profile) {
+    let c = &m.config;
+    let (b2, tokens, side) = (2, 6, 4);
+    let d = Denoiser::new(
+        gpu,
+        m,
+        &DenoiseOptions {
+            batch: 1,
+            height: side,
+            width: side,
+            tokens,
+            guidance: 4.0,
+            skip_layers: slg.then(|| SkipLayers {
+                layers: vec![4],
+                scale: 2.8,
+                start: 0.0,
+                stop: 1.0,
+            }),
+            inpaint: false,
+            control: Vec::new(),
+        },
+    )
+    .unwrap();
+    let context = common::rand(1, b2 * tokens * c.context_dim);
+    let pooled = common::rand(2, b2 * c.pooled_dim);
+    d.set_conditioning(gpu, &context, &pooled).unwrap();
+    d.set_latents(gpu, &common::rand(3, c.in_channels * side * side))
+        .unwrap();
+    let mut profile = None;
+    d.run(
+        gpu,
+        &FlowMatchEuler::new(3, 3.0),
+        0,
+        &|i| i == 0,
+        &mut |_, p| {
+            if p.is_some() {
+                profile = p;
+            }
+            Ok(())
+        },
+    )
+    .unwrap();
+    (d.latents(gpu).unwrap(), profile.unwrap())
+}
+
+fn streamed_equals_resident(dtype: DType, slg: bool) {
+    let c = deep_config();
+    let w = RandomWeights { seed: 7 };
+    let gpu = device(dtype);
+    let mut m = Mmdit::load_from(&gpu, &c, &w, dtype).unwrap();
+    let (want, plain) = denoise(&gpu, &m, slg);
+    assert!(plain.uploads.is_none());
+    let (other, blocks) = sizes(&mut m, gpu.memory.current());
+    drop(m);
+    // Every block streamed; then the dual-attention ones resident and the
+    // plain ones (three, in two slots) and the last streamed.
+    for resident in [0, 3] {
+        let budget = budget_for(other, &blocks, resident);
+        let (r, peak) = choose_resident(other, &blocks, budget).unwrap();
+        assert_eq!(r, resident, "budget {budget}");
+        let gpu = device(dtype);
+        let m = Mmdit::load_budgeted(&gpu, &c, &w, dtype, Some((budget, 0))).unwrap();
+        let held = gpu.memory.current();
+        assert!(
+            held <= budget && held <= peak + 64,
+            "{held} held, budget {budget}, plan {peak}"
+        );
+        let stream = m.stream().expect("blocks streamed");
+        assert_eq!(stream.blocks(), (resident..c.depth).collect::<Vec<_>>());
+        let (got, profile) = denoise(&gpu, &m, slg);
+        assert!(
+            got == want,
+            "{resident} resident blocks ({dtype:?}, slg {slg}): the latents differ from the resident run"
+        );
+        let up = profile.uploads.expect("upload counters");
+        assert!(up.blocks > 0 && up.bytes > 0, "{up:?}");
+        assert!(profile.table(0).contains("streamed weights"));
+    }
+}
+
+/// The smallest budget (in steps of 64 bytes) that keeps `resident` blocks
+/// resident.
+fn budget_for(fixed: u64, blocks: &[(u64, usize)], resident: usize) -> u64 {
+    let mut b = fixed;
+    loop {
+        if let Ok((r, _)) = choose_resident(fixed, blocks, b) {
+            if r >= resident {
+                return b;
+            }
+        }
+        b += 64;
+    }
+}
+
+#[test]
+fn streamed_blocks_give_the_same_bits() {
+    streamed_equals_resident(DType::F32, false);
+}
+
+#[test]
+fn streamed_blocks_with_f16_and_skip_layer_guidance() {
+    // The skip-layer pass runs the streamed blocks a second time per step.
+    streamed_equals_resident(DType::F16, true);
+}
+
+#[test]
+fn a_generous_budget_streams_nothing_and_changes_nothing() {
+    let dir = pipeline_folder("sd3");
+    let plain = Pipeline::load(&dir, options(None, DType::F32)).unwrap();
+    let want = plain.generate(&request(), &mut |_, _| {}).unwrap();
+    let pipe = Pipeline::load(&dir, options(Some(1 << 40), DType::F32)).unwrap();
+    let out = pipe.generate(&request(), &mut |_, _| {}).unwrap();
+    assert!(pipe.streamed_blocks().is_empty());
+    assert!(out.latents == want.latents);
+    assert!(out.profile.unwrap().uploads.is_none());
+}
+
+#[test]
+fn a_budget_too_small_is_an_error_naming_the_numbers() {
+    let dir = pipeline_folder("sd3");
+    let pipe = Pipeline::load(&dir, options(Some(1 << 10), DType::F32)).unwrap();
+    let e = pipe
+        .generate(&request(), &mut |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("too small") && e.contains("MiB"), "{e}");
+}
+
+#[test]
+fn choose_resident_keeps_the_longest_prefix_that_fits() {
+    let blocks = [(100, 0), (100, 0), (100, 0), (100, 0), (40, 1)];
+    // Everything resident: 10 + 440.
+    assert_eq!(choose_resident(10, &blocks, 450).unwrap(), (5, 450));
+    // Streaming blocks 2..5 costs as much as keeping them (two slots of 100
+    // and one of 40); from block 1 on it saves one block.
+    assert_eq!(
+        choose_resident(10, &blocks, 449).unwrap(),
+        (1, 10 + 100 + 200 + 40)
+    );
+    assert_eq!(
+        choose_resident(10, &blocks, 349).unwrap(),
+        (0, 10 + 200 + 40)
+    );
+    let e = choose_resident(10, &blocks, 249).unwrap_err().to_string();
+    assert!(e.contains("too small"), "{e}");
+}
