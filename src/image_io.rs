@@ -248,10 +248,23 @@ pub fn png_text(path: &Path) -> Result<Vec<(String, String)>> {
 /// Reads an image as 8-bit RGB (alpha dropped, palettes expanded).
 fn read_rgb(src: &ImageSource) -> Result<image::RgbImage> {
     let bytes = src.read()?;
-    Ok(image::load_from_memory(&bytes)
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(&bytes[..]))
+        .with_guessed_format()
+        .map_err(|e| image_error(src, "cannot read the image", e))?;
+    // Sides beyond any model's grid are refused before decoding (a small
+    // file can claim a huge image).
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    reader.limits(limits);
+    Ok(reader
+        .decode()
         .map_err(|e| image_error(src, "cannot read the image", e))?
         .to_rgb8())
 }
+
+/// The largest image side read (SD3's position grids cover at most 3072 px).
+pub const MAX_IMAGE_SIDE: u32 = 16384;
 
 /// The centred crop of a `w0`×`h0` image whose sides are multiples of
 /// `multiple`: (x0, y0, w, h).

@@ -979,10 +979,13 @@ impl Pipeline {
             prompts.extend(std::iter::repeat_n(req.negative_prompt.clone(), b));
         }
         prompts.extend(std::iter::repeat_n(req.prompt.clone(), b));
-        let mut loaded = self
-            .loaded
-            .lock()
-            .map_err(|_| Error::Graph("pipeline lock poisoned".into()))?;
+        // A generation that panicked (a bug) may have left models half
+        // built: start over from nothing loaded.
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| {
+            let mut l = p.into_inner();
+            *l = Loaded::default();
+            l
+        });
         observe(Progress::Stage(Stage::Text))?;
         let emb = encode_prompts_kept(
             gpu,

@@ -50,6 +50,30 @@ fn server() -> SocketAddr {
     })
 }
 
+thread_local! {
+    /// The server this thread's requests go to (the shared one when unset).
+    static TARGET: std::cell::Cell<Option<SocketAddr>> = const { std::cell::Cell::new(None) };
+}
+
+fn addr() -> SocketAddr {
+    TARGET.with(|t| t.get()).unwrap_or_else(server)
+}
+
+/// A server of its own for a test that counts or measures (other tests
+/// share the common one), with `config` changes; this thread's requests go
+/// to it.
+fn own_server(edit: impl FnOnce(&mut ServeConfig)) -> Server {
+    let pipe = Pipeline::load(model(), options()).unwrap();
+    let mut config = ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..ServeConfig::default()
+    };
+    edit(&mut config);
+    let server = Server::start(pipe, &config).unwrap();
+    TARGET.with(|t| t.set(Some(server.addr)));
+    server
+}
+
 /// A small, fast request: 16×16, 2 steps, no CFG.
 fn small(prompt: &str, seed: u64) -> Value {
     json!({"prompt": prompt, "width": 16, "height": 16, "steps": 2, "cfg_scale": 1, "seed": seed})
@@ -82,11 +106,16 @@ impl Reply {
 
 /// One HTTP/1.1 request on a fresh connection (closed after the reply).
 fn http(method: &str, path: &str, body: &[u8]) -> Reply {
-    let mut s = TcpStream::connect(server()).unwrap();
+    http_with(method, path, body, "")
+}
+
+/// [`http`] with extra header lines (each ending in \r\n).
+fn http_with(method: &str, path: &str, body: &[u8], extra: &str) -> Reply {
+    let mut s = TcpStream::connect(addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        server(),
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n",
+        addr(),
         body.len()
     );
     s.write_all(head.as_bytes()).unwrap();
@@ -279,7 +308,7 @@ fn a1111_img2img_and_inpainting() {
     let req = json!({
         "prompt": "a cat", "init_images": [format!("data:image/png;base64,{init}")],
         "denoising_strength": 0.75, "steps": 4, "cfg_scale": 1, "seed": 3,
-        "mask_blur": 4, "inpainting_fill": 1, "resize_mode": 0,
+        "mask_blur": 4, "inpainting_fill": 1, "resize_mode": 0, "inpaint_full_res": false,
     });
     let r = post("/sdapi/v1/img2img", &req);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
@@ -290,6 +319,35 @@ fn a1111_img2img_and_inpainting() {
     inpaint["mask"] = json!(mask);
     let r = post("/sdapi/v1/img2img", &inpaint);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert!(v["parameters"]["init_images"].is_null() && v["parameters"]["mask"].is_null());
+    assert_eq!(v["parameters"]["denoising_strength"], 0.75);
+    // The library, given the files, makes the same pixels.
+    let pipe = Pipeline::load(model(), PipelineOptions::default()).unwrap();
+    let mut lib = GenerateRequest::new("a cat");
+    lib.init_image = Some(dir.join("init.png").into());
+    lib.mask = Some(dir.join("mask.png").into());
+    (lib.strength, lib.steps, lib.cfg, lib.seed, lib.mask_blur) =
+        (0.75, Some(4), Some(1.0), 3, 4.0);
+    let want = pipe.generate(&lib, &mut |_, _| {}).unwrap();
+    let (rgb, _, _) = decode_png(v["images"][0].as_str().unwrap());
+    assert_eq!(
+        rgb, want.images[0],
+        "the inpainted image differs from the library's"
+    );
+    // Inpainting modes this engine does not have are refused, not ignored.
+    for (k, val) in [
+        ("inpaint_full_res", json!(true)),
+        ("inpainting_fill", json!(0)),
+        ("mask_round", json!(false)),
+        ("mask_blur_x", json!(9)),
+    ] {
+        let mut bad = inpaint.clone();
+        bad[k] = val;
+        let r = post("/sdapi/v1/img2img", &bad);
+        assert_eq!(r.status, 422, "{k}");
+        assert!(r.error().contains(k), "{k}: {}", r.error());
+    }
     // Bad images are the client's fault, named.
     let mut bad = req.clone();
     bad["init_images"] = json!(["not base64!"]);
@@ -435,9 +493,15 @@ fn bad_requests_are_4xx_with_a_message() {
         ),
         (
             "/sdapi/v1/txt2img",
-            br#"{"prompt": "x", "denoising_strength": 0.5}"#.to_vec(),
+            br#"{"prompt": "x", "styles": ["cinematic"]}"#.to_vec(),
             422,
-            "denoising_strength",
+            "styles",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            br#"{"prompt": "x", "s_churn": 0.5}"#.to_vec(),
+            422,
+            "s_churn",
         ),
         (
             "/jobs",
@@ -553,36 +617,28 @@ fn cancel_queued_and_running_jobs() {
 
 #[test]
 fn a_client_that_disconnects_does_not_kill_its_job() {
-    let before = get("/health").json()["completed"].as_u64().unwrap();
+    let _server = own_server(|_| {});
     let body = small("left early", 9).to_string();
     {
-        let mut s = TcpStream::connect(server()).unwrap();
+        let mut s = TcpStream::connect(addr()).unwrap();
         let head = format!(
             "POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
         s.write_all(head.as_bytes()).unwrap();
-        // Wait until the job is queued, then hang up.
+        // Hang up once the job (this server's first) exists.
         let t0 = Instant::now();
-        loop {
-            let h = get("/health").json();
-            if h["completed"].as_u64().unwrap() > before
-                || h["queued"].as_u64().unwrap() + h["running"].as_u64().unwrap() > 0
-            {
-                break;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(60));
-            std::thread::sleep(Duration::from_millis(10));
+        while get("/jobs/1").status != 200 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "the job was never queued"
+            );
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
-    let t0 = Instant::now();
-    while get("/health").json()["completed"].as_u64().unwrap() <= before {
-        assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "the job never finished"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let j = wait_done("1");
+    assert_eq!(j["status"], "done", "{j}");
+    assert_eq!(get("/health").json()["done"], 1);
     assert_eq!(
         post("/sdapi/v1/txt2img", &small("still here", 1)).status,
         200
@@ -620,10 +676,13 @@ fn rss_kib() -> u64 {
 /// queued, and neither GPU memory nor the process grows with the jobs.
 #[test]
 fn load_40_jobs_from_8_clients() {
+    let _server = own_server(|c| c.keep_finished = 16);
+    let target = addr();
     let round = || -> Vec<(u64, u64)> {
         let clients: Vec<_> = (0..8)
             .map(|c| {
                 std::thread::spawn(move || {
+                    TARGET.with(|t| t.set(Some(target)));
                     let ids: Vec<String> = (0..5)
                         .map(|k| {
                             let r =
@@ -678,6 +737,81 @@ fn load_40_jobs_from_8_clients() {
         "the process grew by {} KiB over 40 more jobs",
         rss2 - rss1
     );
+}
+
+#[test]
+fn a_full_queue_is_503_and_interrupt_cancels_the_running_job() {
+    let _server = own_server(|c| c.max_queued = 1);
+    let long = json!({"prompt": "slow", "width": 16, "height": 16, "steps": 400, "cfg_scale": 1, "seed": 1});
+    // An A1111 request that blocks until its job ends.
+    let target = addr();
+    let blocked = std::thread::spawn(move || {
+        TARGET.with(|t| t.set(Some(target)));
+        post("/sdapi/v1/txt2img", &long)
+    });
+    let t0 = Instant::now();
+    while get("/health").json()["running"] != 1 {
+        assert!(t0.elapsed() < Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let t0 = Instant::now();
+    loop {
+        let p = get("/sdapi/v1/progress").json();
+        if p["state"]["sampling_steps"] == 400 {
+            assert!(p["progress"].as_f64().unwrap() > 0.0, "{p}");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "{p}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // One may wait; the next is refused.
+    let queued = post("/jobs", &small("waits", 1));
+    assert_eq!(queued.status, 202);
+    let full = post("/jobs", &small("refused", 2));
+    assert_eq!(full.status, 503, "{}", String::from_utf8_lossy(&full.body));
+    assert!(full.error().contains("full"), "{}", full.error());
+    // The waiting job, cancelled while queued: its stream ends with `cancelled`.
+    let qid = queued.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(http("DELETE", &format!("/jobs/{qid}"), b"").status, 200);
+    let names: Vec<String> = events(&qid).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["queued", "cancelled"]);
+    // Interrupt stops the running job; its blocked client gets a 409.
+    assert_eq!(post("/sdapi/v1/interrupt", &json!({})).status, 200);
+    let r = blocked.join().unwrap();
+    assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+    let h = get("/health").json();
+    assert_eq!(
+        (h["cancelled"].as_u64(), h["done"].as_u64()),
+        (Some(2), Some(0)),
+        "{h}"
+    );
+}
+
+#[test]
+fn wrong_methods_and_event_stream_resumption() {
+    let r = get("/sdapi/v1/txt2img");
+    assert_eq!(r.status, 405);
+    assert!(!r.error().is_empty());
+    let id = post("/jobs", &small("resume", 4)).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let all = events(&id);
+    // Resuming after event 2 gives the rest; after the last, 204 (an
+    // EventSource stops reconnecting).
+    let r = http_with(
+        "GET",
+        &format!("/jobs/{id}/events"),
+        b"",
+        "Last-Event-ID: 2\r\n",
+    );
+    assert_eq!(r.status, 200);
+    let rest = String::from_utf8(r.body).unwrap();
+    assert_eq!(rest.matches("event: ").count(), all.len() - 3, "{rest}");
+    assert!(rest.starts_with("id: 3\n"), "{rest}");
+    let last = format!("Last-Event-ID: {}\r\n", all.len() - 1);
+    let r = http_with("GET", &format!("/jobs/{id}/events"), b"", &last);
+    assert_eq!(r.status, 204);
 }
 
 /// The page in a real browser: type a prompt, generate, see the image and the chart.

@@ -6,6 +6,8 @@ const $ = (id) => document.getElementById(id);
 let source = null;
 let jobId = null;
 let boxes = [];
+let lastProfile = null;
+let streamErrors = 0;
 
 fetch("/health").then((r) => r.json()).then((h) => {
   const a = h.adapter || {};
@@ -22,9 +24,22 @@ function numberField(id) {
   return v === "" ? undefined : Number(v);
 }
 
+async function jsonOf(r) {
+  try {
+    return await r.json();
+  } catch (e) {
+    return { error: { message: `HTTP ${r.status}: not JSON` } };
+  }
+}
+
 $("form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   if (source) source.close();
+  const seed = numberField("seed");
+  if (seed !== undefined && !Number.isSafeInteger(seed)) {
+    status("the seed must be a whole number below 2^53 (or -1 for a random one)", true);
+    return;
+  }
   const body = {
     prompt: $("prompt").value,
     negative_prompt: $("negative").value,
@@ -45,7 +60,7 @@ $("form").addEventListener("submit", async (ev) => {
     $("generate").disabled = false;
     return;
   }
-  const j = await r.json();
+  const j = await jsonOf(r);
   if (!r.ok) {
     status(j.error ? j.error.message : `HTTP ${r.status}`, true);
     $("generate").disabled = false;
@@ -68,7 +83,9 @@ function finish() {
 }
 
 function follow(url) {
+  streamErrors = 0;
   source = new EventSource(url);
+  source.onopen = () => { streamErrors = 0; };
   const on = (name, f) => source.addEventListener(name, (e) => f(JSON.parse(e.data)));
   on("queued", (d) => status(d.position > 0 ? `queued, ${d.position} ahead` : "queued"));
   on("started", () => status("started"));
@@ -87,9 +104,13 @@ function follow(url) {
   on("failed", (d) => { status(`failed: ${d.error}`, true); finish(); });
   on("cancelled", () => { status("cancelled"); finish(); });
   source.onerror = () => {
-    if (source && source.readyState === EventSource.CLOSED) {
-      status("lost the event stream", true);
+    if (!source) return;
+    streamErrors += 1;
+    if (source.readyState === EventSource.CLOSED || streamErrors > 5) {
+      status("lost the event stream; the job goes on on the server", true);
       finish();
+    } else {
+      status("reconnecting to the server…");
     }
   };
 }
@@ -104,10 +125,12 @@ function colour(name) {
 function setup(canvas) {
   const ratio = window.devicePixelRatio || 1;
   const w = canvas.clientWidth;
-  const h = canvas.height / (canvas.dataset.ratio || 1);
-  canvas.dataset.ratio = ratio;
-  canvas.width = w * ratio;
-  canvas.height = h * ratio;
+  // The CSS height is the canvas's own height attribute, kept once.
+  if (!canvas.dataset.height) canvas.dataset.height = canvas.getAttribute("height");
+  const h = Number(canvas.dataset.height);
+  canvas.style.height = `${h}px`;
+  canvas.width = Math.round(w * ratio);
+  canvas.height = Math.round(h * ratio);
   const g = canvas.getContext("2d");
   g.scale(ratio, ratio);
   g.clearRect(0, 0, w, h);
@@ -131,6 +154,7 @@ function bar(g, x, y, w, h, fill, text) {
 }
 
 function drawProfile(p) {
+  lastProfile = p;
   // Stages: wall-clock seconds of text, encode, load, denoise, decode.
   const st = setup($("stages"));
   const total = p.stages.reduce((s, x) => s + x.s, 0) || 1;
@@ -219,3 +243,6 @@ $("chart").addEventListener("mousemove", (e) => {
   tip.style.display = "block";
 });
 $("chart").addEventListener("mouseleave", () => { $("tip").style.display = "none"; });
+
+// Redraw at the new size (and device pixel ratio) when the layout changes.
+new ResizeObserver(() => { if (lastProfile) drawProfile(lastProfile); }).observe($("chart"));

@@ -259,29 +259,24 @@ pub fn a1111(body: &[u8], img2img: bool) -> Result<GenerateRequest, ApiError> {
             )));
         }
     }
+    // Saving, display and bookkeeping; `eta` and the s_* noise bounds only
+    // act through `s_churn` (checked below); `subseed` only through
+    // `subseed_strength`.
     f.ignore(&[
         "save_images",
         "send_images",
         "do_not_save_samples",
         "do_not_save_grid",
-        "styles",
         "comments",
         "force_task_id",
-        "infotext",
         "disable_extra_networks",
         "include_init_images",
         "override_settings_restore_afterwards",
         "eta",
-        "s_churn",
         "s_tmax",
         "s_tmin",
         "s_noise",
-        "s_min_uncond",
         "subseed",
-        "seed_resize_from_h",
-        "seed_resize_from_w",
-        "script_name",
-        "script_args",
         "firstphase_width",
         "firstphase_height",
         "hr_scale",
@@ -307,8 +302,17 @@ pub fn a1111(body: &[u8], img2img: bool) -> Result<GenerateRequest, ApiError> {
         "override_settings",
         "alwayson_scripts",
         "refiner_checkpoint",
+        "styles",
+        "infotext",
+        "script_name",
+        "script_args",
+        "s_churn",
+        "s_min_uncond",
     ] {
         f.neutral(name, &[])?;
+    }
+    for name in ["seed_resize_from_h", "seed_resize_from_w"] {
+        f.neutral(name, &[Value::from(-1)])?;
     }
     if img2img {
         let mut images = match f.take("init_images") {
@@ -323,17 +327,52 @@ pub fn a1111(body: &[u8], img2img: bool) -> Result<GenerateRequest, ApiError> {
             )));
         }
         req.init_image = Some(image("init_images[0]", images.remove(0))?);
-        if let Some(s) = f.float("denoising_strength", 0.0, 1.0)? {
-            req.strength = s;
-        }
+        // A1111's default strength.
+        req.strength = f.float("denoising_strength", 0.0, 1.0)?.unwrap_or(0.75);
         if let Some(m) = f.take("mask") {
             req.mask = Some(image("mask", m)?);
-            req.mask_blur = f
+            let blur = f
                 .float("mask_blur", 0.0, crate::pipeline::MAX_MASK_BLUR)?
-                .unwrap_or(0.0) as f32;
+                .unwrap_or(0.0);
+            req.mask_blur = blur as f32;
+            for name in ["mask_blur_x", "mask_blur_y"] {
+                if let Some(v) = f.float(name, 0.0, crate::pipeline::MAX_MASK_BLUR)? {
+                    if v != blur {
+                        return Err(ApiError::invalid(format!(
+                            "{name}: {v}: only a blur equal in both directions (mask_blur {blur}) is implemented"
+                        )));
+                    }
+                }
+            }
+            // Whole-picture inpainting that starts from the image ("original"),
+            // the mask split at one half, as diffusers' SD3 inpainting does.
+            f.neutral("inpaint_full_res", &[])?;
+            f.neutral("inpaint_full_res_padding", &[])?;
+            if let Some(v) = f.uint("inpainting_fill", 0, 3)? {
+                if v != 1 {
+                    return Err(ApiError::invalid(format!(
+                        "inpainting_fill: {v}: only 1 (start from the original image) is implemented"
+                    )));
+                }
+            }
+            if let Some(v) = f.take("mask_round") {
+                if v != Value::Bool(true) {
+                    return Err(ApiError::invalid(format!(
+                        "mask_round: {v}: the mask is always split at one half (true)"
+                    )));
+                }
+            }
         } else {
-            // A1111 sends mask_blur 4 with every img2img request.
-            f.ignore(&["mask_blur", "mask_blur_x", "mask_blur_y"]);
+            // A1111 sends the inpainting fields with every img2img request.
+            f.ignore(&[
+                "mask_blur",
+                "mask_blur_x",
+                "mask_blur_y",
+                "inpainting_fill",
+                "inpaint_full_res",
+                "inpaint_full_res_padding",
+                "mask_round",
+            ]);
         }
         f.neutral("inpainting_mask_invert", &[])?;
         f.neutral("resize_mode", &[])?;
@@ -342,17 +381,10 @@ pub fn a1111(body: &[u8], img2img: bool) -> Result<GenerateRequest, ApiError> {
             "initial_noise_multiplier",
             &[Value::from(1), Value::from(1.0)],
         )?;
-        f.ignore(&[
-            "inpainting_fill",
-            "inpaint_full_res",
-            "inpaint_full_res_padding",
-            "image_cfg_scale",
-            "mask_blur_x",
-            "mask_blur_y",
-            "mask_round",
-        ]);
+        f.ignore(&["image_cfg_scale"]);
     } else {
-        f.neutral("denoising_strength", &[])?;
+        // Only the high-resolution pass (enable_hr, refused above) uses it.
+        f.ignore(&["denoising_strength"]);
     }
     f.finish()?;
     Ok(req)
@@ -410,7 +442,14 @@ pub fn openai(body: &[u8]) -> Result<(GenerateRequest, ResponseFormat), ApiError
     }
     f.string("model")?;
     f.string("user")?;
-    f.ignore(&["quality", "style", "moderation", "background"]);
+    if let Some(b) = f.string("background")? {
+        if b == "transparent" {
+            return Err(ApiError::invalid(
+                "background: \"transparent\": images are opaque RGB",
+            ));
+        }
+    }
+    f.ignore(&["quality", "style", "moderation"]);
     f.finish()?;
     Ok((req, format))
 }

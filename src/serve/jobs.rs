@@ -147,8 +147,26 @@ struct State {
     finished: VecDeque<u64>,
     started: u64,
     running: Option<u64>,
-    completed: u64,
+    /// Jobs ended: done, failed, cancelled.
+    ended: [u64; 3],
+    /// PNG bytes held by finished jobs.
+    kept_bytes: u64,
     shutdown: bool,
+}
+
+/// Counts for `/health`.
+#[derive(Clone, Copy, Debug)]
+pub struct Counts {
+    /// Jobs waiting.
+    pub queued: usize,
+    /// Jobs running (0 or 1).
+    pub running: usize,
+    /// Finished jobs still kept (with their images).
+    pub kept: usize,
+    /// PNG bytes they hold.
+    pub kept_bytes: u64,
+    /// Jobs ended done, failed, cancelled.
+    pub ended: [u64; 3],
 }
 
 /// The queue shared by the HTTP handlers and the worker.
@@ -157,12 +175,14 @@ pub struct Queue {
     wake: Condvar,
     max_queued: usize,
     keep_finished: usize,
+    keep_bytes: u64,
 }
 
 impl Queue {
     /// An empty queue taking at most `max_queued` waiting jobs and
-    /// remembering the last `keep_finished` finished ones.
-    pub fn new(max_queued: usize, keep_finished: usize) -> Queue {
+    /// remembering the last `keep_finished` finished ones, as long as their
+    /// images take at most `keep_bytes`.
+    pub fn new(max_queued: usize, keep_finished: usize, keep_bytes: u64) -> Queue {
         Queue {
             state: Mutex::new(State {
                 next_id: 1,
@@ -171,13 +191,21 @@ impl Queue {
                 finished: VecDeque::new(),
                 started: 0,
                 running: None,
-                completed: 0,
+                ended: [0; 3],
+                kept_bytes: 0,
                 shutdown: false,
             }),
             wake: Condvar::new(),
             max_queued,
             keep_finished,
+            keep_bytes,
         }
+    }
+
+    /// Whether a job submitted now would be refused (queue full or stopping).
+    pub fn is_full(&self) -> bool {
+        let s = self.lock();
+        s.shutdown || s.queue.len() >= self.max_queued
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -260,15 +288,16 @@ impl Queue {
         self.lock().running
     }
 
-    /// Counts for `/health`: queued, running, finished jobs kept, jobs completed.
-    pub fn counts(&self) -> (usize, usize, usize, u64) {
+    /// Counts for `/health`.
+    pub fn counts(&self) -> Counts {
         let s = self.lock();
-        (
-            s.queue.len(),
-            usize::from(s.running.is_some()),
-            s.finished.len(),
-            s.completed,
-        )
+        Counts {
+            queued: s.queue.len(),
+            running: usize::from(s.running.is_some()),
+            kept: s.finished.len(),
+            kept_bytes: s.kept_bytes,
+            ended: s.ended,
+        }
     }
 
     /// Stops taking jobs and cancels those waiting; the worker ends after
@@ -290,19 +319,35 @@ impl Queue {
     }
 
     fn finish(&self, s: &mut State, id: u64, status: Status, data: Value) {
+        let mut bytes = 0;
         if let Some(j) = s.jobs.get_mut(&id) {
             j.status = status;
             j.stage = None;
+            // The request's input images are not needed any more.
+            j.request.init_image = None;
+            j.request.mask = None;
+            bytes = j.images.iter().map(|i| i.len() as u64).sum::<u64>();
             j.push(status.name(), data);
         }
         if s.running == Some(id) {
             s.running = None;
         }
-        s.completed += 1;
+        s.ended[match status {
+            Status::Done => 0,
+            Status::Failed => 1,
+            _ => 2,
+        }] += 1;
+        s.kept_bytes += bytes;
         s.finished.push_back(id);
-        while s.finished.len() > self.keep_finished {
-            if let Some(old) = s.finished.pop_front() {
-                s.jobs.remove(&old);
+        while s.finished.len() > self.keep_finished
+            || (s.kept_bytes > self.keep_bytes && s.finished.len() > 1)
+        {
+            let Some(old) = s.finished.pop_front() else {
+                break;
+            };
+            if let Some(j) = s.jobs.remove(&old) {
+                let b: u64 = j.images.iter().map(|i| i.len() as u64).sum();
+                s.kept_bytes = s.kept_bytes.saturating_sub(b);
             }
         }
     }
@@ -315,10 +360,15 @@ impl Queue {
                 return None;
             }
             if let Some(id) = s.queue.pop_front() {
+                if !s.jobs.contains_key(&id) {
+                    continue;
+                }
                 s.started += 1;
                 let seq = s.started;
                 s.running = Some(id);
-                let job = s.jobs.get_mut(&id)?;
+                let Some(job) = s.jobs.get_mut(&id) else {
+                    continue;
+                };
                 job.status = Status::Running;
                 job.started_seq = Some(seq);
                 job.push("started", json!({"started": seq}));
@@ -340,6 +390,31 @@ impl Queue {
 /// shuts down.
 pub fn work(queue: &Queue, pipe: &Pipeline) {
     while let Some((id, req, cancel)) = queue.next() {
+        // A bug that panics anywhere in a job fails that job, not the server.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_job(queue, pipe, id, &req, &cancel)
+        }));
+        if let Err(p) = ran {
+            let msg = format!(
+                "internal error (a bug; please report it): {}",
+                panic_text(&*p)
+            );
+            queue.update(id, |j| j.error = Some(msg.clone()));
+            let mut s = queue.lock();
+            queue.finish(&mut s, id, Status::Failed, json!({"error": msg}));
+        }
+    }
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
+fn run_job(queue: &Queue, pipe: &Pipeline, id: u64, req: &GenerateRequest, cancel: &AtomicBool) {
+    {
         let t0 = Instant::now();
         let mut stage: Option<(&'static str, Instant)> = None;
         let mut denoise_start = t0;
@@ -352,57 +427,44 @@ pub fn work(queue: &Queue, pipe: &Pipeline) {
                 });
             }
         };
-        // A bug that panics fails its job, not the server.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            pipe.generate_with(&req, &mut |p| {
-                if cancel.load(Ordering::SeqCst) {
-                    return Err(Error::Cancelled);
-                }
-                match p {
-                    Progress::Stage(st) => {
-                        close_stage(queue, &mut stage);
-                        let now = Instant::now();
-                        if st == crate::pipeline::Stage::Denoise {
-                            denoise_start = now;
-                        }
-                        stage = Some((st.name(), now));
-                        queue.update(id, |j| {
-                            j.stage = Some(st.name());
-                            j.push("stage", json!({"stage": st.name()}));
-                        });
+        let result = pipe.generate_with(req, &mut |p| {
+            if cancel.load(Ordering::SeqCst) {
+                return Err(Error::Cancelled);
+            }
+            match p {
+                Progress::Stage(st) => {
+                    close_stage(queue, &mut stage);
+                    let now = Instant::now();
+                    if st == crate::pipeline::Stage::Denoise {
+                        denoise_start = now;
                     }
-                    Progress::Step { step, total, .. } => {
-                        let secs = denoise_start.elapsed().as_secs_f64().max(1e-9);
-                        let rate = step as f64 / secs;
-                        let eta = (total - step) as f64 / rate.max(1e-9);
-                        queue.update(id, |j| {
-                            j.step = (step, total);
-                            j.rate = (rate, eta);
-                            j.push(
+                    stage = Some((st.name(), now));
+                    queue.update(id, |j| {
+                        j.stage = Some(st.name());
+                        j.push("stage", json!({"stage": st.name()}));
+                    });
+                }
+                Progress::Step { step, total, .. } => {
+                    let secs = denoise_start.elapsed().as_secs_f64().max(1e-9);
+                    let rate = step as f64 / secs;
+                    let eta = (total - step) as f64 / rate.max(1e-9);
+                    queue.update(id, |j| {
+                        j.step = (step, total);
+                        j.rate = (rate, eta);
+                        j.push(
                             "progress",
                             json!({"step": step, "steps": total, "it_per_s": rate, "eta_s": eta}),
                         );
-                        });
-                    }
+                    });
                 }
-                Ok(())
-            })
-        }))
-        .unwrap_or_else(|p| {
-            let what = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            Err(Error::Graph(format!(
-                "internal error (a bug; please report it): {what}"
-            )))
+            }
+            Ok(())
         });
         close_stage(queue, &mut stage);
         let wall = t0.elapsed().as_secs_f64();
         let (status, data) = match result.and_then(|out| {
             let s = &out.settings;
-            let text = pipe.image_metadata(&req, s);
+            let text = pipe.image_metadata(req, s);
             let infotext = text
                 .iter()
                 .find(|(k, _)| *k == "parameters")

@@ -46,6 +46,8 @@ pub struct ServeConfig {
     pub max_queued: usize,
     /// Finished jobs (and their images) kept for `GET /jobs/{id}`.
     pub keep_finished: usize,
+    /// At most this many bytes of their PNGs (the oldest go first).
+    pub keep_bytes: u64,
     /// The largest request body, bytes.
     pub max_body: usize,
 }
@@ -56,6 +58,7 @@ impl Default for ServeConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7860)),
             max_queued: 256,
             keep_finished: 64,
+            keep_bytes: 1 << 30,
             max_body: 64 << 20,
         }
     }
@@ -64,6 +67,9 @@ impl Default for ServeConfig {
 struct App {
     queue: Arc<Queue>,
     pipe: Arc<Pipeline>,
+    /// Request checks (decoding images, recording graphs) run at most this
+    /// many at once.
+    checks: tokio::sync::Semaphore,
     max_body: usize,
     health: Value,
     devices: Value,
@@ -90,12 +96,15 @@ impl Server {
             .enable_all()
             .build()
             .map_err(|e| Error::Io(format!("cannot start the HTTP runtime: {e}")))?;
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind(config.listen))
-            .map_err(|e| Error::Io(format!("cannot listen on {}: {e}", config.listen)))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Error::Io(format!("cannot listen on {}: {e}", config.listen)))?;
+        let listen_error =
+            |e: std::io::Error| Error::Io(format!("cannot listen on {}: {e}", config.listen));
+        let std_listener = std::net::TcpListener::bind(config.listen).map_err(listen_error)?;
+        std_listener.set_nonblocking(true).map_err(listen_error)?;
+        let listener = {
+            let _inside = runtime.enter();
+            tokio::net::TcpListener::from_std(std_listener).map_err(listen_error)?
+        };
+        let addr = listener.local_addr().map_err(listen_error)?;
         let info = &pipe.gpu.info;
         let adapter = json!({
             "name": info.name,
@@ -130,11 +139,16 @@ impl Server {
             "adapter": adapter,
             "version": env!("CARGO_PKG_VERSION"),
         });
-        let queue = Arc::new(Queue::new(config.max_queued, config.keep_finished));
+        let queue = Arc::new(Queue::new(
+            config.max_queued,
+            config.keep_finished,
+            config.keep_bytes,
+        ));
         let pipe = Arc::new(pipe);
         let app = Arc::new(App {
             queue: queue.clone(),
             pipe: pipe.clone(),
+            checks: tokio::sync::Semaphore::new(2),
             max_body: config.max_body,
             health,
             devices: json!({"in_use": adapter, "adapters": adapters}),
@@ -160,11 +174,18 @@ impl Server {
         })
     }
 
-    /// Serves until Ctrl-C, then stops.
+    /// Serves until Ctrl-C, then stops (waiting for the running job to
+    /// reach its next step; a second Ctrl-C exits at once).
     pub fn run_until_interrupted(mut self) -> Result<()> {
         if let Some(rt) = &self.runtime {
             rt.block_on(async {
                 let _ = tokio::signal::ctrl_c().await;
+            });
+            eprintln!("stopping (Ctrl-C again to exit at once)");
+            rt.spawn(async {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
             });
         }
         self.stop();
@@ -217,6 +238,12 @@ fn router(app: Arc<App>) -> Router {
                 message: "no such route".into(),
             })
         })
+        .method_not_allowed_fallback(|| async {
+            error(ApiError {
+                status: 405,
+                message: "this route does not take that method".into(),
+            })
+        })
         .with_state(app)
 }
 
@@ -249,36 +276,59 @@ async fn read_body(app: &App, body: Body) -> std::result::Result<Vec<u8>, ApiErr
     axum::body::to_bytes(body, app.max_body)
         .await
         .map(|b| b.to_vec())
-        .map_err(|_| ApiError {
-            status: 413,
-            message: format!(
-                "the request body is larger than {} bytes (or was cut off)",
-                app.max_body
-            ),
+        .map_err(|e| {
+            if e.to_string().contains("length limit") {
+                ApiError {
+                    status: 413,
+                    message: format!("the request body is larger than {} bytes", app.max_body),
+                }
+            } else {
+                ApiError {
+                    status: 400,
+                    message: format!("the request body could not be read: {e}"),
+                }
+            }
         })
 }
 
-/// Checks a request against the model (sizes, limits, images) off the
-/// async threads, then queues it.
-async fn submit(
+/// Parses a body and checks the request against the model (sizes, limits,
+/// images) off the async threads, then queues it; returns the job's id and
+/// what `parse` gave beside the request.
+async fn accept<T: Send + 'static>(
     app: &Arc<App>,
     api: &'static str,
-    mut req: GenerateRequest,
-) -> std::result::Result<u64, ApiError> {
-    // Every job times one step per op for the page's chart.
-    req.profile = true;
+    body: Vec<u8>,
+    parse: impl FnOnce(&[u8]) -> std::result::Result<(GenerateRequest, T), ApiError> + Send + 'static,
+) -> std::result::Result<(u64, T), ApiError> {
+    let busy = || ApiError {
+        status: 503,
+        message: "the queue is full or the server is stopping; try again later".into(),
+    };
+    if app.queue.is_full() {
+        return Err(busy());
+    }
+    let _permit = app.checks.acquire().await.map_err(|_| busy())?;
     let pipe = app.pipe.clone();
-    let (req, checked) = tokio::task::spawn_blocking(move || {
-        let r = pipe.check(&req);
-        (req, r)
+    let (mut req, extra) = tokio::task::spawn_blocking(move || {
+        let (mut req, extra) = parse(&body)?;
+        // Every job times one step per op for the page's chart.
+        req.profile = true;
+        match pipe.check(&req) {
+            Ok(_) => Ok((req, extra)),
+            Err(e @ Error::Gpu(_)) => Err(ApiError {
+                status: 503,
+                message: e.to_string(),
+            }),
+            Err(e) => Err(ApiError::invalid(e.to_string())),
+        }
     })
     .await
     .map_err(|e| ApiError {
         status: 500,
         message: format!("the request check stopped: {e}"),
-    })?;
-    checked.map_err(|e| ApiError::invalid(e.to_string()))?;
-    app.queue.submit(api, req).map_err(|e| match e {
+    })??;
+    req.profile = true;
+    let id = app.queue.submit(api, req).map_err(|e| match e {
         SubmitError::Full(n) => ApiError {
             status: 503,
             message: format!("the queue is full ({n} jobs waiting); try again later"),
@@ -287,7 +337,8 @@ async fn submit(
             status: 503,
             message: "the server is shutting down".into(),
         },
-    })
+    })?;
+    Ok((id, extra))
 }
 
 fn parse_id(id: &str) -> std::result::Result<u64, ApiError> {
@@ -304,56 +355,64 @@ fn no_job(id: u64) -> ApiError {
     }
 }
 
-/// Waits until job `id` is final; its status then.
-async fn wait_final(app: &App, id: u64) -> std::result::Result<Status, ApiError> {
+/// Waits until job `id` is final; then its images, PNG infotexts and
+/// settings, or the error that ended it.
+async fn results(
+    app: &App,
+    id: u64,
+) -> std::result::Result<(Vec<Arc<Vec<u8>>>, Vec<String>, Value), ApiError> {
     let mut rx = app
         .queue
         .with_job(id, |j, _| j.subscribe())
         .ok_or_else(|| no_job(id))?;
     loop {
-        let status = app
+        let got = app
             .queue
-            .with_job(id, |j, _| j.status)
+            .with_job(id, |j, _| {
+                j.status.is_final().then(|| {
+                    (
+                        j.status,
+                        j.images.clone(),
+                        j.infotexts.clone(),
+                        j.settings.clone().unwrap_or(Value::Null),
+                        j.error.clone(),
+                    )
+                })
+            })
             .ok_or_else(|| no_job(id))?;
-        if status.is_final() {
-            return Ok(status);
-        }
-        if rx.changed().await.is_err() {
-            // The job was dropped meanwhile.
-            return Err(no_job(id));
+        match got {
+            Some((Status::Done, images, infotexts, settings, _)) => {
+                return Ok((images, infotexts, settings))
+            }
+            Some((Status::Cancelled, ..)) => {
+                return Err(ApiError {
+                    status: 409,
+                    message: format!("job {id} was cancelled"),
+                })
+            }
+            Some((_, _, _, _, e)) => {
+                return Err(ApiError {
+                    status: 500,
+                    message: e.unwrap_or_else(|| format!("job {id} failed")),
+                })
+            }
+            None => {
+                if rx.changed().await.is_err() {
+                    return Err(no_job(id));
+                }
+            }
         }
     }
 }
 
-/// A finished job's images, PNG infotexts and settings, or the error that
-/// ended it.
-async fn results(
-    app: &App,
-    id: u64,
-) -> std::result::Result<(Vec<Arc<Vec<u8>>>, Vec<String>, Value), ApiError> {
-    let status = wait_final(app, id).await?;
-    let got = app
-        .queue
-        .with_job(id, |j, _| {
-            (
-                j.images.clone(),
-                j.infotexts.clone(),
-                j.settings.clone().unwrap_or(Value::Null),
-                j.error.clone(),
-            )
-        })
-        .ok_or_else(|| no_job(id))?;
-    match status {
-        Status::Done => Ok((got.0, got.1, got.2)),
-        Status::Cancelled => Err(ApiError {
-            status: 409,
-            message: format!("job {id} was cancelled"),
-        }),
-        _ => Err(ApiError {
+/// Base64 of each PNG, encoded off the async threads.
+async fn b64_all(images: Vec<Arc<Vec<u8>>>) -> std::result::Result<Vec<String>, ApiError> {
+    tokio::task::spawn_blocking(move || images.iter().map(|p| b64(p)).collect())
+        .await
+        .map_err(|e| ApiError {
             status: 500,
-            message: got.3.unwrap_or_else(|| format!("job {id} failed")),
-        }),
-    }
+            message: format!("encoding the images stopped: {e}"),
+        })
 }
 
 fn b64(png: &[u8]) -> String {
@@ -361,14 +420,17 @@ fn b64(png: &[u8]) -> String {
 }
 
 async fn health(State(app): Shared) -> Response {
-    let (queued, running, kept, completed) = app.queue.counts();
+    let c = app.queue.counts();
     let mut v = app.health.clone();
     if let Value::Object(m) = &mut v {
         m.insert("status".into(), json!("ok"));
-        m.insert("queued".into(), json!(queued));
-        m.insert("running".into(), json!(running));
-        m.insert("finished_kept".into(), json!(kept));
-        m.insert("completed".into(), json!(completed));
+        m.insert("queued".into(), json!(c.queued));
+        m.insert("running".into(), json!(c.running));
+        m.insert("finished_kept".into(), json!(c.kept));
+        m.insert("finished_kept_bytes".into(), json!(c.kept_bytes));
+        m.insert("done".into(), json!(c.ended[0]));
+        m.insert("failed".into(), json!(c.ended[1]));
+        m.insert("cancelled".into(), json!(c.ended[2]));
         m.insert(
             "gpu_memory_bytes".into(),
             json!(app.pipe.gpu.memory.current()),
@@ -384,12 +446,11 @@ async fn devices(State(app): Shared) -> Response {
 async fn submit_job(State(app): Shared, body: Body) -> Response {
     let r = async {
         let body = read_body(&app, body).await?;
-        let req = api::job(&body)?;
-        submit(&app, "jobs", req).await
+        accept(&app, "jobs", body, |b| Ok((api::job(b)?, ()))).await
     }
     .await;
     match r {
-        Ok(id) => (
+        Ok((id, ())) => (
             StatusCode::ACCEPTED,
             Json(json!({
                 "id": id.to_string(),
@@ -443,18 +504,37 @@ async fn job_image(State(app): Shared, UrlPath((id, n)): UrlPath<(String, String
     }
 }
 
-async fn job_events(State(app): Shared, UrlPath(id): UrlPath<String>) -> Response {
+async fn job_events(
+    State(app): Shared,
+    UrlPath(id): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
     let id = match parse_id(&id) {
         Ok(id) => id,
         Err(e) => return error(e),
     };
-    let Some(rx) = app.queue.with_job(id, |j, _| j.subscribe()) else {
+    // A reconnecting EventSource says which event it saw last.
+    let start = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .map_or(0, |n| n.saturating_add(1));
+    let Some((rx, over)) = app.queue.with_job(id, |j, _| {
+        (
+            j.subscribe(),
+            j.status.is_final() && start >= j.events.len(),
+        )
+    }) else {
         return error(no_job(id));
     };
-    // Every event of the job from the first, then the new ones as they
-    // come; the stream ends after the final one.
+    if over {
+        // Nothing more will come: 204 tells an EventSource to stop.
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    // Every event of the job from `start`, then the new ones as they come;
+    // the stream ends after the final one.
     let stream = futures_util::stream::unfold(
-        (0usize, rx, app, false),
+        (start, rx, app, false),
         move |(next, mut rx, app, ended)| async move {
             if ended {
                 return None;
@@ -468,7 +548,10 @@ async fn job_events(State(app): Shared, UrlPath(id): UrlPath<String>) -> Respons
                 match got {
                     None => return None,
                     Some((Some(e), last)) => {
-                        let ev = SseEvent::default().event(e.name).data(e.data.to_string());
+                        let ev = SseEvent::default()
+                            .id(next.to_string())
+                            .event(e.name)
+                            .data(e.data.to_string());
                         return Some((Ok::<_, Infallible>(ev), (next + 1, rx, app, last)));
                     }
                     Some((None, _)) => {
@@ -488,15 +571,28 @@ async fn job_events(State(app): Shared, UrlPath(id): UrlPath<String>) -> Respons
 async fn a1111(app: Arc<App>, body: Body, img2img: bool) -> Response {
     let r = async {
         let body = read_body(&app, body).await?;
-        let req = api::a1111(&body, img2img)?;
-        let echo: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let (prompt, negative, seed, batch) = (
-            req.prompt.clone(),
-            req.negative_prompt.clone(),
-            req.seed,
-            req.batch,
-        );
-        let id = submit(&app, "a1111", req).await?;
+        let (id, (echo, prompt, negative, seed, batch)) = accept(&app, "a1111", body, move |b| {
+            let req = api::a1111(b, img2img)?;
+            // `parameters` echoes the request without its images (as
+            // A1111 does unless include_init_images is set).
+            let mut echo: Value = serde_json::from_slice(b).unwrap_or(Value::Null);
+            if let Value::Object(m) = &mut echo {
+                for k in ["init_images", "mask"] {
+                    if m.contains_key(k) {
+                        m.insert(k.into(), Value::Null);
+                    }
+                }
+            }
+            let extra = (
+                echo,
+                req.prompt.clone(),
+                req.negative_prompt.clone(),
+                req.seed,
+                req.batch,
+            );
+            Ok((req, extra))
+        })
+        .await?;
         let (images, infotexts, settings) = results(&app, id).await?;
         let info = json!({
             "prompt": prompt,
@@ -516,7 +612,7 @@ async fn a1111(app: Arc<App>, body: Body, img2img: bool) -> Response {
             "job": id.to_string(),
         });
         Ok(json!({
-            "images": images.iter().map(|p| b64(p)).collect::<Vec<_>>(),
+            "images": b64_all(images).await?,
             "parameters": echo,
             "info": info.to_string(),
         }))
@@ -544,7 +640,7 @@ async fn a1111_interrupt(State(app): Shared) -> Response {
 }
 
 async fn a1111_progress(State(app): Shared) -> Response {
-    let (queued, _, _, _) = app.queue.counts();
+    let queued = app.queue.counts().queued;
     let running = app
         .queue
         .running()
@@ -571,10 +667,17 @@ async fn a1111_progress(State(app): Shared) -> Response {
 async fn openai_generations(State(app): Shared, headers: HeaderMap, body: Body) -> Response {
     let r = async {
         let body = read_body(&app, body).await?;
-        let (req, format) = api::openai(&body)?;
-        let prompt = req.prompt.clone();
-        let id = submit(&app, "openai", req).await?;
+        let (id, (format, prompt)) = accept(&app, "openai", body, |b| {
+            let (req, format) = api::openai(b)?;
+            let prompt = req.prompt.clone();
+            Ok((req, (format, prompt)))
+        })
+        .await?;
         let (images, _, _) = results(&app, id).await?;
+        let encoded = match format {
+            ResponseFormat::B64Json => b64_all(images.clone()).await?,
+            ResponseFormat::Url => Vec::new(),
+        };
         let host = headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
@@ -587,8 +690,10 @@ async fn openai_generations(State(app): Shared, headers: HeaderMap, body: Body) 
         let data: Vec<Value> = images
             .iter()
             .enumerate()
-            .map(|(i, p)| match format {
-                ResponseFormat::B64Json => json!({"b64_json": b64(p), "revised_prompt": prompt}),
+            .map(|(i, _)| match format {
+                ResponseFormat::B64Json => {
+                    json!({"b64_json": encoded.get(i), "revised_prompt": prompt})
+                }
                 ResponseFormat::Url => {
                     json!({"url": format!("{host}/jobs/{id}/images/{i}"), "revised_prompt": prompt})
                 }
