@@ -174,8 +174,9 @@ pub use crate::weights::ShapeOnlyWeights;
 pub struct ArchGraphs {
     /// (component, graph).
     pub graphs: Vec<(&'static str, Graph)>,
-    /// The MMDiT's blocks: (bytes, layout group) each, for streaming plans.
-    pub mmdit_blocks: Vec<(u64, usize)>,
+    /// Each graph's streamable blocks (transformer blocks and encoder
+    /// layers): (bytes, layout group) each, for streaming plans.
+    pub blocks: Vec<(&'static str, Vec<(u64, usize)>)>,
 }
 
 /// Records (without running) every graph of `arch` at `width`×`height`, batch
@@ -208,15 +209,24 @@ pub fn record_graphs_with(
     let spec = arch.spec();
     let w = ShapeOnlyWeights::new(gpu)?;
     let mut graphs = Vec::new();
+    let mut blocks = Vec::new();
     for (name, cfg) in [("clip_l", &spec.clip_l), ("clip_g", &spec.clip_g)] {
-        let m = Clip::load_from(gpu, cfg, &w, weights)?;
+        let mut m = Clip::load_from(gpu, cfg, &w, weights)?;
+        blocks.push((
+            name,
+            crate::stream::block_sizes(m.layers.iter_mut().map(|b| b.tensors_mut())),
+        ));
         let mut g = Graph::new(target.clone());
         let ids = g.input("ids", &[batch * CLIP_TOKENS], DType::U32);
         let rows = g.input("pool_rows", &[batch], DType::U32);
         m.forward(&mut g, ids, rows, batch)?;
         graphs.push((name, g));
     }
-    let t5 = T5::load_from(gpu, &spec.t5, "shared.weight", &w, weights)?;
+    let mut t5 = T5::load_from(gpu, &spec.t5, "shared.weight", &w, weights)?;
+    blocks.push((
+        "t5",
+        crate::stream::block_sizes(t5.blocks.iter_mut().map(|b| b.tensors_mut())),
+    ));
     let mut g = Graph::new(target.clone());
     let ids = g.input("ids", &[batch * spec.t5_tokens], DType::U32);
     let bias = g.input(
@@ -227,8 +237,10 @@ pub fn record_graphs_with(
     t5.forward(&mut g, ids, bias, batch)?;
     graphs.push(("t5", g));
     let mut m = Mmdit::load_from(gpu, &spec.mmdit, &w, weights)?;
-    let mmdit_blocks =
-        crate::stream::block_sizes(m.joint_blocks.iter_mut().map(|b| b.tensors_mut()));
+    blocks.push((
+        "mmdit",
+        crate::stream::block_sizes(m.joint_blocks.iter_mut().map(|b| b.tensors_mut())),
+    ));
     let (lh, lw) = (
         height / 8 * 8 / spec.vae.scale_factor(),
         width / 8 * 8 / spec.vae.scale_factor(),
@@ -254,10 +266,59 @@ pub fn record_graphs_with(
     );
     v.decode(&mut g, z)?;
     graphs.push(("vae", g));
-    Ok(ArchGraphs {
-        graphs,
-        mmdit_blocks,
-    })
+    Ok(ArchGraphs { graphs, blocks })
+}
+
+/// One stage's plan under a memory budget.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StagePlan {
+    /// The graph: clip_l, clip_g, t5, mmdit, vae.
+    pub name: &'static str,
+    /// Peak bytes: weights kept, block slots, activations.
+    pub peak: u64,
+    /// Blocks kept resident, of `blocks`.
+    pub resident: usize,
+    /// Streamable blocks (0 for a stage without them).
+    pub blocks: usize,
+    /// Bytes uploaded from host memory per run (per step for the MMDiT).
+    pub streamed_bytes: u64,
+}
+
+/// Every stage of `g` planned within `budget` bytes: streamable blocks that
+/// do not fit are streamed (a stage without blocks keeps its peak, which may
+/// exceed the budget); an error when a stage cannot fit even streaming all.
+pub fn plan_budget(g: &ArchGraphs, budget: u64) -> Result<Vec<StagePlan>> {
+    let mut out = Vec::new();
+    for (name, graph) in &g.graphs {
+        let total = graph.weight_bytes() + graph.pooled_bytes() + graph.input_bytes();
+        let blocks = g
+            .blocks
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, b)| b.as_slice())
+            .unwrap_or(&[]);
+        if blocks.is_empty() {
+            out.push(StagePlan {
+                name,
+                peak: total,
+                resident: 0,
+                blocks: 0,
+                streamed_bytes: 0,
+            });
+            continue;
+        }
+        let fixed = total.saturating_sub(blocks.iter().map(|b| b.0).sum());
+        let (r, peak) = crate::stream::choose_resident(fixed, blocks, budget)
+            .map_err(|e| Error::Graph(format!("{name}: {e}")))?;
+        out.push(StagePlan {
+            name,
+            peak,
+            resident: r,
+            blocks: blocks.len(),
+            streamed_bytes: blocks[r..].iter().map(|b| b.0).sum(),
+        });
+    }
+    Ok(out)
 }
 
 /// Op class of a kernel family, for the report.

@@ -876,40 +876,33 @@ fn bench_arch(cli: &Cli, a: &BenchArgs) -> Result<(), Box<dyn std::error::Error>
             weights.name()
         );
         if let Some(budget) = a.vram_budget.map(mib) {
-            let mut peaks = Vec::new();
-            for (name, graph) in &g.graphs {
-                let total = graph.weight_bytes() + graph.pooled_bytes() + graph.input_bytes();
-                if *name == "mmdit" {
-                    let blocks: u64 = g.mmdit_blocks.iter().map(|b| b.0).sum();
-                    let fixed = total.saturating_sub(blocks);
-                    match crate::stream::choose_resident(fixed, &g.mmdit_blocks, budget) {
-                        Ok((r, peak)) => {
-                            println!(
-                                "mmdit within {} MiB: {r} of {} blocks resident, {} streamed each step ({:.2} GiB from host memory per step); peak {:.2} GiB",
-                                budget >> 20,
-                                g.mmdit_blocks.len(),
-                                g.mmdit_blocks.len() - r,
-                                gib(g.mmdit_blocks[r..].iter().map(|b| b.0).sum()),
-                                gib(peak)
-                            );
-                            peaks.push(peak);
-                        }
-                        Err(e) => println!("mmdit: {e}"),
+            println!("\nwithin --vram-budget {} MiB:", budget >> 20);
+            let plans = crate::bench_arch::plan_budget(&g, budget)?;
+            for p in &plans {
+                let per = if p.name == "mmdit" { "step" } else { "run" };
+                let detail = if p.blocks == 0 {
+                    if p.peak > budget {
+                        " — over the budget (its weights are not streamed)".to_string()
+                    } else {
+                        String::new()
                     }
+                } else if p.resident < p.blocks {
+                    format!(
+                        ": {} of {} blocks resident, {} streamed ({:.2} GiB from host memory per {per})",
+                        p.resident,
+                        p.blocks,
+                        p.blocks - p.resident,
+                        gib(p.streamed_bytes)
+                    )
                 } else {
-                    if total > budget {
-                        println!(
-                            "{name}: {:.2} GiB, over the budget (only the MMDiT's blocks are streamed so far)",
-                            gib(total)
-                        );
-                    }
-                    peaks.push(total);
-                }
+                    String::new()
+                };
+                println!("{:<8} peak {:.2} GiB{detail}", p.name, gib(p.peak));
             }
             println!(
                 "peak with --vram-budget {}: {:.2} GiB",
                 budget >> 20,
-                gib(peaks.into_iter().max().unwrap_or(0))
+                gib(plans.iter().map(|p| p.peak).max().unwrap_or(0))
             );
         }
         return Ok(());

@@ -996,6 +996,7 @@ impl Pipeline {
             self.options.dtype,
             &self.loras,
             self.options.keep_text.then_some(&mut loaded.text),
+            self.options.vram_budget,
         )?;
         let schedule = FlowMatchEuler::new(settings.steps, settings.shift);
         let mut start = 0;

@@ -262,6 +262,32 @@ impl StreamBuilder {
     }
 }
 
+/// After a budgeted load that added every block to `builder`: keeps as many
+/// leading blocks resident as `budget` = (bytes, activations) allows beside
+/// everything else on the GPU, and points the rest at the finished stream.
+pub fn settle<B>(
+    gpu: &Gpu,
+    builder: StreamBuilder,
+    (bytes, activations): (u64, u64),
+    blocks: &mut [B],
+    tensors: impl Fn(&mut B) -> Vec<&mut Tensor>,
+) -> Result<()> {
+    let mut s = builder;
+    let fixed = gpu.memory.current().saturating_sub(s.slot_bytes()) + activations;
+    let sizes: Vec<(u64, usize)> = s.sizes().iter().map(|&(_, b, g)| (b, g)).collect();
+    let (resident, _) = choose_resident(fixed, &sizes, bytes)
+        .map_err(|e| Error::Graph(format!("{}: {e}", s.name)))?;
+    for (i, block) in blocks.iter_mut().enumerate().take(resident) {
+        s.make_resident(gpu, i, tensors(block))?;
+    }
+    if let Some(stream) = s.finish() {
+        for (i, block) in blocks.iter_mut().enumerate().skip(resident) {
+            tag(tensors(block), &stream, i);
+        }
+    }
+    Ok(())
+}
+
 /// Marks `tensors` as block `block` of `stream`.
 pub fn tag(tensors: Vec<&mut Tensor>, stream: &Arc<BlockStream>, block: usize) {
     for t in tensors {

@@ -175,11 +175,49 @@ pub fn encode_prompts_with(
     matrix: DType,
     loras: &Loras,
 ) -> Result<PromptEmbeddings> {
-    encode_prompts_kept(gpu, paths, prompts, t5_tokens, width, matrix, loras, None)
+    encode_prompts_kept(
+        gpu, paths, prompts, t5_tokens, width, matrix, loras, None, None,
+    )
+}
+
+/// Intermediates and inputs of one run of an encoder over `batch` prompts
+/// (recorded on shape-only weights): what a memory budget keeps free.
+fn clip_run_bytes(
+    gpu: &Gpu,
+    config: &clip::ClipConfig,
+    matrix: DType,
+    batch: usize,
+) -> Result<u64> {
+    let w = crate::weights::ShapeOnlyWeights::new(gpu)?;
+    let m = clip::Clip::load_from(gpu, config, &w, matrix)?;
+    let mut g = crate::graph::Graph::new(gpu.target());
+    let ids = g.input("ids", &[batch * crate::tokenize::CLIP_TOKENS], DType::U32);
+    let rows = g.input("pool_rows", &[batch], DType::U32);
+    m.forward(&mut g, ids, rows, batch)?;
+    Ok(g.pooled_bytes() + g.input_bytes())
+}
+
+/// [`clip_run_bytes`] for T5 over `tokens` tokens.
+fn t5_run_bytes(
+    gpu: &Gpu,
+    config: &t5::T5Config,
+    matrix: DType,
+    batch: usize,
+    tokens: usize,
+) -> Result<u64> {
+    let w = crate::weights::ShapeOnlyWeights::new(gpu)?;
+    let m = t5::T5::load_from(gpu, config, "shared.weight", &w, matrix)?;
+    let mut g = crate::graph::Graph::new(gpu.target());
+    let ids = g.input("ids", &[batch * tokens], DType::U32);
+    let bias = g.input("position_bias", &[config.heads, tokens, tokens], DType::F32);
+    m.forward(&mut g, ids, bias, batch)?;
+    Ok(g.pooled_bytes() + g.input_bytes())
 }
 
 /// [`encode_prompts_with`], taking the encoders from `kept` when it holds
-/// them and leaving them there (instead of freeing them) when given.
+/// them and leaving them there (instead of freeing them) when given; with a
+/// memory `budget` (bytes), the layers of an encoder that do not fit are
+/// streamed (see [`crate::stream`]).
 #[allow(clippy::too_many_arguments)]
 pub fn encode_prompts_kept(
     gpu: &Gpu,
@@ -190,6 +228,7 @@ pub fn encode_prompts_kept(
     matrix: DType,
     loras: &Loras,
     mut kept: Option<&mut TextModels>,
+    budget: Option<u64>,
 ) -> Result<PromptEmbeddings> {
     let batch = prompts.len();
     if batch == 0 {
@@ -212,7 +251,17 @@ pub fn encode_prompts_kept(
             let src = open_encoder(weights, name)?;
             let config = clip::detect(&src, act)?;
             check_vocab(&tok, &ids, name, config.vocab)?;
-            clip::Clip::load_from(gpu, &config, &loras.provider(component, &src), matrix)
+            let budget = match budget {
+                Some(b) => Some((b, clip_run_bytes(gpu, &config, matrix, batch)?)),
+                None => None,
+            };
+            clip::Clip::load_budgeted(
+                gpu,
+                &config,
+                &loras.provider(component, &src),
+                matrix,
+                budget,
+            )
         };
         let slot = kept.as_deref_mut().map(|k| match component {
             Component::ClipL => &mut k.clip_l,
@@ -263,7 +312,11 @@ pub fn encode_prompts_kept(
                 let (config, shared) = t5::T5::detect(&src)?;
                 check_vocab(&tok, &ids, "t5xxl", config.vocab)?;
                 let provider = loras.provider(Component::T5, &src);
-                t5::T5::load_from(gpu, &config, shared, &provider, matrix)
+                let budget = match budget {
+                    Some(b) => Some((b, t5_run_bytes(gpu, &config, matrix, batch, t5_tokens)?)),
+                    None => None,
+                };
+                t5::T5::load_budgeted(gpu, &config, shared, &provider, matrix, budget)
             };
             let mut owned = None;
             let model: &t5::T5 = match kept.map(|k| &mut k.t5) {

@@ -136,3 +136,33 @@ fn q4_0_mmdit_and_fp8_t5_plan_sd35_large_under_6_gib() {
     let r = w8 as f64 / w16 as f64;
     assert!((0.5..0.6).contains(&r), "q8_0/f16 {r:.2}");
 }
+
+/// SD3.5 large with Q8_0 matrices (8.2 GiB of MMDiT weights) plans within
+/// `--vram-budget 6144` and `3072` by streaming blocks (the MMDiT's, and
+/// T5's at 3 GiB) at 1024² with CFG; every stage's peak stays in budget.
+#[test]
+fn q8_0_sd35_large_streams_within_6_and_3_gib() {
+    use sd3_wgpu::bench_arch::{plan_budget, record_graphs_with};
+    let gpu = common::gpu();
+    let g =
+        record_graphs_with(gpu, Arch::Sd35Large, 1024, 1024, 2, DType::F16, DType::Q8_0).unwrap();
+    for mib in [6144u64, 3072] {
+        let budget = mib << 20;
+        let plans = plan_budget(&g, budget).unwrap();
+        for p in &plans {
+            eprintln!(
+                "{mib} MiB: {} peak {:.2} GiB, {}/{} blocks resident",
+                p.name,
+                p.peak as f64 / (1u64 << 30) as f64,
+                p.resident,
+                p.blocks
+            );
+            assert!(p.peak <= budget, "{mib} MiB: {p:?}");
+        }
+        let mmdit = plans.iter().find(|p| p.name == "mmdit").unwrap();
+        assert!(mmdit.resident < mmdit.blocks, "{mmdit:?}: nothing streamed");
+    }
+    // A budget below one step's activations and two block slots is an error.
+    let e = plan_budget(&g, 512 << 20).unwrap_err().to_string();
+    assert!(e.contains("too small"), "{e}");
+}

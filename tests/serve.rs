@@ -493,6 +493,18 @@ fn bad_requests_are_4xx_with_a_message() {
         ),
         (
             "/sdapi/v1/txt2img",
+            br#"{"prompt": "x", "width": 18446744073709551615}"#.to_vec(),
+            422,
+            "width",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            br#"{"prompt": "x", "seed": 1e400}"#.to_vec(),
+            400,
+            "JSON",
+        ),
+        (
+            "/sdapi/v1/txt2img",
             br#"{"prompt": "x", "styles": ["cinematic"]}"#.to_vec(),
             422,
             "styles",

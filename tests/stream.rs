@@ -54,16 +54,19 @@ fn device(dtype: DType) -> Gpu {
 
 /// Each block's (bytes, layout group) and the bytes outside the blocks.
 fn sizes(m: &mut Mmdit, total: u64) -> (u64, Vec<(u64, usize)>) {
+    block_sizes(
+        m.joint_blocks.iter_mut().map(|b| b.tensors_mut()).collect(),
+        total,
+    )
+}
+
+/// [`sizes`] of any model's blocks, from their buffers.
+fn block_sizes(tensors: Vec<Vec<&mut sd3_wgpu::Tensor>>, total: u64) -> (u64, Vec<(u64, usize)>) {
     let mut layouts: Vec<Vec<(DType, u64)>> = Vec::new();
-    let blocks: Vec<(u64, usize)> = m
-        .joint_blocks
-        .iter_mut()
+    let blocks: Vec<(u64, usize)> = tensors
+        .into_iter()
         .map(|b| {
-            let layout: Vec<(DType, u64)> = b
-                .tensors_mut()
-                .iter()
-                .map(|t| (t.dtype, t.buffer.size()))
-                .collect();
+            let layout: Vec<(DType, u64)> = b.iter().map(|t| (t.dtype, t.buffer.size())).collect();
             let bytes = layout.iter().map(|l| l.1).sum();
             let g = layouts
                 .iter()
@@ -183,6 +186,64 @@ fn streamed_blocks_give_the_same_bits() {
 fn streamed_blocks_with_f16_and_skip_layer_guidance() {
     // The skip-layer pass runs the streamed blocks a second time per step.
     streamed_equals_resident(DType::F16, true);
+}
+
+#[test]
+fn streamed_text_encoder_layers_give_the_same_bits() {
+    use sd3_wgpu::models::{clip, t5};
+    let spec = Arch::Tiny.spec();
+    let mut t5c = spec.t5.clone();
+    t5c.layers = 6;
+    let mut clipc = spec.clip_g.clone();
+    clipc.layers = 6;
+    let w = RandomWeights { seed: 11 };
+    let dtype = DType::F16;
+    let t5_ids: Vec<Vec<u32>> = (0..2)
+        .map(|b| (0..9).map(|i| (i * 7 + b) % 100).collect())
+        .collect();
+    let clip_ids: Vec<Vec<u32>> = (0..2)
+        .map(|b| (0..77).map(|i| ((i * 5 + b) % 900) as u32).collect())
+        .collect();
+
+    let gpu = device(dtype);
+    let mut m = t5::T5::load_from(&gpu, &t5c, "shared.weight", &w, dtype).unwrap();
+    let want = t5::encode(&gpu, &m, &t5_ids).unwrap();
+    let (other, blocks) = block_sizes(
+        m.blocks.iter_mut().map(|b| b.tensors_mut()).collect(),
+        gpu.memory.current(),
+    );
+    drop(m);
+    let budget = budget_for(other, &blocks, 0);
+    let gpu = device(dtype);
+    let m =
+        t5::T5::load_budgeted(&gpu, &t5c, "shared.weight", &w, dtype, Some((budget, 0))).unwrap();
+    assert!(gpu.memory.current() <= budget);
+    assert_eq!(
+        m.blocks[5].wo.weight.stream.as_ref().map(|r| r.block),
+        Some(5)
+    );
+    assert!(
+        t5::encode(&gpu, &m, &t5_ids).unwrap() == want,
+        "T5 streamed differs"
+    );
+
+    let gpu = device(dtype);
+    let mut m = clip::Clip::load_from(&gpu, &clipc, &w, dtype).unwrap();
+    let want = clip::encode(&gpu, &m, &clip_ids).unwrap();
+    let (other, blocks) = block_sizes(
+        m.layers.iter_mut().map(|b| b.tensors_mut()).collect(),
+        gpu.memory.current(),
+    );
+    drop(m);
+    let budget = budget_for(other, &blocks, 0);
+    let gpu = device(dtype);
+    let m = clip::Clip::load_budgeted(&gpu, &clipc, &w, dtype, Some((budget, 0))).unwrap();
+    assert!(gpu.memory.current() <= budget);
+    assert!(m.layers[5].fc2.weight.stream.is_some());
+    assert!(
+        clip::encode(&gpu, &m, &clip_ids).unwrap() == want,
+        "CLIP streamed differs"
+    );
 }
 
 #[test]

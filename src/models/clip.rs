@@ -58,6 +58,19 @@ pub struct ClipLayer {
     pub fc2: Linear,
 }
 
+impl ClipLayer {
+    /// Every tensor of the layer, in a fixed order (what streaming moves).
+    pub fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v = self.layer_norm1.tensors_mut();
+        v.extend(self.qkv.tensors_mut());
+        v.extend(self.out_proj.tensors_mut());
+        v.extend(self.layer_norm2.tensors_mut());
+        v.extend(self.fc1.tensors_mut());
+        v.extend(self.fc2.tensors_mut());
+        v
+    }
+}
+
 /// A CLIP text model with projection.
 pub struct Clip {
     /// Architecture.
@@ -168,6 +181,18 @@ impl Clip {
         src: &dyn TensorProvider,
         matrix: DType,
     ) -> Result<Clip> {
+        Self::load_budgeted(gpu, c, src, matrix, None)
+    }
+
+    /// [`Clip::load_from`] within a GPU memory budget (bytes, activations):
+    /// the layers that do not fit are streamed (see [`crate::stream`]).
+    pub fn load_budgeted(
+        gpu: &Gpu,
+        c: &ClipConfig,
+        src: &dyn TensorProvider,
+        matrix: DType,
+        budget: Option<(u64, u64)>,
+    ) -> Result<Clip> {
         let c = c.clone();
         let d = c.hidden;
         let t = |name: &str, shape: &[usize], dt: DType| -> Result<Tensor> {
@@ -185,6 +210,22 @@ impl Clip {
                 bias: t(&format!("{name}.bias"), &[d], DType::F32)?,
             })
         };
+        // Outside the layers first: these always stay.
+        let token_embedding = src.matrix(
+            gpu,
+            &format!("{P}embeddings.token_embedding.weight"),
+            &[c.vocab, d],
+            matrix,
+        )?;
+        let position_embedding = t(
+            &format!("{P}embeddings.position_embedding.weight"),
+            &[c.positions, d],
+            DType::F32,
+        )?;
+        let final_layer_norm = ln(&format!("{P}final_layer_norm"))?;
+        let text_projection =
+            src.matrix(gpu, "text_projection.weight", &[c.projection, d], matrix)?;
+        let mut stream = budget.map(|_| crate::stream::StreamBuilder::new("clip"));
         let mut layers = Vec::with_capacity(c.layers);
         for i in 0..c.layers {
             let l = format!("{P}encoder.layers.{i}");
@@ -207,27 +248,19 @@ impl Clip {
                 fc1: lin(&format!("{l}.mlp.fc1"), ff, d)?,
                 fc2: lin(&format!("{l}.mlp.fc2"), d, ff)?,
             });
+            if let (Some(s), Some(b)) = (&mut stream, layers.last_mut()) {
+                s.add(gpu, i, b.tensors_mut())?;
+            }
+        }
+        if let (Some(s), Some(budget)) = (stream, budget) {
+            crate::stream::settle(gpu, s, budget, &mut layers, |b| b.tensors_mut())?;
         }
         Ok(Clip {
-            token_embedding: src.matrix(
-                gpu,
-                &format!("{P}embeddings.token_embedding.weight"),
-                &[c.vocab, d],
-                matrix,
-            )?,
-            position_embedding: t(
-                &format!("{P}embeddings.position_embedding.weight"),
-                &[c.positions, d],
-                DType::F32,
-            )?,
+            token_embedding,
+            position_embedding,
             layers,
-            final_layer_norm: ln(&format!("{P}final_layer_norm"))?,
-            text_projection: src.matrix(
-                gpu,
-                "text_projection.weight",
-                &[c.projection, d],
-                matrix,
-            )?,
+            final_layer_norm,
+            text_projection,
             config: c,
         })
     }

@@ -97,6 +97,13 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// Weight and bias, for streaming.
+    pub fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        vec![&mut self.weight, &mut self.bias]
+    }
+}
+
+impl LayerNorm {
     /// Records the normalisation of x's last axis.
     pub fn forward(&self, g: &mut Graph, x: Value, eps: f32) -> Result<Value> {
         let w = g.weight("weight", &self.weight);

@@ -287,19 +287,8 @@ impl Mmdit {
             }
             joint_blocks.push(block);
         }
-        if let (Some(mut s), Some((bytes, activations))) = (stream, budget) {
-            let sizes = s.sizes();
-            let fixed = gpu.memory.current().saturating_sub(s.slot_bytes()) + activations;
-            let blocks: Vec<(u64, usize)> = sizes.iter().map(|&(_, b, g)| (b, g)).collect();
-            let (resident, _) = crate::stream::choose_resident(fixed, &blocks, bytes)?;
-            for (i, block) in joint_blocks.iter_mut().enumerate().take(resident) {
-                s.make_resident(gpu, i, block.tensors_mut())?;
-            }
-            if let Some(stream) = s.finish() {
-                for (i, block) in joint_blocks.iter_mut().enumerate().skip(resident) {
-                    crate::stream::tag(block.tensors_mut(), &stream, i);
-                }
-            }
+        if let (Some(s), Some(budget)) = (stream, budget) {
+            crate::stream::settle(gpu, s, budget, &mut joint_blocks, |b| b.tensors_mut())?;
         }
         Ok(Mmdit {
             x_embedder,

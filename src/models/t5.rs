@@ -35,6 +35,20 @@ pub struct T5Config {
     pub eps: f32,
 }
 
+impl T5Block {
+    /// Every tensor of the block, in a fixed order (what streaming moves).
+    pub fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v = vec![&mut self.ln0];
+        v.extend(self.qkv.tensors_mut());
+        v.extend(self.o.tensors_mut());
+        v.push(&mut self.ln1);
+        v.extend(self.wi_0.tensors_mut());
+        v.extend(self.wi_1.tensors_mut());
+        v.extend(self.wo.tensors_mut());
+        v
+    }
+}
+
 /// One encoder block.
 pub struct T5Block {
     /// RMSNorm before attention.
@@ -181,6 +195,19 @@ impl T5 {
         src: &dyn TensorProvider,
         matrix: DType,
     ) -> Result<T5> {
+        Self::load_budgeted(gpu, c, shared_name, src, matrix, None)
+    }
+
+    /// [`T5::load_from`] within a GPU memory budget (bytes, activations):
+    /// the blocks that do not fit are streamed (see [`crate::stream`]).
+    pub fn load_budgeted(
+        gpu: &Gpu,
+        c: &T5Config,
+        shared_name: &str,
+        src: &dyn TensorProvider,
+        matrix: DType,
+        budget: Option<(u64, u64)>,
+    ) -> Result<T5> {
         let c = c.clone();
         let (vocab, d, d_ff, inner) = (c.vocab, c.d_model, c.d_ff, c.heads * HEAD_DIM);
         let b0 = "encoder.block.0.layer.0.SelfAttention";
@@ -193,6 +220,10 @@ impl T5 {
                 bias: None,
             })
         };
+        // Outside the blocks first: these always stay.
+        let shared = src.matrix(gpu, shared_name, &[vocab, d], matrix)?;
+        let final_layer_norm = t("encoder.final_layer_norm.weight", &[d], DType::F32)?;
+        let mut stream = budget.map(|_| crate::stream::StreamBuilder::new("t5"));
         let mut blocks = Vec::with_capacity(c.layers);
         for i in 0..c.layers {
             let a = format!("encoder.block.{i}.layer.0");
@@ -213,11 +244,17 @@ impl T5 {
                 wi_1: lin(&format!("{f}.DenseReluDense.wi_1"), d_ff, d)?,
                 wo: lin(&format!("{f}.DenseReluDense.wo"), d, d_ff)?,
             });
+            if let (Some(s), Some(b)) = (&mut stream, blocks.last_mut()) {
+                s.add(gpu, i, b.tensors_mut())?;
+            }
+        }
+        if let (Some(s), Some(budget)) = (stream, budget) {
+            crate::stream::settle(gpu, s, budget, &mut blocks, |b| b.tensors_mut())?;
         }
         Ok(T5 {
-            shared: src.matrix(gpu, shared_name, &[vocab, d], matrix)?,
+            shared,
             blocks,
-            final_layer_norm: t("encoder.final_layer_norm.weight", &[d], DType::F32)?,
+            final_layer_norm,
             relative_attention_bias: src.host(
                 &format!("{b0}.relative_attention_bias.weight"),
                 &[c.buckets, c.heads],
