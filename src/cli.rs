@@ -805,6 +805,11 @@ fn serve(cli: &Cli, a: &ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         keep_text: !a.unload_text,
         ..model_options(cli, &a.load, Vec::new())
     };
+    if options.vram_budget.is_some() {
+        eprintln!(
+            "note: under --vram-budget each job loads its models in turn (each stage gets the whole budget)"
+        );
+    }
     let pipe = Pipeline::load(&a.load.model, options)?;
     let adapter = pipe.gpu.info.name.clone();
     let config = crate::serve::ServeConfig {

@@ -635,6 +635,20 @@ impl Graph {
     }
 }
 
+/// Waits until fewer than two streamed segments are in flight, so that the
+/// staging memory of block uploads stays at about two blocks.
+fn limit_inflight(
+    gpu: &Gpu,
+    inflight: &mut std::collections::VecDeque<wgpu::SubmissionIndex>,
+) -> Result<()> {
+    while inflight.len() >= 2 {
+        if let Some(i) = inflight.pop_front() {
+            gpu.wait_for(i)?;
+        }
+    }
+    Ok(())
+}
+
 /// A run of ops submitted together: with streaming, those of one block.
 #[derive(Clone, Debug)]
 struct Segment {
@@ -865,9 +879,12 @@ impl Plan {
             self.encode_run(&mut enc)?;
             return finish(enc);
         };
+        let _run = stream.lock_runs();
+        let mut inflight = std::collections::VecDeque::new();
         let last = self.segments.len().saturating_sub(1);
         for (k, seg) in self.segments.iter().enumerate() {
             if let Some(b) = seg.block {
+                limit_inflight(gpu, &mut inflight)?;
                 stream.ensure(gpu, b)?;
             }
             let mut enc = gpu.device.create_command_encoder(&Default::default());
@@ -879,7 +896,8 @@ impl Plan {
                 self.encode_feedback(&mut enc);
                 finish(enc)?;
             } else {
-                gpu.guarded("a graph run", 0, || gpu.queue.submit([enc.finish()]))?;
+                inflight
+                    .push_back(gpu.guarded("a graph run", 0, || gpu.queue.submit([enc.finish()]))?);
             }
         }
         Ok(())
@@ -940,9 +958,11 @@ impl Plan {
         };
         let per_set = (wgpu::QUERY_SET_MAX_QUERIES / 2) as usize;
         let mut ticks: Vec<u64> = Vec::new();
+        let _run = self.stream.as_ref().map(|s| s.lock_runs());
         if let Some(s) = &self.stream {
             s.take_stats();
         }
+        let mut inflight = std::collections::VecDeque::new();
         let t0 = Instant::now();
         if source == TimingSource::WallClock {
             self.run(gpu)?;
@@ -951,6 +971,7 @@ impl Plan {
             let last = self.segments.len().saturating_sub(1);
             for (k, seg) in self.segments.iter().enumerate() {
                 if let (Some(stream), Some(b)) = (&self.stream, seg.block) {
+                    limit_inflight(gpu, &mut inflight)?;
                     stream.ensure(gpu, b)?;
                 }
                 let mut enc = gpu.device.create_command_encoder(&Default::default());
@@ -995,9 +1016,9 @@ impl Plan {
                     self.encode_feedback(&mut enc);
                     gpu.submit_and_wait("a profiled graph run", enc.finish())?;
                 } else {
-                    gpu.guarded("a profiled graph run", 0, || {
+                    inflight.push_back(gpu.guarded("a profiled graph run", 0, || {
                         gpu.queue.submit([enc.finish()])
-                    })?;
+                    })?);
                 }
             }
             for (_, resolve, count) in &sets {

@@ -299,6 +299,8 @@ pub struct GenerateOutput {
     pub profile: Option<Profile>,
     /// Peak GPU memory held in storage buffers during the generation.
     pub peak_memory: u64,
+    /// The MMDiT blocks streamed from host memory under the memory budget.
+    pub streamed_blocks: Vec<usize>,
 }
 
 /// A stage of a generation, in the order they run.
@@ -536,6 +538,18 @@ impl Pipeline {
             options,
             loaded: Mutex::new(Loaded::default()),
         })
+    }
+
+    /// Whether the MMDiT, ControlNets and VAE stay loaded between
+    /// generations: asked for, and no memory budget (under a budget each
+    /// stage gets the whole budget in turn, which kept models would take).
+    fn keeps_models(&self) -> bool {
+        self.options.keep_loaded && self.options.vram_budget.is_none()
+    }
+
+    /// Whether the text encoders stay loaded (see [`Pipeline::keeps_models`]).
+    fn keeps_text(&self) -> bool {
+        self.options.keep_text && self.options.vram_budget.is_none()
     }
 
     /// The model path the pipeline was loaded from.
@@ -818,8 +832,6 @@ impl Pipeline {
         })
     }
 
-    /// Records every graph the request will run with shape-only weights and
-    /// validates it against the adapter's limits (no GPU work).
     /// The bytes one MMDiT step of `req` needs beside the weights
     /// (intermediates and inputs, as planned), what a memory budget keeps
     /// free for it.
@@ -829,24 +841,15 @@ impl Pipeline {
         let b = req.batch;
         let batch2 = if s.cfg > 1.0 { 2 * b } else { b };
         let scale = self.vae.config.scale_factor();
-        let g = self.mmdit_graph(
-            &w,
-            batch2,
-            (s.height / scale, s.width / scale),
-            req.max_t5_tokens,
-        )?;
-        Ok(g.pooled_bytes() + g.input_bytes())
-    }
-
-    /// The MMDiT blocks streamed from host memory (when the model is kept
-    /// loaded and was loaded under a budget its blocks did not all fit).
-    pub fn streamed_blocks(&self) -> Vec<usize> {
-        self.loaded
-            .lock()
-            .ok()
-            .and_then(|l| l.mmdit.as_ref().and_then(|m| m.stream()))
-            .map(|s| s.blocks())
-            .unwrap_or_default()
+        let latent = (s.height / scale, s.width / scale);
+        let g = self.mmdit_graph(&w, batch2, latent, req.max_t5_tokens)?;
+        let mut bytes = g.pooled_bytes() + g.input_bytes();
+        if s.cfg > 1.0 && !req.slg_layers.is_empty() {
+            // The skip-layer pass is a second plan with its own buffers.
+            let g = self.mmdit_graph(&w, b, latent, req.max_t5_tokens)?;
+            bytes += g.pooled_bytes() + g.input_bytes();
+        }
+        Ok(bytes)
     }
 
     /// One MMDiT step's graph (with the ControlNets) on shape-only weights.
@@ -884,6 +887,8 @@ impl Pipeline {
         Ok(g)
     }
 
+    /// Records every graph the request will run with shape-only weights and
+    /// validates it against the adapter's limits (no GPU work).
     fn check_limits(
         &self,
         req: &GenerateRequest,
@@ -995,7 +1000,7 @@ impl Pipeline {
             c.context_dim,
             self.options.dtype,
             &self.loras,
-            self.options.keep_text.then_some(&mut loaded.text),
+            self.keeps_text().then_some(&mut loaded.text),
             self.options.vram_budget,
         )?;
         let schedule = FlowMatchEuler::new(settings.steps, settings.shift);
@@ -1136,7 +1141,13 @@ impl Pipeline {
                 )));
             }
         }
-        if !self.options.keep_loaded {
+        let streamed_blocks = loaded
+            .mmdit
+            .as_ref()
+            .and_then(|m| m.stream())
+            .map(|s| s.blocks())
+            .unwrap_or_default();
+        if !self.keeps_models() {
             loaded.mmdit = None;
             loaded.controlnets.clear();
         }
@@ -1151,10 +1162,16 @@ impl Pipeline {
                 &latents,
                 self.options.vae_tile,
                 self.options.tile_overlap,
-                self.options.vae_budget,
+                // Under a memory budget the decode's intermediates get what
+                // the VAE's weights leave of it (tiling when that is short).
+                self.options.vae_budget.or_else(|| {
+                    self.options
+                        .vram_budget
+                        .map(|b| b.saturating_sub(gpu.memory.current()))
+                }),
             )?
         };
-        if !self.options.keep_loaded {
+        if !self.keeps_models() {
             loaded.vae = None;
         }
         let images = to_rgb8(&image, [b, 3, settings.height, settings.width])?;
@@ -1166,6 +1183,7 @@ impl Pipeline {
             truncated: emb.truncated,
             profile,
             peak_memory: gpu.memory.peak(),
+            streamed_blocks,
         })
     }
 

@@ -2,12 +2,16 @@
 //! blocks that do not fit stay in host memory and take turns in GPU slots.
 //!
 //! Blocks of the same tensor layout (shapes and storage types) share two
-//! slots, alternating, so that block i+1 is written while block i's slot is
-//! still in use. A planned graph that binds a streamed weight is run in
-//! segments, one per block: before each segment's submission the block's
+//! slots, alternating. A planned graph that binds a streamed weight is run
+//! in segments, one per block: before each segment's submission the block's
 //! bytes are written into its slot (`Queue::write_buffer`, ordered after
 //! every earlier submission and before the segment), so results are the
-//! same bits as with every block resident.
+//! same bits as with every block resident. At most two segments are in
+//! flight: the host copies the next block into wgpu's staging memory while
+//! the GPU runs the current one, and waits before a third, which bounds the
+//! staging memory to about two blocks. (wgpu has one queue: on the GPU the
+//! copy itself runs between the segments, not beside them.) A stream is
+//! used by one run at a time ([`BlockStream::lock_runs`]).
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -60,9 +64,16 @@ pub struct BlockStream {
     blocks: Vec<Streamed>,
     slots: Mutex<Vec<Slot>>,
     stats: Mutex<UploadStats>,
+    runs: Mutex<()>,
 }
 
 impl BlockStream {
+    /// Held for the whole of a run: slots are shared state, so two runs
+    /// must not interleave their uploads and submissions.
+    pub fn lock_runs(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.runs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Blocks streamed, in order.
     pub fn blocks(&self) -> Vec<usize> {
         self.blocks.iter().map(|b| b.block).collect()
@@ -102,6 +113,9 @@ impl BlockStream {
         }
         let t0 = Instant::now();
         let mut bytes = 0;
+        // Unknown contents until every tensor is written: a write that fails
+        // half-way must not leave the slot taken for its old block.
+        slot.resident = None;
         for (buf, data) in slot.buffers.iter().zip(&b.data) {
             gpu.write_buffer("a streamed block", buf, data)?;
             bytes += data.len() as u64;
@@ -125,6 +139,19 @@ type Layout = Vec<(crate::DType, u64)>;
 
 fn signature(tensors: &[&mut Tensor]) -> Layout {
     tensors.iter().map(|t| (t.dtype, t.buffer.size())).collect()
+}
+
+/// Fails early when even the parts outside the blocks and a run's
+/// activations (`fixed`, with what the GPU holds already) exceed `budget`.
+pub fn check_room(name: &str, fixed: u64, budget: u64) -> Result<()> {
+    if fixed > budget {
+        return Err(Error::Graph(format!(
+            "{name}: a memory budget of {:.0} MiB is too small: what stays on the GPU and one run's activations already take {:.0} MiB",
+            budget as f64 / MIB,
+            fixed as f64 / MIB
+        )));
+    }
+    Ok(())
 }
 
 /// Builds a [`BlockStream`] as a model's blocks are loaded.
@@ -227,6 +254,17 @@ impl StreamBuilder {
             .position(|b| b.block == block)
             .ok_or_else(|| Error::Graph(format!("{}: block {block} is not streamed", self.name)))?;
         let b = self.blocks.remove(k);
+        let slot = &mut self.slots[b.slot];
+        let slot_used = self.blocks.iter().any(|o| o.slot == b.slot);
+        if !slot_used && slot.resident == Some(block) {
+            // The slot holds this block and serves no other: it becomes the
+            // block's own memory again, nothing is copied.
+            slot.buffers.clear();
+            for t in tensors {
+                t.stream = None;
+            }
+            return Ok(());
+        }
         for (t, data) in tensors.into_iter().zip(&b.data) {
             let buf = crate::tensor::create_storage(gpu, "weight", data.len() as u64)?;
             gpu.write_buffer("a weight upload", &buf, data)?;
@@ -234,6 +272,16 @@ impl StreamBuilder {
             t.stream = None;
         }
         Ok(())
+    }
+
+    /// Frees the slots that no block in the stream uses (each stays alive
+    /// only as long as a tensor still points at it).
+    fn drop_unused_slots(&mut self) {
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if !self.blocks.iter().any(|b| b.slot == i) {
+                slot.buffers.clear();
+            }
+        }
     }
 
     /// The stream of the blocks still in it (slots that no block uses any
@@ -258,6 +306,7 @@ impl StreamBuilder {
             blocks: self.blocks,
             slots: Mutex::new(slots),
             stats: Mutex::new(UploadStats::default()),
+            runs: Mutex::new(()),
         }))
     }
 }
@@ -277,8 +326,26 @@ pub fn settle<B>(
     let sizes: Vec<(u64, usize)> = s.sizes().iter().map(|&(_, b, g)| (b, g)).collect();
     let (resident, _) = choose_resident(fixed, &sizes, bytes)
         .map_err(|e| Error::Graph(format!("{}: {e}", s.name)))?;
+    // Slot owners whose slot no streamed block needs keep their buffers;
+    // the others get new ones (after the unused slots are let go).
+    let keep: Vec<usize> = (resident..blocks.len()).collect();
+    let streamed_slots: Vec<usize> = s
+        .blocks
+        .iter()
+        .filter(|b| keep.contains(&b.block))
+        .map(|b| b.slot)
+        .collect();
     for (i, block) in blocks.iter_mut().enumerate().take(resident) {
-        s.make_resident(gpu, i, tensors(block))?;
+        let own = s.blocks.iter().find(|b| b.block == i).map(|b| b.slot);
+        if own.is_some_and(|sl| !streamed_slots.contains(&sl)) {
+            s.make_resident(gpu, i, tensors(block))?;
+        }
+    }
+    s.drop_unused_slots();
+    for (i, block) in blocks.iter_mut().enumerate().take(resident) {
+        if s.blocks.iter().any(|b| b.block == i) {
+            s.make_resident(gpu, i, tensors(block))?;
+        }
     }
     if let Some(stream) = s.finish() {
         for (i, block) in blocks.iter_mut().enumerate().skip(resident) {

@@ -651,6 +651,18 @@ impl Gpu {
             .map_err(|e| GpuError::DeviceLost(e.to_string()))
     }
 
+    /// Blocks until submission `index` has finished on the GPU.
+    pub fn wait_for(&self, index: wgpu::SubmissionIndex) -> Result<(), GpuError> {
+        let polled = self.device.poll(wgpu::PollType::Wait {
+            submission_index: Some(index),
+            timeout: None,
+        });
+        self.check_health()?;
+        polled
+            .map(|_| ())
+            .map_err(|e| GpuError::DeviceLost(e.to_string()))
+    }
+
     /// How many buffers have been read back to the CPU so far.
     pub fn readbacks(&self) -> u64 {
         self.readbacks.load(std::sync::atomic::Ordering::Relaxed)

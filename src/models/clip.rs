@@ -225,6 +225,9 @@ impl Clip {
         let final_layer_norm = ln(&format!("{P}final_layer_norm"))?;
         let text_projection =
             src.matrix(gpu, "text_projection.weight", &[c.projection, d], matrix)?;
+        if let Some((bytes, activations)) = budget {
+            crate::stream::check_room("clip", gpu.memory.current() + activations, bytes)?;
+        }
         let mut stream = budget.map(|_| crate::stream::StreamBuilder::new("clip"));
         let mut layers = Vec::with_capacity(c.layers);
         for i in 0..c.layers {

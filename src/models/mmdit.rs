@@ -276,6 +276,9 @@ impl Mmdit {
             adaln_modulation: l.linear("final_layer.adaLN_modulation.1", 2 * h, h)?,
             linear: l.linear("final_layer.linear", p * p * c.out_channels, h)?,
         };
+        if let Some((bytes, activations)) = budget {
+            crate::stream::check_room("mmdit", gpu.memory.current() + activations, bytes)?;
+        }
         let mut stream = budget.map(|_| crate::stream::StreamBuilder::new("mmdit"));
         let mut joint_blocks = Vec::with_capacity(c.depth);
         for i in 0..c.depth {

@@ -223,6 +223,9 @@ impl T5 {
         // Outside the blocks first: these always stay.
         let shared = src.matrix(gpu, shared_name, &[vocab, d], matrix)?;
         let final_layer_norm = t("encoder.final_layer_norm.weight", &[d], DType::F32)?;
+        if let Some((bytes, activations)) = budget {
+            crate::stream::check_room("t5", gpu.memory.current() + activations, bytes)?;
+        }
         let mut stream = budget.map(|_| crate::stream::StreamBuilder::new("t5"));
         let mut blocks = Vec::with_capacity(c.layers);
         for i in 0..c.layers {
