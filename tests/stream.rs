@@ -314,3 +314,50 @@ fn choose_resident_keeps_the_longest_prefix_that_fits() {
     let e = choose_resident(10, &blocks, 249).unwrap_err().to_string();
     assert!(e.contains("too small"), "{e}");
 }
+
+/// The sd3 fixture pipeline with the 9-block transformer of
+/// `tools/make_fixtures.py stream` in place of its own.
+fn deep_pipeline() -> std::path::PathBuf {
+    let dir = pipeline_folder("sd3");
+    std::fs::remove_dir_all(dir.join("transformer")).unwrap();
+    common::copy_dir(
+        &common::fixtures_dir().join("stream/transformer"),
+        &dir.join("transformer"),
+    );
+    dir
+}
+
+#[test]
+fn the_pipeline_streams_under_a_budget_and_makes_the_same_image() {
+    let dir = deep_pipeline();
+    let dtype = DType::F16;
+    let mut req = request();
+    req.slg_layers = vec![5];
+    req.slg_stop = 0.9;
+    let plain = Pipeline::load(&dir, options(None, dtype)).unwrap();
+    let want = plain.generate(&req, &mut |_, _| {}).unwrap();
+    let act = plain.step_activation_bytes(&req).unwrap();
+    drop(plain);
+    let gpu = device(dtype);
+    let src = sd3_wgpu::weights::mmdit::MmditSource::open(&dir).unwrap();
+    let mut m = Mmdit::load(&gpu, &src, dtype).unwrap();
+    let (other, blocks) = sizes(&mut m, gpu.memory.current());
+    drop(m);
+    let budget = budget_for(other + act, &blocks, 2);
+    let (r, _) = choose_resident(other + act, &blocks, budget).unwrap();
+    eprintln!("budget {budget}: {r} of {} blocks resident", blocks.len());
+    let pipe = Pipeline::load(&dir, options(Some(budget), dtype)).unwrap();
+    let out = pipe.generate(&req, &mut |_, _| {}).unwrap();
+    assert_eq!(out.streamed_blocks, (r..blocks.len()).collect::<Vec<_>>());
+    assert!(out.latents == want.latents, "streamed latents differ");
+    assert_eq!(out.images, want.images);
+    assert!(out.profile.unwrap().uploads.unwrap().blocks > 0);
+    // Every stage (text encoders, MMDiT, VAE) within the budget, but for
+    // loading's moment of up to two blocks more.
+    let largest = blocks.iter().map(|b| b.0).max().unwrap();
+    assert!(
+        out.peak_memory <= budget + 2 * largest,
+        "peak {} over the budget {budget}",
+        out.peak_memory
+    );
+}

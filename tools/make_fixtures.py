@@ -567,6 +567,26 @@ def make_pipelines():
 RNG_CASES = [(0, 1), (42, 7), (42, 15), (42, 16), (7, 17), (123, 33), (2**40 + 5, 40), (2024, 16 * 6 * 10)]
 
 
+def make_stream():
+    """A deeper transformer for the pipeline's streaming test (tests/stream.rs):
+    SD3.5-medium-like, 9 blocks, the first four with dual attention, so that
+    each block layout has enough blocks for two slots to take turns. Only its
+    folder is written; the test puts it into a copy of the sd3 pipeline."""
+    base = os.path.join(ROOT, "stream")
+    shutil.rmtree(base, ignore_errors=True)
+    gen = torch.Generator().manual_seed(4100)
+    transformer = SD3Transformer2DModel(**dict(COMMON, joint_attention_dim=208, pooled_projection_dim=64),
+                                        num_attention_heads=1, caption_projection_dim=64, num_layers=9,
+                                        qk_norm="rms_norm", dual_attention_layers=(0, 1, 2, 3)).eval()
+    randomise(transformer, gen)
+    round_to_storage(transformer, torch.bfloat16, torch.float32)
+    tdir = os.path.join(base, "transformer")
+    os.makedirs(tdir)
+    transformer.save_config(tdir)
+    sd = {k: v.to(storage_dtype(v, torch.bfloat16, torch.float32)).contiguous() for k, v in transformer.state_dict().items()}
+    write_diffusers_weights(tdir, sd, None)
+
+
 def make_rng():
     """torch.randn on CPU for sizes on both sides of its 16-element boundary."""
     out = {f"randn.{seed}.{n}": torch.randn(n, generator=torch.Generator().manual_seed(seed)) for seed, n in RNG_CASES}
@@ -1275,6 +1295,9 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["lora"]:
         make_lora()
         sys.exit()
+    if sys.argv[1:] == ["stream"]:
+        make_stream()
+        sys.exit()
     if sys.argv[1:] == ["inpaint"]:
         make_blur()
         make_inpaint()
@@ -1284,6 +1307,7 @@ if __name__ == "__main__":
     make_text()
     make_pipelines()
     make_rng()
+    make_stream()
     make_img2img()
     make_blur()
     make_inpaint()
