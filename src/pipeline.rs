@@ -18,7 +18,7 @@ use crate::gpu::{Gpu, GpuOptions};
 use crate::graph::Graph;
 use crate::image_io::{image_size, load_image, load_mask, to_rgb8, ImageSource};
 use crate::lora::{Architectures, Component, LoraSpec, LoraSummary, Loras};
-use crate::models::clip::{Clip, ClipConfig};
+use crate::models::clip::ClipConfig;
 use crate::models::controlnet::ControlNet;
 use crate::models::mmdit::{Mmdit, TIMESTEP_DIM};
 use crate::models::t5::{T5Config, T5};
@@ -26,7 +26,9 @@ use crate::models::vae::{latents_from_moments, Vae, VaeRun};
 use crate::ops::elementwise::Act;
 use crate::sampler::{FlowMatchEuler, NoiseStream, Rng};
 use crate::tensor::DType;
-use crate::text::{encode_prompts_kept, open_encoder, TextModels, TextPaths, Truncation};
+use crate::text::{
+    clip_graph, encode_prompts_kept, open_encoder, t5_graph, TextModels, TextPaths, Truncation,
+};
 use crate::tokenize::CLIP_TOKENS;
 use crate::weights::controlnet::{ControlNetConfig, ControlNetSource, CONTROL_TYPE_CANNY};
 use crate::weights::mmdit::{MmditConfig, MmditSource};
@@ -903,21 +905,10 @@ impl Pipeline {
         let batch2 = if s.cfg > 1.0 { 2 * b } else { b };
         let mut graphs = Vec::new();
         for cfg in [&self.encoders.clip_l, &self.encoders.clip_g] {
-            let m = Clip::load_from(gpu, cfg, &w, dt)?;
-            let mut g = Graph::new(gpu.target());
-            let ids = g.input("ids", &[batch2 * CLIP_TOKENS], DType::U32);
-            let rows = g.input("pool_rows", &[batch2], DType::U32);
-            m.forward(&mut g, ids, rows, batch2)?;
-            graphs.push(g);
+            graphs.push(clip_graph(gpu, &w, cfg, dt, batch2)?);
         }
         if let Some(cfg) = &self.encoders.t5 {
-            let m = T5::load_from(gpu, cfg, "shared.weight", &w, dt)?;
-            let n = req.max_t5_tokens;
-            let mut g = Graph::new(gpu.target());
-            let ids = g.input("ids", &[batch2 * n], DType::U32);
-            let bias = g.input("position_bias", &[cfg.heads, n, n], DType::F32);
-            m.forward(&mut g, ids, bias, batch2)?;
-            graphs.push(g);
+            graphs.push(t5_graph(gpu, &w, cfg, dt, batch2, req.max_t5_tokens)?);
         }
         graphs.push(self.mmdit_graph(&w, batch2, (lh, lw), req.max_t5_tokens)?);
         if img2img {

@@ -180,38 +180,43 @@ pub fn encode_prompts_with(
     )
 }
 
-/// Intermediates and inputs of one run of an encoder over `batch` prompts
-/// (recorded on shape-only weights): what a memory budget keeps free.
-fn clip_run_bytes(
+/// One run of a CLIP encoder over `batch` prompts, recorded on shape-only
+/// weights (limits checks, memory budgets).
+pub fn clip_graph(
     gpu: &Gpu,
+    w: &crate::weights::ShapeOnlyWeights,
     config: &clip::ClipConfig,
     matrix: DType,
     batch: usize,
-) -> Result<u64> {
-    let w = crate::weights::ShapeOnlyWeights::new(gpu)?;
-    let m = clip::Clip::load_from(gpu, config, &w, matrix)?;
+) -> Result<crate::graph::Graph> {
+    let m = clip::Clip::load_from(gpu, config, w, matrix)?;
     let mut g = crate::graph::Graph::new(gpu.target());
     let ids = g.input("ids", &[batch * crate::tokenize::CLIP_TOKENS], DType::U32);
     let rows = g.input("pool_rows", &[batch], DType::U32);
     m.forward(&mut g, ids, rows, batch)?;
-    Ok(g.pooled_bytes() + g.input_bytes())
+    Ok(g)
 }
 
-/// [`clip_run_bytes`] for T5 over `tokens` tokens.
-fn t5_run_bytes(
+/// [`clip_graph`] for T5 over `tokens` tokens.
+pub fn t5_graph(
     gpu: &Gpu,
+    w: &crate::weights::ShapeOnlyWeights,
     config: &t5::T5Config,
     matrix: DType,
     batch: usize,
     tokens: usize,
-) -> Result<u64> {
-    let w = crate::weights::ShapeOnlyWeights::new(gpu)?;
-    let m = t5::T5::load_from(gpu, config, "shared.weight", &w, matrix)?;
+) -> Result<crate::graph::Graph> {
+    let m = t5::T5::load_from(gpu, config, "shared.weight", w, matrix)?;
     let mut g = crate::graph::Graph::new(gpu.target());
     let ids = g.input("ids", &[batch * tokens], DType::U32);
     let bias = g.input("position_bias", &[config.heads, tokens, tokens], DType::F32);
     m.forward(&mut g, ids, bias, batch)?;
-    Ok(g.pooled_bytes() + g.input_bytes())
+    Ok(g)
+}
+
+/// Intermediates and inputs of one run of `g`: what a memory budget keeps free.
+fn run_bytes(g: &crate::graph::Graph) -> u64 {
+    g.pooled_bytes() + g.input_bytes()
 }
 
 /// [`encode_prompts_with`], taking the encoders from `kept` when it holds
@@ -252,7 +257,10 @@ pub fn encode_prompts_kept(
             let config = clip::detect(&src, act)?;
             check_vocab(&tok, &ids, name, config.vocab)?;
             let budget = match budget {
-                Some(b) => Some((b, clip_run_bytes(gpu, &config, matrix, batch)?)),
+                Some(b) => {
+                    let w = crate::weights::ShapeOnlyWeights::new(gpu)?;
+                    Some((b, run_bytes(&clip_graph(gpu, &w, &config, matrix, batch)?)))
+                }
                 None => None,
             };
             clip::Clip::load_budgeted(
@@ -313,7 +321,11 @@ pub fn encode_prompts_kept(
                 check_vocab(&tok, &ids, "t5xxl", config.vocab)?;
                 let provider = loras.provider(Component::T5, &src);
                 let budget = match budget {
-                    Some(b) => Some((b, t5_run_bytes(gpu, &config, matrix, batch, t5_tokens)?)),
+                    Some(b) => {
+                        let w = crate::weights::ShapeOnlyWeights::new(gpu)?;
+                        let g = t5_graph(gpu, &w, &config, matrix, batch, t5_tokens)?;
+                        Some((b, run_bytes(&g)))
+                    }
                     None => None,
                 };
                 t5::T5::load_budgeted(gpu, &config, shared, &provider, matrix, budget)

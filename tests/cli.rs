@@ -837,6 +837,46 @@ fn bench_dry_run_records_the_real_architectures() {
     assert!(!ok && err.contains("unknown architecture 'sd4'"), "{err}");
 }
 
+#[test]
+fn vram_budget_takes_hostile_values() {
+    let base = [
+        "bench",
+        "--arch",
+        "sd3.5-large",
+        "--dry-run",
+        "--weights",
+        "q8_0",
+    ];
+    let run = |extra: &[&str]| {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        sd3(&args)
+    };
+    // Streams blocks; the plan says so.
+    let (ok, out, err) = run(&["--vram-budget", "3072"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("streamed") && out.contains("peak with --vram-budget 3072"),
+        "{out}"
+    );
+    // u64::MAX MiB saturates: everything resident.
+    let (ok, out, err) = run(&["--vram-budget", "18446744073709551615"]);
+    assert!(ok, "{err}");
+    assert!(!out.contains("streamed"), "{out}");
+    // 0 MiB: an error that says why, not a panic.
+    let (ok, _, err) = run(&["--vram-budget", "0"]);
+    assert!(!ok && err.contains("too small"), "{err}");
+    for bad in ["-1", "1e3", "NaN", "３０７２"] {
+        let (ok, _, err) = run(&["--vram-budget", bad]);
+        assert!(
+            !ok && (err.contains("--vram-budget") || err.contains(bad)),
+            "{bad}: {err}"
+        );
+    }
+    // Only with --dry-run on bench.
+    let (ok, _, err) = sd3(&["bench", "--arch", "tiny", "--vram-budget", "100"]);
+    assert!(!ok && err.contains("--dry-run"), "{err}");
+}
+
 /// tools/gpu-report end to end on the test adapter, in its dry-run form:
 /// devices, the tile sweep, the small kernel cases (with JSON), the architectures' dry runs,
 /// and the assembled report.
